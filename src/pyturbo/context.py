@@ -1,0 +1,263 @@
+"""`Context`: a llama.cpp context on a `Model`, with standard and pipelined prefill."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import _native
+from .errors import ContextDeadError, PrefillError
+from .timeline import Timeline, UbatchRecord
+
+FLASH_ATTN = {None: -1, "auto": -1, False: 0, True: 1}
+
+
+@dataclass
+class PrefillResult:
+    n_tokens: int
+    seconds: float
+    logits: np.ndarray                 # float32 [n_vocab], of the last token
+    path: str                          # "pipelined" or "standard"
+    fallback_reason: str = ""          # why the standard path ran although pipeline=True was asked for
+    n_ubatches: int = 0
+    n_stages: int = 0
+    n_in_flight: int = 0
+    extra_bytes: int = 0               # compute buffers of the extra in-flight ubatches, all devices
+    timeline: Timeline = field(default_factory=Timeline)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+class Context:
+    """An inference context (KV cache, compute buffers) on a model; use as a context manager or call close().
+
+    n_batch is the size of each llama_decode call a prefill makes (as llama-server feeds a prompt); n_ubatch the
+    size of the physical batches those are cut into (the units the pipeline keeps in flight).
+    """
+
+    def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
+                 n_threads: int | None = None, flash_attn: bool | str | None = None, max_in_flight: int = 0):
+        self._ptr = None
+        if model.closed:
+            raise ValueError("the model is closed")
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
+        if n_ubatch > n_batch:
+            raise ValueError(f"n_ubatch ({n_ubatch}) must not exceed n_batch ({n_batch})")
+        if flash_attn not in FLASH_ATTN:
+            raise ValueError(f"flash_attn must be True, False or 'auto', not {flash_attn!r}")
+        if not isinstance(max_in_flight, int) or max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be an int >= 0 (0: automatic), not {max_in_flight!r}")
+        n_threads = n_threads or os.cpu_count() or 1
+        self.model = model
+        self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
+        ffi, lib = _native.ffi(), _native.lib()
+        ptr = lib.pt_context_new(model._ptr, n_ctx, n_batch, n_ubatch, n_threads, FLASH_ATTN[flash_attn], max_in_flight)
+        _native.drain_log()
+        if ptr == ffi.NULL:
+            raise PrefillError(_native.last_error())
+        self._ptr = ptr
+        model._contexts.add(self)
+
+    # ---- prefill and decode ---------------------------------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        """Tokens already in the KV cache."""
+        return _native.lib().pt_context_n_past(self._live())
+
+    def prefill(self, tokens: Sequence[int] | np.ndarray, pipeline: bool = False,
+                on_ubatch: Callable[[UbatchRecord], None] | None = None) -> PrefillResult:
+        """Append tokens to the sequence and return the last token's logits.
+
+        pipeline=True keeps several ubatches in flight over the model's layer devices; where that is not safe or
+        not possible (one device, fewer than two ubatches, ...) the standard path runs and `fallback_reason` says
+        why. on_ubatch(record) is called for every (ubatch, stage) as it completes. Ctrl-C interrupts it and leaves
+        the context as it was before the call.
+        """
+        toks = self._check_tokens(tokens)
+        ffi, lib = _native.ffi(), _native.lib()
+        ptr = self._live()
+        result = ffi.new("pt_prefill_result *")
+        raw: list[tuple] = []
+        callback_error: list[BaseException] = []
+
+        def on_record(rec, _user):
+            raw.append((rec.ubatch, rec.pos0, rec.n_tokens, rec.stage, ffi.string(rec.device).decode(),
+                        rec.t_start_us, rec.t_end_us))
+            if on_ubatch is not None and not callback_error:
+                try:
+                    on_ubatch(UbatchRecord(rec.ubatch, rec.pos0, rec.n_tokens, rec.stage, raw[-1][4],
+                                           (rec.t_start_us - t0_us) / 1e6, (rec.t_end_us - t0_us) / 1e6))
+                except BaseException as e:  # keep it for the caller, stop the prefill
+                    callback_error.append(e)
+                    lib.pt_request_abort(ptr)
+
+        t0_us = lib.pt_time_us()
+        c_cb = ffi.callback("pt_record_callback", on_record) if pipeline else ffi.NULL
+        c_toks = ffi.from_buffer("int32_t[]", toks)
+        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), int(pipeline), c_cb, ffi.NULL, result))
+        _native.drain_log()
+        if callback_error:
+            raise callback_error[0]
+        if result.status == 2:
+            raise KeyboardInterrupt("prefill aborted; the context is as it was before the call")
+        if result.status != 0:
+            msg = ffi.string(result.error).decode(errors="replace")
+            if lib.pt_context_is_dead(ptr):
+                raise ContextDeadError(msg)
+            raise PrefillError(msg)
+        seconds = (result.t_end_us - result.t_start_us) / 1e6
+        timeline = Timeline.from_raw(raw, self.model.devices, result.t_start_us, seconds)
+        return PrefillResult(
+            n_tokens=len(toks), seconds=seconds, logits=self.logits(),
+            path="pipelined" if result.pipelined else "standard",
+            fallback_reason=ffi.string(result.fallback_reason).decode(), n_ubatches=result.n_ubatches,
+            n_stages=result.n_stages, n_in_flight=result.n_in_flight, extra_bytes=result.extra_bytes,
+            timeline=timeline)
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token (standard path) and return its logits."""
+        return self.prefill([token]).logits
+
+    def generate(self, n: int, logits: np.ndarray | None = None) -> list[int]:
+        """Greedily generate n tokens, continuing from `logits` (default: the last computed logits)."""
+        if logits is None:
+            logits = self.logits()
+        out = []
+        for _ in range(n):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            logits = self.decode(tok)
+        return out
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last computed token (float32 [n_vocab])."""
+        ffi, lib = _native.ffi(), _native.lib()
+        out = np.empty(self.model.n_vocab, dtype=np.float32)
+        if lib.pt_get_logits(self._live(), ffi.from_buffer("float[]", out)) != 0:
+            raise PrefillError(_native.last_error())
+        return out
+
+    def kv_state(self) -> bytes:
+        """The serialized KV cache of the sequence (llama_state_seq_get_data): for exact comparisons."""
+        ffi, lib = _native.ffi(), _native.lib()
+        ptr = self._live()
+        size = lib.pt_state_size(ptr)
+        buf = ffi.new("uint8_t[]", size)
+        got = lib.pt_state_get(ptr, buf, size)
+        if got != size:
+            raise PrefillError(f"reading the KV cache failed: {_native.last_error()}")
+        return bytes(ffi.buffer(buf, size))
+
+    def reset(self) -> None:
+        """Clear the KV cache."""
+        _native.lib().pt_context_reset(self._live())
+
+    # ---- tokens ---------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        ffi, lib = _native.ffi(), _native.lib()
+        self._need_vocab()
+        data = text.encode()
+        cap = len(data) + 8
+        buf = ffi.new("int32_t[]", cap)
+        n = lib.pt_tokenize(self.model._ptr, data, len(data), buf, cap, int(add_special))
+        if n < 0:
+            cap = -n
+            buf = ffi.new("int32_t[]", cap)
+            n = lib.pt_tokenize(self.model._ptr, data, len(data), buf, cap, int(add_special))
+        return list(buf[0:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        ffi, lib = _native.ffi(), _native.lib()
+        self._need_vocab()
+        out = bytearray()
+        buf = ffi.new("char[]", 256)
+        for tok in self._check_tokens(tokens, allow_overflow=True):
+            n = lib.pt_token_to_piece(self.model._ptr, int(tok), buf, 256)
+            out += ffi.buffer(buf, max(n, 0))[:]
+        return out.decode(errors="replace")
+
+    # ---- plumbing -------------------------------------------------------------------------------------------------
+
+    def _need_vocab(self) -> None:
+        if not self.model.has_vocab:
+            raise ValueError(f"{self.model.path.name} has no tokenizer vocabulary; pass token ids instead of text")
+
+    def _check_tokens(self, tokens, allow_overflow: bool = False) -> np.ndarray:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D sequence of ints, got shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError("tokens is empty: pass at least one token id")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+        bad = np.flatnonzero((arr < 0) | (arr >= self.model.n_vocab))
+        if bad.size:
+            raise ValueError(f"token id {int(arr[bad[0]])} at index {int(bad[0])} is outside the vocabulary "
+                             f"[0, {self.model.n_vocab}) ({bad.size} such ids)")
+        if not allow_overflow and self.n_past + arr.size > self.n_ctx:
+            raise ValueError(f"{arr.size} tokens do not fit: the context holds {self.n_ctx} and {self.n_past} are used; "
+                             f"create the context with n_ctx >= {self.n_past + arr.size} or call reset()")
+        return np.ascontiguousarray(arr, dtype=np.int32)
+
+    def _live(self):
+        if self._ptr is None:
+            raise ValueError("the context is closed")
+        return self._ptr
+
+    def _run_interruptible(self, fn) -> None:
+        """Run a long C call on a helper thread so that Ctrl-C reaches the main thread; then abort it cleanly."""
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def target():
+            try:
+                fn()
+            except BaseException as e:
+                errors.append(e)
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=target, name="pyturbo-prefill", daemon=True)
+        thread.start()
+        try:
+            while not done.wait(0.05):
+                pass
+        except KeyboardInterrupt:
+            _native.lib().pt_request_abort(self._ptr)
+            done.wait()
+            raise
+        finally:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            _native.lib().pt_context_free(self._ptr)
+            self._ptr = None
+            _native.drain_log()
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

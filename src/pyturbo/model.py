@@ -1,0 +1,156 @@
+"""`Model`: one GGUF model loaded by llama.cpp, possibly split layer-wise over devices or RPC workers."""
+from __future__ import annotations
+
+import os
+import socket
+import weakref
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from . import _native
+from .errors import ModelLoadError, WorkerError
+
+SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+
+
+def parse_endpoints(rpc_servers: str | Iterable[str] | None) -> list[str]:
+    """'h:p,h:p' or a list of 'h:p' -> validated list."""
+    if rpc_servers is None:
+        return []
+    items = rpc_servers.split(",") if isinstance(rpc_servers, str) else list(rpc_servers)
+    endpoints = []
+    for item in items:
+        item = item.strip()
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"RPC server {item!r} is not of the form host:port")
+        endpoints.append(item)
+    return endpoints
+
+
+def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
+    """Fail with a clear message before llama.cpp tries to connect (it would abort the process in stock builds)."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise WorkerError(
+            f"cannot reach the llama.cpp RPC worker at {endpoint} ({e.strerror or e}); start one with "
+            f"`python -m pyturbo.worker --port {port}` on that host, or fix the address") from None
+
+
+def check_gguf(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path} (check the path)")
+    if not path.is_file():
+        raise ModelLoadError(f"model path is not a file: {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the model file {path}: {e.strerror} (check its permissions)") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}); convert the model to GGUF first")
+
+
+class Model:
+    """A GGUF model loaded by llama.cpp.
+
+    Parameter names follow llama-cpp-python's `Llama(...)`. `rpc_servers` ('host:port' list or comma string) adds
+    llama.cpp RPC workers as devices; unless `devices` says otherwise, the model is then split over exactly those
+    workers, in the given order. `devices` names devices to split over ('CUDA0', 'RPC0', 'CPU', ...).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | str = "all", split_mode: str = "layer",
+                 main_gpu: int = 0, tensor_split: Sequence[float] | None = None, devices: Sequence[str] | None = None,
+                 rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True):
+        self._ptr = None
+        self._contexts: weakref.WeakSet = weakref.WeakSet()
+        self.path = Path(path)
+        check_gguf(self.path)
+        if split_mode not in SPLIT_MODES:
+            raise ValueError(f"split_mode must be one of {sorted(SPLIT_MODES)}, not {split_mode!r}")
+        if n_gpu_layers == "all":
+            n_gpu_layers = -1
+        if not isinstance(n_gpu_layers, int):
+            raise ValueError(f"n_gpu_layers must be an int or 'all', not {n_gpu_layers!r}")
+        if tensor_split is not None:
+            tensor_split = [float(x) for x in tensor_split]
+            if not tensor_split or any(x < 0 for x in tensor_split) or sum(tensor_split) <= 0:
+                raise ValueError(f"tensor_split must be non-negative proportions with a positive sum, not {tensor_split}")
+
+        ffi, lib = _native.ffi(), _native.lib()
+        endpoints = parse_endpoints(rpc_servers)
+        rpc_devices = []
+        for ep in endpoints:
+            check_reachable(ep)
+            if lib.pt_rpc_add_server(ep.encode()) < 0:
+                _native.drain_log()
+                raise WorkerError(_native.last_error())
+            rpc_devices += [d["name"] for d in self._all_devices() if d["description"] == ep and d["name"].startswith("RPC")]
+        if devices is None and rpc_devices:
+            devices = rpc_devices
+        known = {d["name"] for d in self._all_devices()}
+        for d in devices or []:
+            if d not in known:
+                raise ValueError(f"no device named {d!r}; available: {', '.join(sorted(known))}")
+
+        c_devices = [ffi.new("char[]", d.encode()) for d in devices or []]
+        c_dev_array = ffi.new("const char *[]", c_devices) if c_devices else ffi.NULL
+        c_split = ffi.new("float[]", tensor_split) if tensor_split else ffi.NULL
+        ptr = lib.pt_model_load(str(self.path).encode(), n_gpu_layers, SPLIT_MODES[split_mode], main_gpu,
+                                c_split, len(tensor_split or []), c_dev_array, len(c_devices), int(use_mmap))
+        _native.drain_log()
+        if ptr == ffi.NULL:
+            raise ModelLoadError(_native.last_error())
+        self._ptr = ptr
+        self.rpc_servers = endpoints
+        info = ffi.new("pt_model_info *")
+        lib.pt_model_get_info(ptr, info)
+        self.n_layer, self.n_vocab, self.n_embd = info.n_layer, info.n_vocab, info.n_embd
+        self.n_ctx_train, self.has_vocab = info.n_ctx_train, bool(info.has_vocab)
+        names = ffi.new("const char *[]", max(info.n_stages, 1))
+        lib.pt_model_stage_names(ptr, names, info.n_stages)
+        #: the devices holding the model's layers, in chain order (the pipeline's stages)
+        self.devices = [ffi.string(names[i]).decode() for i in range(info.n_stages)]
+
+    @staticmethod
+    def _all_devices() -> list[dict]:
+        ffi, lib = _native.ffi(), _native.lib()
+        return [{"name": ffi.string(lib.pt_device_name(i)).decode(),
+                 "description": ffi.string(lib.pt_device_description(i)).decode()}
+                for i in range(lib.pt_device_count())]
+
+    def context(self, **kwargs) -> "Context":
+        """A new inference context on this model; see `Context` for the parameters."""
+        from .context import Context
+        return Context(self, **kwargs)
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        """Free the model (closing its contexts first). Safe to call twice or after a failed __init__."""
+        for ctx in list(self._contexts):
+            ctx.close()
+        if self._ptr is not None:
+            _native.lib().pt_model_free(self._ptr)
+            self._ptr = None
+            _native.drain_log()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Model({str(self.path)!r}, n_layer={self.n_layer}, devices={self.devices})" if self._ptr else "Model(closed)"

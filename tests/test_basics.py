@@ -1,0 +1,207 @@
+"""The foundation: build info, loading, standard prefill, decode, tokenizer, RPC split, errors (issue: package)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import pyturbo
+from pyturbo import workers
+from conftest import prompt, run_python
+
+
+def test_build_info_lists_cpu():
+    info = pyturbo.build_info()
+    assert isinstance(info["cuda"], bool)
+    assert any(d["name"] == "CPU" for d in info["devices"])
+
+
+def test_load_tiny_model(tiny_model):
+    with pyturbo.Model(tiny_model) as model:
+        assert (model.n_layer, model.n_vocab, model.n_embd) == (4, 512, 128)
+        assert model.devices == ["CPU"]
+        assert not model.has_vocab
+    assert model.closed
+
+
+def test_prefill_is_deterministic_across_fresh_contexts(tiny_model):
+    toks = prompt(100)
+    with pyturbo.Model(tiny_model) as model:
+        runs = []
+        for _ in range(2):
+            with model.context(n_ctx=256, n_ubatch=32, n_threads=2) as ctx:
+                res = ctx.prefill(toks)
+                runs.append((res.logits, ctx.kv_state()))
+                assert res.n_tokens == 100 and res.seconds > 0 and res.tokens_per_second > 0
+                assert res.logits.dtype == np.float32 and res.logits.shape == (512,)
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+
+
+def test_prefill_agrees_with_token_by_token_decode(tiny_model):
+    """Same math, different matrix shapes: a batched matmul and a vector product sum in different orders and
+    attention over 1 vs many queries tiles differently, so float32 results differ by rounding only. The logits of
+    this model are O(1); 1e-3 absolute is ~1000x the float32 rounding seen here and far below any real error."""
+    toks = prompt(40)
+    with pyturbo.Model(tiny_model) as model:
+        with model.context(n_ctx=128, n_ubatch=32, n_threads=1) as ctx:
+            batched = ctx.prefill(toks).logits
+            ctx.reset()
+            for t in toks:
+                single = ctx.decode(int(t))
+    np.testing.assert_allclose(single, batched, atol=1e-3, rtol=0)
+    assert int(np.argmax(single)) == int(np.argmax(batched))
+
+
+def test_layer_split_over_two_rpc_workers_matches_one_process(tiny_model, rpc3):
+    """The RPC workers run the same CPU kernels as the local CPU backend, on the same shapes: identical results."""
+    toks = prompt(150)
+    with pyturbo.Model(tiny_model) as local, local.context(n_ctx=256, n_ubatch=32, n_threads=1) as ctx:
+        ref = ctx.prefill(toks).logits
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as split:
+        assert split.devices == ["RPC0", "RPC1"] or all(d.startswith("RPC") for d in split.devices)
+        assert len(split.devices) == 2
+        with split.context(n_ctx=256, n_ubatch=32, n_threads=1) as ctx:
+            got = ctx.prefill(toks).logits
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_generate_and_tokenizer(vocab_model):
+    with pyturbo.Model(vocab_model) as model:
+        assert model.has_vocab
+        with model.context(n_ctx=256, n_ubatch=32, n_threads=1) as ctx:
+            text = "hello world, the quick brown fox (ünïcödé)"
+            toks = ctx.tokenize(text)
+            assert len(toks) > 3
+            assert ctx.detokenize(toks).strip() == text
+            ctx.prefill(toks)
+            out = ctx.generate(4)
+            assert len(out) == 4 and all(0 <= t < model.n_vocab for t in out)
+
+
+def test_tokenize_without_vocab_is_a_clear_error(tiny_model):
+    with pyturbo.Model(tiny_model) as model, model.context(n_ctx=64) as ctx:
+        with pytest.raises(ValueError, match="no tokenizer"):
+            ctx.tokenize("hi")
+
+
+# ---- errors: each raises a Python exception that names the problem ---------------------------------------------------
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(pyturbo.ModelLoadError, match="not found"):
+        pyturbo.Model(tmp_path / "nope.gguf")
+
+
+def test_directory_instead_of_model(tmp_path):
+    with pytest.raises(pyturbo.ModelLoadError, match="not a file"):
+        pyturbo.Model(tmp_path)
+
+
+def test_file_that_is_not_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip")
+    with pytest.raises(pyturbo.ModelLoadError, match="not a GGUF file"):
+        pyturbo.Model(bad)
+
+
+def test_truncated_gguf_is_refused_in_a_subprocess(tiny_model, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(tiny_model.read_bytes()[:5000])
+    proc = run_python(f"""
+        import pyturbo
+        try:
+            pyturbo.Model({str(bad)!r})
+        except pyturbo.ModelLoadError as e:
+            print("REFUSED", e)
+    """)
+    assert proc.returncode == 0 and "REFUSED" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of permissions")
+def test_unreadable_model(tiny_model, tmp_path):
+    p = tmp_path / "locked.gguf"
+    p.write_bytes(tiny_model.read_bytes())
+    p.chmod(0)
+    with pytest.raises(pyturbo.ModelLoadError, match="cannot read"):
+        pyturbo.Model(p)
+
+
+def test_bad_arguments(tiny_model):
+    with pytest.raises(ValueError, match="split_mode"):
+        pyturbo.Model(tiny_model, split_mode="diagonal")
+    with pytest.raises(ValueError, match="no device named"):
+        pyturbo.Model(tiny_model, devices=["GPU42"])
+    with pytest.raises(ValueError, match="host:port"):
+        pyturbo.Model(tiny_model, rpc_servers="localhost")
+    with pyturbo.Model(tiny_model) as model:
+        with pytest.raises(ValueError, match="n_ubatch"):
+            model.context(n_batch=64, n_ubatch=128)
+
+
+def test_bad_tokens(tiny_model):
+    with pyturbo.Model(tiny_model) as model, model.context(n_ctx=64, n_ubatch=32) as ctx:
+        with pytest.raises(ValueError, match="empty"):
+            ctx.prefill([])
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            ctx.prefill([1, 2, 512])
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            ctx.prefill([-1])
+        with pytest.raises(ValueError, match="integers"):
+            ctx.prefill([1.5, 2.0])
+        with pytest.raises(ValueError, match="do not fit"):
+            ctx.prefill(prompt(65))
+        ctx.prefill(prompt(60))
+        with pytest.raises(ValueError, match="do not fit.*reset"):
+            ctx.prefill(prompt(5), pipeline=True)
+        assert ctx.n_past == 60
+
+
+def test_unreachable_rpc_server_in_a_subprocess(tiny_model):
+    port = workers.free_port()  # nothing listens there
+    proc = run_python(f"""
+        import pyturbo
+        try:
+            pyturbo.Model({str(tiny_model)!r}, rpc_servers=["127.0.0.1:{port}"])
+        except pyturbo.WorkerError as e:
+            print("UNREACHABLE", e)
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "UNREACHABLE" in proc.stdout and f"127.0.0.1:{port}" in proc.stdout and "pyturbo.worker" in proc.stdout
+
+
+# ---- workers ---------------------------------------------------------------------------------------------------------
+
+def test_workers_leave_no_process_behind():
+    with workers.local(2, threads=1) as pool:
+        pids = [p.pid for p in pool.procs]
+        for port in pool.ports:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_workers_stop_even_when_the_block_raises():
+    with pytest.raises(RuntimeError):
+        with workers.local(1) as pool:
+            proc = pool.procs[0]
+            raise RuntimeError("boom")
+    assert proc.poll() is not None
+
+
+def test_worker_refuses_bad_port_and_warns_for_non_loopback():
+    bad = subprocess.run([sys.executable, "-m", "pyturbo.worker", "--port", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--port" in bad.stderr
+    port = workers.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyturbo.worker", "--port", str(port), "--host", "0.0.0.0"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(1.5)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "no access control" in err

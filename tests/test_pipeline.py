@@ -1,0 +1,131 @@
+"""Pipelined prefill leaves the same logits and KV cache as the standard path (issue: pipeline).
+
+Both paths run the same kernels on the same devices with the same ubatch boundaries; only the order in which
+devices work on different ubatches changes. So results are compared bit for bit, not with a tolerance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyturbo
+from conftest import prompt
+
+
+def standard_and_pipelined(model, tokens, **ctx_kw):
+    """The one harness every layout test uses: same model, tokens and split; standard, then pipelined."""
+    with model.context(**ctx_kw) as ctx:
+        std = ctx.prefill(tokens, pipeline=False)
+        kv_std = ctx.kv_state()
+        ctx.reset()
+        pipe = ctx.prefill(tokens, pipeline=True)
+        kv_pipe = ctx.kv_state()
+    return std, pipe, kv_std, kv_pipe
+
+
+def assert_identical(std, pipe, kv_std, kv_pipe, expect_path="pipelined"):
+    assert pipe.path == expect_path, pipe.fallback_reason
+    assert std.path == "standard"
+    np.testing.assert_array_equal(pipe.logits, std.logits)
+    assert kv_pipe == kv_std, "KV cache differs between the standard and the pipelined path"
+
+
+@pytest.mark.parametrize("n_workers", [2, 3])
+@pytest.mark.parametrize("n_tokens", [256, 301])  # 301: not a multiple of n_ubatch
+def test_pipelined_equals_standard_over_rpc(tiny_model, rpc3, n_workers, n_tokens):
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:n_workers]) as model:
+        assert len(model.devices) == n_workers
+        res = standard_and_pipelined(model, prompt(n_tokens), n_ctx=1024, n_batch=512, n_ubatch=32, n_threads=1)
+    assert_identical(*res)
+    pipe = res[1]
+    assert pipe.n_ubatches == -(-n_tokens // 32)
+    assert pipe.n_stages == n_workers and pipe.n_in_flight >= n_workers
+    assert pipe.extra_bytes > 0
+
+
+def test_prompt_longer_than_n_batch_pipelines_across_calls(tiny_model, rpc3):
+    """n_batch 64 makes 6 captured llama_decode calls of 2 ubatches each; they form one pipelined series."""
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:
+        std, pipe, kv_std, kv_pipe = standard_and_pipelined(model, prompt(380), n_ctx=512, n_batch=64, n_ubatch=32, n_threads=1)
+    assert_identical(std, pipe, kv_std, kv_pipe)
+    assert pipe.n_ubatches == 12
+    # ubatches of different llama_decode calls overlap in time: some stage starts ubatch k+1 before k has left the chain
+    tl = pipe.timeline
+    end_of = {u: max(r.end for r in tl if r.ubatch == u) for u in range(pipe.n_ubatches)}
+    start_of = {u: min(r.start for r in tl if r.ubatch == u and r.stage >= 0) for u in range(pipe.n_ubatches)}
+    assert any(start_of[u + 1] < end_of[u] for u in (1, 3, 5, 7, 9)), "no overlap across llama_decode boundaries"
+
+
+def test_uneven_tensor_split(tiny_f16_model, rpc3):
+    with pyturbo.Model(tiny_f16_model, rpc_servers=rpc3.endpoints, tensor_split=[1, 4, 1]) as model:
+        res = standard_and_pipelined(model, prompt(200), n_ctx=512, n_batch=256, n_ubatch=16, n_threads=1)
+    assert_identical(*res)
+
+
+def test_decoding_after_pipelined_prefill_matches(tiny_model, rpc3):
+    toks = prompt(150)
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:
+        with model.context(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
+            ctx.prefill(toks, pipeline=False)
+            gen_std = ctx.generate(5)
+            after_std = ctx.logits()
+            ctx.reset()
+            assert ctx.prefill(toks, pipeline=True).path == "pipelined"
+            gen_pipe = ctx.generate(5)
+            after_pipe = ctx.logits()
+    assert gen_pipe == gen_std
+    np.testing.assert_array_equal(after_pipe, after_std)
+
+
+def test_single_device_falls_back_with_reason(tiny_model):
+    with pyturbo.Model(tiny_model) as model:
+        std, pipe, kv_std, kv_pipe = standard_and_pipelined(model, prompt(200), n_ctx=512, n_ubatch=32, n_threads=1)
+    assert_identical(std, pipe, kv_std, kv_pipe, expect_path="standard")
+    assert "single device" in pipe.fallback_reason
+    assert len(pipe.timeline) == 0
+
+
+def test_short_prompt_falls_back_with_reason(tiny_model, rpc3):
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:
+        std, pipe, kv_std, kv_pipe = standard_and_pipelined(model, prompt(20), n_ctx=512, n_ubatch=32, n_threads=1)
+    assert_identical(std, pipe, kv_std, kv_pipe, expect_path="standard")
+    assert "fewer than two ubatches" in pipe.fallback_reason
+
+
+def test_timing_records_cover_every_ubatch_and_stage(tiny_model, rpc3):
+    seen = []
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints) as model:
+        with model.context(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
+            res = ctx.prefill(prompt(256), pipeline=True, on_ubatch=seen.append)
+    tl = res.timeline
+    layer = [r for r in tl if r.stage >= 0]
+    assert {(r.ubatch, r.stage) for r in layer} == {(u, s) for u in range(8) for s in range(3)}
+    assert len(seen) == len(tl)
+    assert all(r.device == model.devices[r.stage] for r in layer)
+    for r in tl:
+        assert 0 <= r.start <= r.end <= res.seconds + 1e-3
+    # per stage, ubatches run in order and never overlap
+    for s in range(3):
+        rows = sorted((r for r in layer if r.stage == s), key=lambda r: r.ubatch)
+        assert all(a.end <= b.start for a, b in zip(rows, rows[1:]))
+    # a stage starts ubatch k only after the previous stage finished it
+    by = {(r.ubatch, r.stage): r for r in layer}
+    assert all(by[u, s].start >= by[u, s - 1].end for u in range(8) for s in range(1, 3))
+    assert 0 < tl.efficiency() <= 1
+    assert "#" in tl.ascii()
+
+
+def test_prefill_continues_a_sequence(tiny_model, rpc3):
+    """A second pipelined prefill appends to the KV cache exactly as the standard path does."""
+    a, b = prompt(100, seed=1), prompt(130, seed=2)
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:
+        with model.context(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
+            ctx.prefill(a)
+            std = ctx.prefill(b)
+            kv_std = ctx.kv_state()
+            ctx.reset()
+            ctx.prefill(a)
+            pipe = ctx.prefill(b, pipeline=True)
+            assert ctx.n_past == 230
+            kv_pipe = ctx.kv_state()
+    assert_identical(std, pipe, kv_std, kv_pipe)

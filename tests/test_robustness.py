@@ -1,0 +1,118 @@
+"""Interrupts, dying workers and repeated runs (issue: pipeline, robustness)."""
+from __future__ import annotations
+
+import resource
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import pyturbo
+from conftest import prompt, run_python
+
+
+def test_interrupt_during_pipelined_prefill_leaves_context_usable(tiny_model, rpc3):
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:
+        with model.context(n_ctx=2048, n_batch=2048, n_ubatch=16, n_threads=1) as ctx:
+            ctx.prefill(prompt(40, seed=5))
+            kv_before = ctx.kv_state()
+            calls = []
+
+            def stop_after_three(record):
+                calls.append(record)
+                if len(calls) == 3:
+                    raise KeyboardInterrupt
+
+            t0 = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                ctx.prefill(prompt(1500), pipeline=True, on_ubatch=stop_after_three)
+            assert time.monotonic() - t0 < 30
+            assert ctx.n_past == 40, "positions of the interrupted prefill remain in the KV cache"
+            assert ctx.kv_state() == kv_before
+            # and the context still works, with the same results as an uninterrupted run
+            res = ctx.prefill(prompt(200), pipeline=True)
+            assert res.path == "pipelined"
+            kv_after = ctx.kv_state()
+            ctx.reset()
+            ctx.prefill(prompt(40, seed=5))
+            ref = ctx.prefill(prompt(200))
+            np.testing.assert_array_equal(res.logits, ref.logits)
+            assert ctx.kv_state() == kv_after
+
+
+def test_abort_from_another_thread(tiny_model, rpc3):
+    """What Ctrl-C does: pt_request_abort from another thread while the prefill runs."""
+    from pyturbo import _native
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:
+        with model.context(n_ctx=4096, n_batch=4096, n_ubatch=16, n_threads=1) as ctx:
+            timer = threading.Timer(0.3, lambda: _native.lib().pt_request_abort(ctx._ptr))
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                ctx.prefill(prompt(4000), pipeline=True)
+            timer.join()
+            assert ctx.n_past == 0
+            assert ctx.prefill(prompt(100), pipeline=True).path == "pipelined"
+
+
+def test_worker_killed_mid_prefill_raises_instead_of_aborting():
+    """In a subprocess: an abort of the interpreter would show as a signal exit instead of our message."""
+    proc = run_python("""
+        import time, threading, numpy as np, pyturbo
+        from pyturbo import synth, workers
+        path = synth.write_model("/tmp/pyturbo-kill-test.gguf", synth.PRESETS["tiny"], seed=3)
+        with workers.local(2, threads=1) as pool:
+            model = pyturbo.Model(path, rpc_servers=pool.endpoints)
+            ctx = model.context(n_ctx=8192, n_batch=8192, n_ubatch=16, n_threads=1)
+            threading.Timer(0.5, pool.kill, args=(1,)).start()
+            t0 = time.monotonic()
+            try:
+                ctx.prefill(np.arange(8000) % 500, pipeline=True)
+                print("NO ERROR")
+            except pyturbo.ContextDeadError as e:
+                print("DEAD", round(time.monotonic() - t0, 1), e)
+            try:
+                ctx.prefill([1, 2, 3])
+            except pyturbo.ContextDeadError:
+                print("STILL DEAD")
+            ctx.close(); model.close()
+            print("CLOSED")
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DEAD" in proc.stdout and "STILL DEAD" in proc.stdout and "CLOSED" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    seconds = float(proc.stdout.split("DEAD", 1)[1].split()[0])
+    assert seconds < 60
+
+
+def test_worker_killed_during_standard_prefill_raises():
+    proc = run_python("""
+        import threading, numpy as np, pyturbo
+        from pyturbo import synth, workers
+        path = synth.write_model("/tmp/pyturbo-kill-test2.gguf", synth.PRESETS["tiny"], seed=3)
+        with workers.local(2, threads=1) as pool:
+            model = pyturbo.Model(path, rpc_servers=pool.endpoints)
+            ctx = model.context(n_ctx=8192, n_batch=256, n_ubatch=16, n_threads=1)
+            threading.Timer(0.5, pool.kill, args=(0,)).start()
+            try:
+                ctx.prefill(np.arange(8000) % 500, pipeline=False)
+                print("NO ERROR")
+            except pyturbo.ContextDeadError as e:
+                print("DEAD", e)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DEAD" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_repeated_pipelined_prefills_do_not_grow_memory(tiny_model, rpc3):
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:
+        with model.context(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
+            toks = prompt(300)
+            for _ in range(5):  # warm up allocator pools
+                ctx.reset()
+                ctx.prefill(toks, pipeline=True)
+            rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            for _ in range(40):
+                ctx.reset()
+                ctx.prefill(toks, pipeline=True)
+            rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert rss1 - rss0 < 20 * 1024, f"peak RSS grew by {(rss1 - rss0) / 1024:.1f} MiB over 40 prefills"
