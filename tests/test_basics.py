@@ -44,9 +44,10 @@ def test_prefill_is_deterministic_across_fresh_contexts(tiny_model):
 
 
 def test_prefill_agrees_with_token_by_token_decode(tiny_model):
-    """Same math, different matrix shapes: a batched matmul and a vector product sum in different orders and
-    attention over 1 vs many queries tiles differently, so float32 results differ by rounding only. The logits of
-    this model are O(1); 1e-3 absolute is ~1000x the float32 rounding seen here and far below any real error."""
+    """Same math, different kernels: the KV cache is stored in F16 (relative precision ~5e-4) and one query vs a
+    batch of queries runs attention and matmuls with other tilings and summation orders. Logits of this model are
+    O(1), so differences of a few F16 ulps (~1e-3) are expected; 1e-2 absolute allows for them and is still far
+    below what a wrong position, mask or KV slot would cause (differences of order 1)."""
     toks = prompt(40)
     with pyturbo.Model(tiny_model) as model:
         with model.context(n_ctx=128, n_ubatch=32, n_threads=1) as ctx:
@@ -54,7 +55,8 @@ def test_prefill_agrees_with_token_by_token_decode(tiny_model):
             ctx.reset()
             for t in toks:
                 single = ctx.decode(int(t))
-    np.testing.assert_allclose(single, batched, atol=1e-3, rtol=0)
+    np.testing.assert_allclose(single, batched, atol=1e-2, rtol=0)
+    assert np.mean(np.abs(single - batched)) < 1e-3
     assert int(np.argmax(single)) == int(np.argmax(batched))
 
 

@@ -33,7 +33,7 @@ def assert_identical(std, pipe, kv_std, kv_pipe, expect_path="pipelined"):
 @pytest.mark.parametrize("n_workers", [2, 3])
 @pytest.mark.parametrize("n_tokens", [256, 301])  # 301: not a multiple of n_ubatch
 def test_pipelined_equals_standard_over_rpc(tiny_model, rpc3, n_workers, n_tokens):
-    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:n_workers]) as model:
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:n_workers], tensor_split="even") as model:
         assert len(model.devices) == n_workers
         res = standard_and_pipelined(model, prompt(n_tokens), n_ctx=1024, n_batch=512, n_ubatch=32, n_threads=1)
     assert_identical(*res)
@@ -94,7 +94,7 @@ def test_short_prompt_falls_back_with_reason(tiny_model, rpc3):
 
 def test_timing_records_cover_every_ubatch_and_stage(tiny_model, rpc3):
     seen = []
-    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints) as model:
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints, tensor_split="even") as model:
         with model.context(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
             res = ctx.prefill(prompt(256), pipeline=True, on_ubatch=seen.append)
     tl = res.timeline
@@ -129,3 +129,11 @@ def test_prefill_continues_a_sequence(tiny_model, rpc3):
             assert ctx.n_past == 230
             kv_pipe = ctx.kv_state()
     assert_identical(std, pipe, kv_std, kv_pipe)
+
+
+def test_cpu_stage_before_an_rpc_stage(tiny_model, rpc3):
+    """n_gpu_layers=2: the first two layers stay on the local CPU, which becomes a pipeline stage of its own."""
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:1], n_gpu_layers=2) as model:
+        assert model.devices[0] == "CPU" and model.devices[1].startswith("RPC")
+        res = standard_and_pipelined(model, prompt(256), n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1)
+    assert_identical(*res)

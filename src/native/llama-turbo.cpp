@@ -85,6 +85,7 @@ struct split_plan {
     int                      stage;     // index among the layer devices, -1 for other work
     std::vector<split_input> inputs;
     std::vector<int>         stage_out; // staging entries this split fills right after it ran
+    ggml_tensor *            fence;     // read after the split when nothing is staged: see run_split
 };
 
 struct deferred_output {
@@ -485,18 +486,25 @@ struct llama_turbo : llama_ubatch_executor {
 
             llama_turbo_record rec = {};
             std::string err;
+            ggml_status st = GGML_STATUS_FAILED;
             try {
-                run_split(*s, i, rec);
+                st = run_split(*s, i, rec);
             } catch (const std::exception & e) {
-                err = e.what();
+                err = e.what(); // a device failed (ggml-rpc throws when a server dies)
             }
 
             lock.lock();
             s->running = false;
-            if (!err.empty()) {
+            if (st == GGML_STATUS_ABORTED) { // the CPU backend polls the context's abort callback too
+                aborted = true;
+                cv.notify_all();
+                continue;
+            }
+            if (st != GGML_STATUS_SUCCESS) {
                 failed = true;
-                device_failed = true;
-                error = std::string("stage ") + device_name(s->splits[i].backend) + ": " + err;
+                device_failed = device_failed || !err.empty();
+                error = std::string("stage ") + device_name(s->splits[i].backend) + ": " +
+                        (err.empty() ? "graph compute failed with status " + std::to_string((int) st) : err);
                 LLAMA_LOG_ERROR("%s: %s\n", __func__, error.c_str());
                 cv.notify_all();
                 continue;
@@ -525,7 +533,7 @@ struct llama_turbo : llama_ubatch_executor {
         s.busy = false;
     }
 
-    void run_split(slot & s, int i, llama_turbo_record & rec) {
+    ggml_status run_split(slot & s, int i, llama_turbo_record & rec) {
         split_plan & sp = s.splits[i];
         rec.ubatch     = s.task;
         rec.pos0       = s.pos0;
@@ -543,13 +551,20 @@ struct llama_turbo : llama_ubatch_executor {
         }
         const ggml_status st = ggml_backend_sched_split_compute_async(s.sched.get(), i);
         if (st != GGML_STATUS_SUCCESS) {
-            throw std::runtime_error("graph compute failed with status " + std::to_string((int) st));
+            return st;
         }
         ggml_backend_synchronize(sp.backend);
         for (int idx : sp.stage_out) {
             ggml_backend_tensor_get(s.staging_src[idx], s.staging[idx].data(), 0, s.staging[idx].size());
         }
+        if (sp.stage_out.empty() && sp.fence) {
+            // for an RPC backend, synchronize returns once the work is sent; a read returns once the server has done
+            // it, so the stage's end time is the device's, not the host's
+            uint8_t probe[16];
+            ggml_backend_tensor_get(sp.fence, probe, 0, std::min(sizeof(probe), ggml_nbytes(sp.fence)));
+        }
         rec.t_end_us = ggml_time_us();
+        return GGML_STATUS_SUCCESS;
     }
 
     // After allocation: which backend runs each split, and how each input reaches it.
@@ -566,6 +581,18 @@ struct llama_turbo : llama_ubatch_executor {
             sp.worker  = (int) (std::find(lctx.backend_ptrs.begin(), lctx.backend_ptrs.end(), sp.backend) - lctx.backend_ptrs.begin());
             auto it    = std::find(stage_devices.begin(), stage_devices.end(), ggml_backend_get_device(sp.backend));
             sp.stage   = it == stage_devices.end() ? -1 : (int) (it - stage_devices.begin());
+            GGML_ASSERT(sp.worker < (int) lctx.backend_ptrs.size());
+
+            // the fence: the last non-empty result of the split, when it lives on a device (see run_split)
+            ggml_cgraph * graph = ggml_backend_sched_get_split_graph(sched, i);
+            sp.fence = nullptr;
+            for (int n = ggml_graph_n_nodes(graph) - 1; n >= 0 && !sp.fence; --n) {
+                ggml_tensor * t = ggml_graph_node(graph, n);
+                if (t->buffer && ggml_nbytes(t) > 0) {
+                    sp.fence = ggml_backend_buffer_is_host(t->buffer) ? nullptr : t;
+                    break;
+                }
+            }
 
             const int n_inputs = ggml_backend_sched_get_split_n_inputs(sched, i);
             for (int j = 0; j < n_inputs; ++j) {

@@ -141,6 +141,11 @@ const char * pt_device_name(int32_t i) {
     return i >= 0 && (size_t) i < ggml_backend_dev_count() ? ggml_backend_dev_name(ggml_backend_dev_get(i)) : "";
 }
 
+int32_t pt_device_type(int32_t i) {
+    init_once();
+    return i >= 0 && (size_t) i < ggml_backend_dev_count() ? (int32_t) ggml_backend_dev_type(ggml_backend_dev_get(i)) : -1;
+}
+
 const char * pt_device_description(int32_t i) {
     init_once();
     return i >= 0 && (size_t) i < ggml_backend_dev_count() ? ggml_backend_dev_description(ggml_backend_dev_get(i)) : "";
@@ -198,7 +203,7 @@ pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_
     mp.load_mode    = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
 
     std::vector<ggml_backend_dev_t> devs;
-    if (devices && n_devices > 0) {
+    if (devices) { // an empty list means: no offload devices (CPU only)
         for (int32_t i = 0; i < n_devices; ++i) {
             ggml_backend_dev_t d = ggml_backend_dev_by_name(devices[i]);
             if (!d) {

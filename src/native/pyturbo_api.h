@@ -69,13 +69,15 @@ int32_t pt_next_log(char * buf, int32_t capacity);
 int32_t      pt_device_count(void);
 const char * pt_device_name(int32_t i);
 const char * pt_device_description(int32_t i);
+int32_t      pt_device_type(int32_t i);   // ggml_backend_dev_type: 0 CPU, 1 GPU, 2 integrated GPU, 3 accelerator
 
 // Registers the devices of a llama.cpp RPC server ("host:port"). Returns how many it has, or -1.
 int32_t pt_rpc_add_server(const char * endpoint);
 // Serves llama.cpp RPC on endpoint with the named local device ("" = CPU) until the process ends. Returns -1 on error.
 int32_t pt_rpc_serve(const char * endpoint, int32_t n_threads, const char * device);
 
-// devices: names of the devices to split the model over, in order (NULL/0: llama.cpp's default choice).
+// devices: names of the devices to split the model over, in order; NULL: llama.cpp's default (every registered
+// device), an empty list: none (CPU only).
 // split_mode: 0 none, 1 layer, 2 row. tensor_split: n_tensor_split proportions, or NULL.
 pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                          const float * tensor_split, int32_t n_tensor_split,

@@ -28,6 +28,21 @@ def parse_endpoints(rpc_servers: str | Iterable[str] | None) -> list[str]:
     return endpoints
 
 
+def even_layer_split(n_layer: int, n_devices: int) -> list[float]:
+    """tensor_split proportions that give each device n_layer/n_devices repeating layers (±1).
+
+    llama.cpp splits n_layer+1 slots (the output layer is the last) by cumulative proportion, so equal proportions
+    put one layer more on the first devices than on the last. Each boundary here falls half a slot before the
+    wanted layer boundary, which makes the split exact. A balanced split matters for any pipeline: the slowest
+    stage sets the pace.
+    """
+    if n_devices < 1 or n_layer < n_devices:
+        raise ValueError(f"cannot split {n_layer} layers evenly over {n_devices} devices")
+    ends = [round((d + 1) * n_layer / n_devices) for d in range(n_devices)]
+    cumulative = [(end - 0.5) / (n_layer + 1) for end in ends[:-1]] + [1.0]
+    return [c - p for c, p in zip(cumulative, [0.0] + cumulative[:-1])]
+
+
 def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
     """Fail with a clear message before llama.cpp tries to connect (it would abort the process in stock builds)."""
     host, _, port = endpoint.rpartition(":")
@@ -38,6 +53,16 @@ def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
         raise WorkerError(
             f"cannot reach the llama.cpp RPC worker at {endpoint} ({e.strerror or e}); start one with "
             f"`python -m pyturbo.worker --port {port}` on that host, or fix the address") from None
+
+
+def gguf_block_count(path: Path) -> int:
+    """The model's layer count, read from the GGUF header without loading it."""
+    from gguf import GGUFReader
+    reader = GGUFReader(path)
+    for name, field in reader.fields.items():
+        if name.endswith(".block_count"):
+            return int(field.parts[field.data[0]][0])
+    raise ModelLoadError(f"{path} has no block_count in its metadata")
 
 
 def check_gguf(path: Path) -> None:
@@ -63,7 +88,7 @@ class Model:
     """
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | str = "all", split_mode: str = "layer",
-                 main_gpu: int = 0, tensor_split: Sequence[float] | None = None, devices: Sequence[str] | None = None,
+                 main_gpu: int = 0, tensor_split: Sequence[float] | str | None = None, devices: Sequence[str] | None = None,
                  rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True):
         self._ptr = None
         self._contexts: weakref.WeakSet = weakref.WeakSet()
@@ -75,7 +100,7 @@ class Model:
             n_gpu_layers = -1
         if not isinstance(n_gpu_layers, int):
             raise ValueError(f"n_gpu_layers must be an int or 'all', not {n_gpu_layers!r}")
-        if tensor_split is not None:
+        if tensor_split is not None and not isinstance(tensor_split, str):
             tensor_split = [float(x) for x in tensor_split]
             if not tensor_split or any(x < 0 for x in tensor_split) or sum(tensor_split) <= 0:
                 raise ValueError(f"tensor_split must be non-negative proportions with a positive sum, not {tensor_split}")
@@ -89,15 +114,25 @@ class Model:
                 _native.drain_log()
                 raise WorkerError(_native.last_error())
             rpc_devices += [d["name"] for d in self._all_devices() if d["description"] == ep and d["name"].startswith("RPC")]
-        if devices is None and rpc_devices:
-            devices = rpc_devices
+        if devices is None:
+            # RPC workers registered earlier in this process stay registered; llama.cpp's default would use them for
+            # every model. Without rpc_servers, default to the local GPUs only (none: the CPU).
+            devices = rpc_devices or [d["name"] for d in self._all_devices()
+                                      if d["type"] in (1, 2) and not d["name"].startswith("RPC")]
+        devices = list(devices)
         known = {d["name"] for d in self._all_devices()}
-        for d in devices or []:
+        for d in devices:
             if d not in known:
                 raise ValueError(f"no device named {d!r}; available: {', '.join(sorted(known))}")
+        if isinstance(tensor_split, str):
+            if tensor_split != "even":
+                raise ValueError(f"tensor_split must be proportions or 'even', not {tensor_split!r}")
+            if len(devices) < 2:
+                raise ValueError("tensor_split='even' needs at least two devices (devices= or rpc_servers=)")
+            tensor_split = even_layer_split(gguf_block_count(self.path), len(devices))
 
-        c_devices = [ffi.new("char[]", d.encode()) for d in devices or []]
-        c_dev_array = ffi.new("const char *[]", c_devices) if c_devices else ffi.NULL
+        c_devices = [ffi.new("char[]", d.encode()) for d in devices]
+        c_dev_array = ffi.new("const char *[]", c_devices or 1)
         c_split = ffi.new("float[]", tensor_split) if tensor_split else ffi.NULL
         ptr = lib.pt_model_load(str(self.path).encode(), n_gpu_layers, SPLIT_MODES[split_mode], main_gpu,
                                 c_split, len(tensor_split or []), c_dev_array, len(c_devices), int(use_mmap))
@@ -119,7 +154,7 @@ class Model:
     def _all_devices() -> list[dict]:
         ffi, lib = _native.ffi(), _native.lib()
         return [{"name": ffi.string(lib.pt_device_name(i)).decode(),
-                 "description": ffi.string(lib.pt_device_description(i)).decode()}
+                 "description": ffi.string(lib.pt_device_description(i)).decode(), "type": lib.pt_device_type(i)}
                 for i in range(lib.pt_device_count())]
 
     def context(self, **kwargs) -> "Context":

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One command on the lent GPU machine: install the carried wheels, build pyturbo (CUDA when a GPU is there,
+# or PYTURBO_CUDA=OFF for the CPU-only runs), then run what the arguments name, logging everything to $OUT.
+#
+#   from a developer box (once):  bench/gpu/prepare.sh          # wheels into .whl/, llama.cpp tree fetched
+#   device run:   carry [".whl", "vendor/llama.cpp/upstream"];  command: bash bench/gpu/run.sh tests cpu-rpc
+#
+# Steps (any order, several allowed):
+#   tests      the whole test suite (CUDA tests run when a GPU is present)
+#   cpu-rpc    CPU-only RPC benchmarks: 4 stages x 4 threads at 4096 tokens, 8 stages x 2 threads at 16384 tokens,
+#              plus the single-process reference
+#   gpu        GPU benchmarks (8B-shaped model, virtual CUDA devices)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/bench/out/gpu-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+nproc > "$OUT/machine.txt"; nvidia-smi -L >> "$OUT/machine.txt" 2>&1
+
+echo "== build (PYTURBO_CUDA=${PYTURBO_CUDA:-AUTO})"
+start=$(date +%s)
+if ! python3 -m pip install --no-build-isolation --no-index --no-deps -v . > "$OUT/build.log" 2>&1; then
+    tail -50 "$OUT/build.log"; exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s"
+python3 -c "import pyturbo, json; print(json.dumps(pyturbo.build_info()))" | tee "$OUT/build_info.json"
+
+for step in "$@"; do
+    case "$step" in
+    tests)
+        echo "== tests"
+        python3 -m pytest tests -q -x -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    cpu-rpc)
+        echo "== CPU RPC benchmarks"
+        python3 -m pyturbo.bench --preset bench-16l --workers 4 --threads 4 --lengths 4096 --ubatch 512,256,128 \
+            --out "$OUT/cpu-rpc-4x4" 2>&1 | tee "$OUT/cpu-rpc-4x4.log" | grep -v "^bench:"
+        python3 -m pyturbo.bench --preset bench-16l --workers 8 --threads 2 --lengths 16384 --ubatch 512,256 \
+            --out "$OUT/cpu-rpc-8x2" 2>&1 | tee "$OUT/cpu-rpc-8x2.log" | grep -v "^bench:"
+        python3 bench/single_process.py --preset bench-16l --threads 16 --lengths 4096,16384 2>&1 | tee "$OUT/single.log" ;;
+    gpu)
+        echo "== GPU benchmarks"
+        python3 bench/gpu/bench_gpu.py --out "$OUT/gpu" 2>&1 | tee "$OUT/gpu.log" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+    esac
+done
