@@ -3,12 +3,13 @@
 # or PYTURBO_CUDA=OFF for the CPU-only runs), then run what the arguments name, logging everything to $OUT.
 #
 #   from a developer box (once):  bench/gpu/prepare.sh          # wheels into .whl/, llama.cpp tree fetched
-#   device run:   carry [".whl", "vendor/llama.cpp/upstream"];  command: bash bench/gpu/run.sh tests cpu-rpc
+#   device run:   carry [".whl", "vendor/llama.cpp/upstream"];  command: PYTURBO_CUDA=OFF bash bench/gpu/run.sh tests cpu-rpc-4 single
 #
 # Steps (any order, several allowed):
 #   tests      the whole test suite (CUDA tests run when a GPU is present)
-#   cpu-rpc    CPU-only RPC benchmarks: 4 stages x 4 threads at 4096 tokens, 8 stages x 2 threads at 16384 tokens,
-#              plus the single-process reference
+#   cpu-rpc-4  CPU-only RPC benchmark: 4 stages x 4 threads at 4096 tokens (ubatch sweep 512, 256, 128)
+#   cpu-rpc-8  CPU-only RPC benchmark: 8 stages x 2 threads at 16384 tokens (UBATCH8, default 512)
+#   single     the single-process reference ceiling (all cores, no split)
 #   gpu        GPU benchmarks (8B-shaped model, virtual CUDA devices)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,13 +36,17 @@ for step in "$@"; do
     tests)
         echo "== tests"
         python3 -m pytest tests -q -x -ra -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
-    cpu-rpc)
-        echo "== CPU RPC benchmarks"
+    cpu-rpc-4)
+        echo "== CPU RPC, 4 stages x 4 threads, 4096 tokens"
         python3 -m pyturbo.bench --preset bench-16l --workers 4 --threads 4 --lengths 4096 --ubatch 512,256,128 \
-            --out "$OUT/cpu-rpc-4x4" 2>&1 | tee "$OUT/cpu-rpc-4x4.log" | grep -v "^bench:"
-        python3 -m pyturbo.bench --preset bench-16l --workers 8 --threads 2 --lengths 16384 --ubatch 512,256 \
-            --out "$OUT/cpu-rpc-8x2" 2>&1 | tee "$OUT/cpu-rpc-8x2.log" | grep -v "^bench:"
-        python3 bench/single_process.py --preset bench-16l --threads 16 --lengths 4096,16384 2>&1 | tee "$OUT/single.log" ;;
+            --out "$OUT/cpu-rpc-4x4" 2>&1 | tee "$OUT/cpu-rpc-4x4.log" | grep -v "^bench:" ;;
+    cpu-rpc-8)
+        echo "== CPU RPC, 8 stages x 2 threads, 16384 tokens"
+        python3 -m pyturbo.bench --preset bench-16l --workers 8 --threads 2 --lengths 16384 --ubatch ${UBATCH8:-512} \
+            --out "$OUT/cpu-rpc-8x2" 2>&1 | tee "$OUT/cpu-rpc-8x2.log" | grep -v "^bench:" ;;
+    single)
+        echo "== single process reference, 16 threads"
+        python3 bench/single_process.py --preset bench-16l --threads "$(nproc)" --lengths 4096,16384 2>&1 | tee "$OUT/single.log" ;;
     gpu)
         echo "== GPU benchmarks"
         python3 bench/gpu/bench_gpu.py --out "$OUT/gpu" 2>&1 | tee "$OUT/gpu.log" ;;

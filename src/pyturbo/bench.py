@@ -68,39 +68,42 @@ def measure(ctx, tokens: np.ndarray, pipeline: bool, repeat: int):
     return statistics.median(secs), res
 
 
-def bench_length(model: Model, n: int, ubatch: int, args, progress) -> Row:
+def bench_length(model: Model, n: int, args, progress) -> list[tuple[Row, object]]:
+    """stock and stock-best once, then pipelined for each ubatch size; one (Row, pipelined result) per ubatch."""
     tokens = np.random.default_rng(n).integers(0, min(model.n_vocab, 32000), n).astype(np.int32)
-    n_ctx = n + 64
-    common = dict(n_ctx=n_ctx, n_threads=args.client_threads, flash_attn=args.flash_attn)
-    runs = {}
-    with model.context(n_batch=STOCK_BATCH, n_ubatch=min(STOCK_UBATCH, STOCK_BATCH), **common) as ctx:
+    common = dict(n_ctx=n + 64, n_threads=args.client_threads, flash_attn=args.flash_attn)
+    with model.context(n_batch=STOCK_BATCH, n_ubatch=STOCK_UBATCH, **common) as ctx:
         ctx.prefill(tokens[: min(n, 64)])  # warm-up: first-use allocations on every device
-        runs["stock"] = measure(ctx, tokens, False, args.repeat)
+        stock = measure(ctx, tokens, False, args.repeat)
         progress.update(1)
-    with model.context(n_batch=max(n, ubatch), n_ubatch=min(STOCK_UBATCH, max(n, ubatch)), **common) as ctx:
-        runs["stock-best"] = measure(ctx, tokens, False, args.repeat)
-        progress.update(1)
-    with model.context(n_batch=max(STOCK_BATCH, ubatch), n_ubatch=ubatch, max_in_flight=args.in_flight, **common) as ctx:
-        ctx.prefill(tokens[: min(n, 2 * ubatch)], pipeline=True)  # warm-up: reserves the in-flight buffers
-        # the reference for the equality check: the standard path with the same batch and ubatch sizes (the same
-        # kernels on the same shapes), so the comparison can be bit for bit
-        runs["standard-same-ubatch"] = measure(ctx, tokens, False, 1)
-        runs["pipelined"] = measure(ctx, tokens, True, args.repeat)
+    with model.context(n_batch=max(n, STOCK_UBATCH), n_ubatch=STOCK_UBATCH, **common) as ctx:
+        best = measure(ctx, tokens, False, args.repeat)
         progress.update(1)
 
-    (t_stock, _), (t_best, _), (t_pipe, r_pipe) = runs["stock"], runs["stock-best"], runs["pipelined"]
-    tl = r_pipe.timeline
-    return Row(
-        prompt_tokens=n, ubatch=ubatch,
-        stock_tps=n / t_stock, stock_best_tps=n / t_best, pipelined_tps=n / t_pipe,
-        speedup=t_stock / t_pipe, speedup_best=t_best / t_pipe,
-        efficiency=tl.efficiency() if len(tl) else float("nan"),
-        ideal_speedup=tl.ideal_speedup() if len(tl) else float("nan"),
-        ideal_efficiency=tl.ideal_efficiency() if len(tl) else float("nan"),
-        outputs_equal=bool(np.array_equal(r_pipe.logits, runs["standard-same-ubatch"][1].logits)),
-        path=r_pipe.path, fallback_reason=r_pipe.fallback_reason,
-        runs={k: {"seconds": v[0], "path": v[1].path, "n_ubatches": v[1].n_ubatches} for k, v in runs.items()},
-    ), r_pipe
+    rows = []
+    for ub in args.ubatches:
+        runs = {"stock": stock, "stock-best": best}
+        with model.context(n_batch=max(STOCK_BATCH, ub), n_ubatch=ub, max_in_flight=args.in_flight, **common) as ctx:
+            ctx.prefill(tokens[: min(n, 2 * ub)], pipeline=True)  # warm-up: reserves the in-flight buffers
+            # reference for the equality check: the standard path with the same batch and ubatch sizes, i.e. the
+            # same kernels on the same shapes, so the comparison is bit for bit (stock itself when ub == 512)
+            runs["reference"] = stock if ub == STOCK_UBATCH else measure(ctx, tokens, False, 1)
+            runs["pipelined"] = measure(ctx, tokens, True, args.repeat)
+        progress.update(1)
+        (t_stock, _), (t_best, _), (t_pipe, r_pipe) = stock, best, runs["pipelined"]
+        tl = r_pipe.timeline
+        rows.append((Row(
+            prompt_tokens=n, ubatch=ub,
+            stock_tps=n / t_stock, stock_best_tps=n / t_best, pipelined_tps=n / t_pipe,
+            speedup=t_stock / t_pipe, speedup_best=t_best / t_pipe,
+            efficiency=tl.efficiency() if len(tl) else float("nan"),
+            ideal_speedup=tl.ideal_speedup() if len(tl) else float("nan"),
+            ideal_efficiency=tl.ideal_efficiency() if len(tl) else float("nan"),
+            outputs_equal=bool(np.array_equal(r_pipe.logits, runs["reference"][1].logits)),
+            path=r_pipe.path, fallback_reason=r_pipe.fallback_reason,
+            runs={k: {"seconds": v[0], "path": v[1].path, "n_ubatches": v[1].n_ubatches} for k, v in runs.items()},
+        ), r_pipe))
+    return rows
 
 
 TABLE_COLUMNS = ["prompt tokens", "ubatch", "stock tok/s", "stock-best tok/s", "pipelined tok/s", "speedup vs stock",
@@ -188,7 +191,8 @@ def parse_args(argv):
     ap.add_argument("--rpc", help="existing RPC workers host:port,host:port (default: start local ones)")
     ap.add_argument("--workers", type=int, default=d["workers"], help=f"local RPC workers (default {d['workers']})")
     ap.add_argument("--threads", type=int, default=d["threads"], help=f"threads per local worker (default {d['threads']})")
-    ap.add_argument("--client-threads", type=int, default=max(1, min(4, os.cpu_count() or 1)), help=argparse.SUPPRESS)
+    ap.add_argument("--client-threads", type=int, default=0,
+                    help="threads of this process's CPU backend (default: 1 with RPC workers, all cores otherwise)")
     ap.add_argument("--gpu", action="store_true", help="split over the local GPUs instead of RPC workers")
     ap.add_argument("--devices", help="comma-separated devices to split over, e.g. CUDA0,CUDA1 or CUDA0,RPC0")
     ap.add_argument("--tensor-split", default="even", help="proportions a,b,... or 'even' (equal layers per device)")
@@ -209,6 +213,9 @@ def parse_args(argv):
         args.workers = 2
         args.threads = 1
     args.preset = args.preset or d["preset"]
+    if args.client_threads <= 0:
+        # with local RPC workers the cores belong to them; this process only looks up token embeddings
+        args.client_threads = (os.cpu_count() or 1) if (args.gpu or args.devices) else 1
     try:
         args.lengths = [int(x) for x in (args.lengths or ",".join(map(str, d["lengths"]))).split(",")]
         args.ubatches = [int(x) for x in args.ubatch.split(",")]
@@ -254,28 +261,27 @@ def run(args) -> int:
         pool = workers.WorkerPool(args.workers, threads=args.threads)
         endpoints = pool.endpoints
         settings.update(workers=args.workers, threads_per_worker=args.threads)
-    rows, best_pipe = [], None
+    rows, sweep, best_pipe = [], [], None
     try:
         with open_model(args, model_path, endpoints) as model:
             settings["devices"] = model.devices
             n_ctx_max = max(args.lengths) + 64
             if model.n_ctx_train and n_ctx_max > 4 * model.n_ctx_train:
                 print(f"note: prompts up to {max(args.lengths)} exceed the model's training context", file=sys.stderr)
-            steps = len(args.lengths) * len(args.ubatches) * 3
+            steps = len(args.lengths) * (2 + len(args.ubatches))
             with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr) as progress:
                 for n in args.lengths:
-                    best = None
-                    for ub in args.ubatches:
-                        row, pipe = bench_length(model, n, ub, args, progress)
-                        if best is None or row.pipelined_tps > best[0].pipelined_tps:
-                            best = (row, pipe)
-                    rows.append(best[0])
-                    best_pipe = best[1]
+                    results = bench_length(model, n, args, progress)
+                    sweep += [r for r, _ in results]
+                    row, best_pipe = max(results, key=lambda rp: rp[0].pipelined_tps)
+                    rows.append(row)
     finally:
         if pool is not None:
             pool.stop()
 
     machine = machine_info()
+    if len(args.ubatches) > 1:
+        settings["sweep"] = [asdict(r) for r in sweep]
     write_outputs(args.out, rows, settings, best_pipe, machine)
     if args.json:
         print((args.out / "results.json").read_text())
@@ -283,9 +289,9 @@ def run(args) -> int:
         print(f"devices: {', '.join(settings['devices'])}; model: {model_path.name}")
         print(table(rows))
         print(f"\nfiles: {args.out}/ (report.md, results.json, results.csv, throughput.png, timeline.png)")
-    bad = [r.prompt_tokens for r in rows if not r.outputs_equal]
+    bad = [(r.prompt_tokens, r.ubatch) for r in sweep if not r.outputs_equal]
     if bad:
-        print(f"ERROR: pipelined logits differ from stock at lengths {bad}", file=sys.stderr)
+        print(f"ERROR: pipelined logits differ from the standard path at (length, ubatch) {bad}", file=sys.stderr)
         return 1
     return 0
 
