@@ -23,7 +23,11 @@ if [ -d .whl ]; then
 fi
 nproc > "$OUT/machine.txt"; nvidia-smi -L >> "$OUT/machine.txt" 2>&1
 
-echo "== build (PYTURBO_CUDA=${PYTURBO_CUDA:-AUTO})"
+# The image's default g++ (/opt/gcc) links its own copy of libstdc++ into every shared library; several copies in
+# one process crash (seen: a segfault in llama_model::print_info). The system compiler links the shared libstdc++.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+echo "== build (PYTURBO_CUDA=${PYTURBO_CUDA:-AUTO}, CXX=${CXX:-default}: $(${CXX:-c++} --version | head -1))"
+rm -rf build
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-index --no-deps -v . > "$OUT/build.log" 2>&1; then
     tail -50 "$OUT/build.log"; exit 1
