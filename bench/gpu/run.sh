@@ -46,7 +46,7 @@ for step in "$@"; do
             --out "$OUT/cpu-rpc-4x4" 2>&1 | tee "$OUT/cpu-rpc-4x4.log" | grep -v "^bench:" ;;
     cpu-rpc-8)
         echo "== CPU RPC, 8 stages x 2 threads, 16384 tokens"
-        python3 -m pyturbo.bench --preset bench-16l --workers 8 --threads 2 --lengths 16384 --ubatch ${UBATCH8:-512} \
+        python3 -m pyturbo.bench --preset bench-16l --workers 8 --threads 2 --lengths 16384 --ubatch ${UBATCH8:-512} --no-stock-best \
             --out "$OUT/cpu-rpc-8x2" 2>&1 | tee "$OUT/cpu-rpc-8x2.log" | grep -v "^bench:" ;;
     single)
         echo "== single process reference, 16 threads"

@@ -1,27 +1,41 @@
 """Synthetic GGUF models: llama-architecture files with random weights, deterministic by seed.
 
-Speed depends only on shapes, not on weight values, so benchmarks and tests use these instead of downloads.
-Tensors are generated and written one at a time, so even an 8B-shaped file never needs all weights in memory.
+Prefill speed depends on shapes, not on weight values, so benchmarks and tests use these instead of downloads.
+The header is written first and then one tensor at a time, so even a 70B-shaped file never needs all its weights
+in memory, and an interrupted write never leaves a truncated file at the destination.
+
+    path = cached_model("bench-8l")                          # written once, then reused
+    write_model("m.gguf", ModelShape(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=4, n_vocab=1000))
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import math
 import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1  # part of cached file names: bump when what write_model produces changes
+# Part of cached file names: bump whenever write_model's output for the same arguments changes.
+FORMAT_VERSION = 2
 
-DTYPES = {  # name -> (GGMLQuantizationType name, LlamaFileType value)
+# dtype name -> (GGMLQuantizationType name, LlamaFileType value for general.file_type)
+DTYPES: dict[str, tuple[str, int]] = {
     "f32": ("F32", 0), "f16": ("F16", 1), "q8_0": ("Q8_0", 7), "q4_0": ("Q4_0", 2),
 }
+_QK = 32  # values per block of q8_0 / q4_0: rows must be a whole number of blocks
+
+# Values generated per chunk; each chunk has its own random stream (keyed by seed, tensor, chunk), so chunks can be
+# generated on several threads and the bytes do not depend on the thread count. Changing it changes the output.
+_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
 class ModelShape:
+    """Hyper-parameters of a llama-architecture model (n_embd = n_head * head_dim)."""
     n_layer: int
     n_embd: int
     n_ff: int
@@ -35,20 +49,35 @@ class ModelShape:
 
     def __post_init__(self):
         for name in ("n_layer", "n_embd", "n_ff", "n_head", "n_head_kv", "n_vocab", "n_ctx_train"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive int, not {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, not {v!r}")
+        for name in ("rope_freq_base", "rms_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive finite number, not {v!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head}): "
+                             f"change n_head to a divisor of n_embd or n_embd to a multiple of n_head")
         if self.n_head % self.n_head_kv:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_head_kv ({self.n_head_kv})")
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_head_kv ({self.n_head_kv}): "
+                             f"change n_head_kv to a divisor of n_head")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
-        if self.dtype.startswith("q") and (self.n_embd % 32 or self.n_ff % 32):
-            raise ValueError(f"{self.dtype} needs n_embd and n_ff to be multiples of 32 (got {self.n_embd}, {self.n_ff})")
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, not {self.dtype!r}")
+        if DTYPES[self.dtype][0] not in ("F32", "F16") and (self.n_embd % _QK or self.n_ff % _QK):
+            raise ValueError(f"dtype {self.dtype!r} stores rows in blocks of {_QK} values, so n_embd and n_ff must be "
+                             f"multiples of {_QK} (got n_embd={self.n_embd}, n_ff={self.n_ff}): round them up to a "
+                             f"multiple of {_QK} or use dtype 'f16'")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def n_params(self) -> int:
+        E, F, kv = self.n_embd, self.n_ff, self.n_head_kv * self.head_dim
+        per_layer = 2 * E + 2 * E * E + 2 * kv * E + 3 * F * E
+        return 2 * self.n_vocab * E + E + self.n_layer * per_layer
 
 
 PRESETS: dict[str, ModelShape] = {
@@ -61,7 +90,8 @@ PRESETS: dict[str, ModelShape] = {
                       n_ctx_train=131072, dtype="q4_0"),
 }
 
-# ---- a tiny real vocabulary (SentencePiece style, byte fallback) so tokenizer paths can be tested ---------------------
+
+# ---- a tiny real vocabulary: SentencePiece style ("llama" tokenizer), byte fallback ----------------------------------
 
 _WORDS = ("the of and to in is that for it as with was on be by at this are from or have an not but all were when we "
           "there can which their if do will each about how up out them then she many some so these would other into "
@@ -71,82 +101,89 @@ _WORDS = ("the of and to in is that for it as with was on be by at this are from
 
 
 def _tiny_vocab() -> tuple[list[str], list[float], list[int]]:
-    tokens, types = ["<unk>", "<s>", "</s>"], [2, 3, 3]   # UNKNOWN, CONTROL, CONTROL
-    tokens += [f"<0x{b:02X}>" for b in range(256)]
-    types += [6] * 256                                      # BYTE
-    pieces = ["\u2581"] + ["\u2581" + w for w in _WORDS] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    pieces += ["\u2581" + chr(c) for c in range(ord("a"), ord("z") + 1)]
+    """(tokens, scores, types): <unk> <s> </s>, 256 byte tokens, then normal pieces by descending score."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256                                  # UNKNOWN, CONTROL x2, BYTE
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = ["\u2581" + w for w in _WORDS]
+    # llama.cpp's SPM tokenizer only merges adjacent pieces into pieces that exist, so each word needs its prefixes
+    prefixes = [w[:i] for w in words for i in range(3, len(w))]
+    pieces = ["\u2581"] + words + prefixes + ["\u2581" + c for c in letters] + letters + list("0123456789.,;:!?'\"-()")
     pieces = list(dict.fromkeys(pieces))
     tokens += pieces
-    types += [1] * len(pieces)                              # NORMAL
-    scores = [0.0] * (259) + [-float(i) for i in range(len(pieces))]
+    types += [1] * len(pieces)                                     # NORMAL
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
     return tokens, scores, types
 
 
 def tiny_vocab_size() -> int:
+    """n_vocab a shape needs for write_model(..., vocab='tiny')."""
     return len(_tiny_vocab()[0])
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------------
 
-def _tensor_plan(shape: ModelShape) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(name, numpy shape (rows=out, cols=in), is_matrix) in file order."""
+def _tensor_plan(shape: ModelShape) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, numpy shape (rows=out, cols=in)) in file order; 1-D tensors are norm weights."""
     E, F, kv = shape.n_embd, shape.n_ff, shape.n_head_kv * shape.head_dim
-    plan = [("token_embd.weight", (shape.n_vocab, E), True)]
+    plan = [("token_embd.weight", (shape.n_vocab, E))]
     for i in range(shape.n_layer):
-        plan += [(f"blk.{i}.attn_norm.weight", (E,), False), (f"blk.{i}.attn_q.weight", (E, E), True),
-                 (f"blk.{i}.attn_k.weight", (kv, E), True), (f"blk.{i}.attn_v.weight", (kv, E), True),
-                 (f"blk.{i}.attn_output.weight", (E, E), True), (f"blk.{i}.ffn_norm.weight", (E,), False),
-                 (f"blk.{i}.ffn_gate.weight", (F, E), True), (f"blk.{i}.ffn_up.weight", (F, E), True),
-                 (f"blk.{i}.ffn_down.weight", (E, F), True)]
-    plan += [("output_norm.weight", (E,), False), ("output.weight", (shape.n_vocab, E), True)]
+        b = f"blk.{i}."
+        plan += [(b + "attn_norm.weight", (E,)), (b + "attn_q.weight", (E, E)), (b + "attn_k.weight", (kv, E)),
+                 (b + "attn_v.weight", (kv, E)), (b + "attn_output.weight", (E, E)), (b + "ffn_norm.weight", (E,)),
+                 (b + "ffn_gate.weight", (F, E)), (b + "ffn_up.weight", (F, E)), (b + "ffn_down.weight", (E, F))]
+    plan += [("output_norm.weight", (E,)), ("output.weight", (shape.n_vocab, E))]
     return plan
 
 
-def _encode(data: np.ndarray, dtype: str):
-    """float32 data -> (array to write, raw GGML type or None)."""
+def _storage(shp: tuple[int, ...], dtype: str):
+    """(numpy dtype, storage shape, raw GGML type or None) of a tensor as written to the file."""
     import gguf
-    if dtype == "f32":
-        return data, None
-    if dtype == "f16":
-        return data.astype(np.float16), None
     qtype = getattr(gguf.GGMLQuantizationType, DTYPES[dtype][0])
-    return gguf.quants.quantize(data, qtype), qtype
+    if dtype == "f32":
+        return np.dtype(np.float32), shp, None
+    if dtype == "f16":
+        return np.dtype(np.float16), shp, None
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return np.dtype(np.uint8), (shp[0], shp[1] // block * type_size), qtype
 
 
-def _generate(rng: np.random.Generator, shape: tuple[int, ...], is_matrix: bool) -> np.ndarray:
-    if not is_matrix:  # norm weights: around one, so activations keep their scale
-        return (1.0 + 0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(shape[1]))
-
-
-def write_model(path: str | os.PathLike, shape: ModelShape, *, seed: int = 0, vocab: str = "none",
-                progress: bool = False) -> Path:
-    """Write a llama GGUF with random weights. vocab='none' (no tokenizer, n_vocab dummy tokens) or 'tiny'."""
+def _fill(out: np.ndarray, cols: int, seed: int, index: int, chunk: int, r0: int, r1: int, qtype) -> None:
+    """Generate rows r0:r1 (cols values each) of tensor `index` in float32 and store them encoded in out[r0:r1]."""
     import gguf
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, chunk)))
+    if out.ndim == 1:  # norm weight: around one, so activations keep their scale through the layers
+        x = rng.standard_normal(out.shape, dtype=np.float32)
+        x *= np.float32(0.02)
+        x += np.float32(1.0)
+        out[:] = x
+        return
+    x = rng.standard_normal((r1 - r0, cols), dtype=np.float32)
+    x *= np.float32(1.0 / math.sqrt(cols))  # normal(0, 1/sqrt(fan_in)): outputs keep the inputs' scale
+    out[r0:r1] = x if qtype is None else gguf.quants.quantize(x, qtype)
 
-    path = Path(path)
-    if vocab not in ("none", "tiny"):
-        raise ValueError(f"vocab must be 'none' or 'tiny', not {vocab!r}")
-    if vocab == "tiny" and shape.n_vocab != tiny_vocab_size():
-        raise ValueError(f"vocab='tiny' has {tiny_vocab_size()} tokens: use a shape with n_vocab={tiny_vocab_size()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+
+def _start_writer(tmp: Path, shape: ModelShape, seed: int, vocab: str):
+    """A GGUFWriter on tmp with all metadata and tensor infos added, and the plan of the tensors to write."""
+    import gguf
 
     w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name(f"pyturbo synthetic {shape.n_layer}x{shape.n_embd} seed {seed}")
     w.add_context_length(shape.n_ctx_train)
     w.add_embedding_length(shape.n_embd)
     w.add_block_count(shape.n_layer)
     w.add_feed_forward_length(shape.n_ff)
     w.add_head_count(shape.n_head)
     w.add_head_count_kv(shape.n_head_kv)
-    w.add_layer_norm_rms_eps(shape.rms_eps)
-    w.add_rope_freq_base(shape.rope_freq_base)
+    w.add_layer_norm_rms_eps(float(shape.rms_eps))
+    w.add_rope_freq_base(float(shape.rope_freq_base))
     w.add_rope_dimension_count(shape.head_dim)
     w.add_file_type(DTYPES[shape.dtype][1])
+    if DTYPES[shape.dtype][0] not in ("F32", "F16"):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(shape.n_vocab)
     if vocab == "none":
         w.add_tokenizer_model("none")
-        w.add_vocab_size(shape.n_vocab)
     else:
         tokens, scores, types = _tiny_vocab()
         w.add_tokenizer_model("llama")
@@ -159,50 +196,113 @@ def write_model(path: str | os.PathLike, shape: ModelShape, *, seed: int = 0, vo
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
 
-    plan = _tensor_plan(shape)
-    # 1-D norm weights stay F32 (llama.cpp requires it); token_embd and the matrices use the model's dtype
-    dtypes = {name: (shape.dtype if is_matrix else "f32") for name, _, is_matrix in plan}
-    for name, shp, _ in plan:
-        probe, raw = _encode(np.zeros(shp if len(shp) == 1 else (1, shp[1]), np.float32), dtypes[name])
-        nbytes = probe.nbytes * (shp[0] if len(shp) > 1 else 1)
-        # with a raw (quantized) type the shape given is the logical one only if the dtype is not uint8
-        w.add_tensor_info(name, shp, np.dtype(np.float32) if raw is not None else probe.dtype, nbytes, raw_dtype=raw)
+    plan = []
+    for name, shp in _tensor_plan(shape):
+        # norm weights stay F32 (llama.cpp requires it); the matrices, token_embd included, use the model's dtype
+        np_dtype, store, qtype = _storage(shp, shape.dtype if len(shp) == 2 else "f32")
+        nbytes = math.prod(store) * np_dtype.itemsize
+        # a uint8 storage shape with a raw type is converted back to the logical shape by the writer
+        w.add_tensor_info(name, store, np_dtype, nbytes, raw_dtype=qtype)
+        plan.append((shp, np_dtype, store, qtype))
+    return w, plan
+
+
+def write_model(path: str | os.PathLike, shape: ModelShape, *, seed: int = 0, vocab: str = "none",
+                progress: bool = False) -> Path:
+    """Write a llama GGUF with random weights to path and return it as a Path.
+
+    vocab='none': no tokenizer (llama.cpp adds n_vocab dummy tokens; feed token ids). vocab='tiny': a small
+    SentencePiece-style vocabulary with byte fallback, so any text tokenizes; needs shape.n_vocab == tiny_vocab_size().
+    Same arguments give the same bytes. progress=True shows a bar on stderr.
+    """
+    if not isinstance(shape, ModelShape):
+        raise TypeError(f"shape must be a ModelShape (or one of PRESETS), not {type(shape).__name__}")
+    if vocab not in ("none", "tiny"):
+        raise ValueError(f"vocab must be 'none' or 'tiny', not {vocab!r}")
+    if vocab == "tiny" and shape.n_vocab != tiny_vocab_size():
+        raise ValueError(f"vocab='tiny' has {tiny_vocab_size()} tokens but the shape has n_vocab={shape.n_vocab}: "
+                         f"use dataclasses.replace(shape, n_vocab={tiny_vocab_size()})")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, not {seed!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # same directory, so the final rename is atomic; unique, so concurrent writers of one path do not collide
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+
+    w, bar = None, None
+    pool = ThreadPoolExecutor(max_workers=max(1, min(32, os.cpu_count() or 1)))
     try:
+        w, plan = _start_writer(tmp, shape, seed, vocab)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        rng = np.random.default_rng(seed)
-        items = plan
         if progress:
             from tqdm import tqdm
-            items = tqdm(plan, desc=f"writing {path.name}", unit="tensor")
-        for name, shp, is_matrix in items:
-            data, _ = _encode(_generate(rng, shp, is_matrix), dtypes[name])
-            w.write_tensor_data(data)
+            bar = tqdm(total=len(plan), desc=f"writing {path.name}", unit="tensor", file=sys.stderr)
+        for index, (shp, np_dtype, store, qtype) in enumerate(plan):
+            out = np.empty(store, np_dtype)  # one tensor at a time: peak memory is about the largest tensor
+            rows, cols = shp[0], shp[-1]
+            step = rows if len(shp) == 1 else max(1, _CHUNK // cols)
+            futures = [pool.submit(_fill, out, cols, seed, index, c, r0, min(r0 + step, rows), qtype)
+                       for c, r0 in enumerate(range(0, rows, step))]
+            for f in futures:
+                f.result()
+            w.write_tensor_data(out)
+            del out
+            if bar is not None:
+                bar.update(1)
         w.close()
+        tmp.chmod(0o644)  # mkstemp makes it private; a model file is not secret
         tmp.replace(path)
     except BaseException:
-        w.close()
+        if w is not None:
+            w.close()
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
     return path
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PYTURBO_CACHE") or Path.home() / ".cache" / "pyturbo") / "models"
+# ---- cache -----------------------------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """$PYTURBO_CACHE, or ~/.cache/pyturbo/models."""
+    env = os.environ.get("PYTURBO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pyturbo" / "models"
 
 
 def cached_model(name_or_shape: str | ModelShape, *, seed: int = 0, vocab: str = "none",
-                 directory: str | os.PathLike | None = None, progress: bool = False) -> Path:
-    """A synthetic model in the cache directory, written the first time it is asked for."""
+                 cache_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
+    """A synthetic model (PRESETS name or ModelShape) in the cache directory, written the first time it is asked for.
+
+    The file name spells out every field of the shape, the seed, the vocabulary and FORMAT_VERSION, so a change to
+    any of them gives another file.
+    """
     if isinstance(name_or_shape, str):
         if name_or_shape not in PRESETS:
-            raise ValueError(f"unknown preset {name_or_shape!r}; choose one of {sorted(PRESETS)}")
-        shape, label = PRESETS[name_or_shape], name_or_shape
+            raise ValueError(f"unknown preset {name_or_shape!r}; choose one of {list(PRESETS)} or pass a ModelShape")
+        shape = PRESETS[name_or_shape]
+    elif isinstance(name_or_shape, ModelShape):
+        shape = name_or_shape
     else:
-        shape, label = name_or_shape, "custom"
-    key = hashlib.sha256(repr((dataclasses.astuple(shape), seed, vocab, FORMAT_VERSION)).encode()).hexdigest()[:12]
-    path = Path(directory or cache_dir()) / f"{label}-{shape.dtype}-{key}.gguf"
-    if not path.exists():
+        raise TypeError(f"expected a preset name or a ModelShape, not {type(name_or_shape).__name__}")
+    if vocab not in ("none", "tiny"):
+        raise ValueError(f"vocab must be 'none' or 'tiny', not {vocab!r}")
+    s = shape
+    name = (f"llama-L{s.n_layer}-E{s.n_embd}-F{s.n_ff}-H{s.n_head}-KV{s.n_head_kv}-V{s.n_vocab}-C{s.n_ctx_train}"
+            f"-{s.dtype}-rope{float(s.rope_freq_base)!r}-eps{float(s.rms_eps)!r}-seed{seed}-vocab_{vocab}"
+            f"-v{FORMAT_VERSION}.gguf")
+    path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = path / name
+    if not path.is_file():
         write_model(path, shape, seed=seed, vocab=vocab, progress=progress)
     return path
+
+
+__all__ = ["ModelShape", "PRESETS", "DTYPES", "FORMAT_VERSION", "write_model", "cached_model", "default_cache_dir",
+           "tiny_vocab_size"]
