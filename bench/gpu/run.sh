@@ -10,7 +10,7 @@
 #   cpu-rpc-4  CPU-only RPC benchmark: 4 stages x 4 threads at 4096 tokens (ubatch sweep 512, 256, 128)
 #   cpu-rpc-8  CPU-only RPC benchmark: 8 stages x 2 threads at 16384 tokens (UBATCH8, default 512)
 #   single     the single-process reference ceiling (all cores, no split)
-#   gpu        GPU benchmarks (8B-shaped model, virtual CUDA devices)
+#   gpu        GPU benchmarks: GPU_PRESET (8b) over GPU_SPLITS (1 2 4) virtual CUDA devices, GPU_LENGTHS, GPU_UBATCH
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench/out/gpu-$(date +%Y%m%d-%H%M%S)}
@@ -27,7 +27,9 @@ nproc > "$OUT/machine.txt"; nvidia-smi -L >> "$OUT/machine.txt" 2>&1
 # one process crash (seen: a segfault in llama_model::print_info). The system compiler links the shared libstdc++.
 if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 echo "== build (PYTURBO_CUDA=${PYTURBO_CUDA:-AUTO}, CXX=${CXX:-default}: $(${CXX:-c++} --version | head -1))"
-rm -rf build
+# a build made with another compiler cannot be reused; one made with this one can (a warm machine keeps it)
+if [ "$(cat build/.pyturbo-cxx 2>/dev/null)" != "${CXX:-default}" ]; then rm -rf build; fi
+mkdir -p build && echo "${CXX:-default}" > build/.pyturbo-cxx
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-index --no-deps -v . > "$OUT/build.log" 2>&1; then
     tail -50 "$OUT/build.log"; exit 1
@@ -52,8 +54,13 @@ for step in "$@"; do
         echo "== single process reference, 16 threads"
         python3 bench/single_process.py --preset bench-16l --threads "$(nproc)" --lengths 4096,16384 2>&1 | tee "$OUT/single.log" ;;
     gpu)
-        echo "== GPU benchmarks"
-        python3 bench/gpu/bench_gpu.py --out "$OUT/gpu" 2>&1 | tee "$OUT/gpu.log" ;;
+        # one GPU split into N virtual CUDA devices (own stream each); N=1 is single-device stock
+        for n in ${GPU_SPLITS:-1 2 4}; do
+            echo "== GPU, GGML_CUDA_DEVICES=$n, ${GPU_PRESET:-8b}"
+            GGML_CUDA_DEVICES=$n python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
+                --lengths "${GPU_LENGTHS:-4096,16384}" --ubatch "${GPU_UBATCH:-512}" --no-stock-best \
+                --out "$OUT/gpu-$n" 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-$n.log"
+        done ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done

@@ -1,0 +1,74 @@
+"""CUDA paths (issue: GPU). Skipped, with the reason, where pyturbo was built without CUDA or no GPU answers.
+
+ggml-cuda's GGML_CUDA_DEVICES=N maps N virtual devices onto the physical GPU(s), each with its own stream, so the
+multi-device paths run on one GPU. The variable is read when the CUDA backend starts, hence a fresh interpreter per
+layout. The pipeline moves activations between stages through host memory (it never uses peer copies), which is
+the path consumer multi-GPU rigs without P2P take.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pyturbo
+from conftest import run_python
+
+INFO = pyturbo.build_info()
+pytestmark = pytest.mark.skipif(
+    not INFO["cuda"] or not any(d["name"].startswith("CUDA") for d in INFO["devices"]),
+    reason="pyturbo was built without CUDA or no GPU is present" if not INFO["cuda"] else "no CUDA device answers")
+
+LAYOUT = """
+import json, os, numpy as np, pyturbo
+from pyturbo import synth, workers
+path = synth.cached_model(synth.ModelShape(n_layer=8, n_embd=256, n_ff=512, n_head=8, n_head_kv=2, n_vocab=1000, dtype="f16"))
+toks = np.random.default_rng(0).integers(0, 1000, 700)
+out = {}
+def both(model, **kw):
+    with model.context(n_ctx=1024, n_batch=256, n_ubatch=64, flash_attn=True, **kw) as ctx:
+        std = ctx.prefill(toks); kv_std = ctx.kv_state(); ctx.reset()
+        pipe = ctx.prefill(toks, pipeline=True); kv_pipe = ctx.kv_state()
+    return {"path": pipe.path, "reason": pipe.fallback_reason, "logits_equal": bool(np.array_equal(std.logits, pipe.logits)),
+            "max_diff": float(np.abs(std.logits - pipe.logits).max()), "kv_equal": kv_std == kv_pipe,
+            "devices": sorted({r.device for r in pipe.timeline}), "stages": pipe.n_stages}
+"""
+
+
+def run_layout(code: str, n_devices: int) -> dict:
+    proc = run_python(f"import os; os.environ['GGML_CUDA_DEVICES'] = '{n_devices}'\n" + LAYOUT + code + "\nprint('RESULT', json.dumps(out))",
+                      timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+@pytest.mark.parametrize("n_devices", [2, 4])
+def test_virtual_cuda_devices_pipelined_equals_standard(n_devices):
+    out = run_layout(f"""
+devs = [f"CUDA{{i}}" for i in range({n_devices})]
+with pyturbo.Model(path, devices=devs, tensor_split="even") as model:
+    out["r"] = both(model)
+""", n_devices)["r"]
+    assert out["path"] == "pipelined", out["reason"]
+    assert out["stages"] == n_devices
+    assert out["logits_equal"] and out["kv_equal"], out
+
+
+def test_gpu_stage_and_rpc_cpu_stage():
+    out = run_layout("""
+with workers.local(1, threads=4) as pool:
+    with pyturbo.Model(path, rpc_servers=pool.endpoints, devices=["CUDA0", "RPC0"], tensor_split="even") as model:
+        out["r"] = both(model)
+""", 1)["r"]
+    assert out["path"] == "pipelined", out["reason"]
+    assert any(d.startswith("CUDA") for d in out["devices"]) and any(d.startswith("RPC") for d in out["devices"])
+    assert out["logits_equal"] and out["kv_equal"], out
+
+
+def test_single_gpu_falls_back_with_reason():
+    out = run_layout("""
+with pyturbo.Model(path, devices=["CUDA0"]) as model:
+    out["r"] = both(model)
+""", 1)["r"]
+    assert out["path"] == "standard" and "single device" in out["reason"]
+    assert out["logits_equal"] and out["kv_equal"]
