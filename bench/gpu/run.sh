@@ -25,7 +25,10 @@ nproc > "$OUT/machine.txt"; nvidia-smi -L >> "$OUT/machine.txt" 2>&1
 
 # The image's default g++ (/opt/gcc) links its own copy of libstdc++ into every shared library; several copies in
 # one process crash (seen: a segfault in llama_model::print_info). The system compiler links the shared libstdc++.
-if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+# nvcc picks its host compiler from PATH, so /usr/bin goes first too.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ PATH=/usr/bin:$PATH
+fi
 echo "== build (PYTURBO_CUDA=${PYTURBO_CUDA:-AUTO}, CXX=${CXX:-default}: $(${CXX:-c++} --version | head -1))"
 # a build made with another compiler cannot be reused; one made with this one can (a warm machine keeps it)
 if [ "$(cat build/.pyturbo-cxx 2>/dev/null)" != "${CXX:-default}" ]; then rm -rf build; fi
