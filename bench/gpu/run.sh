@@ -25,9 +25,9 @@ nproc > "$OUT/machine.txt"; nvidia-smi -L >> "$OUT/machine.txt" 2>&1
 
 # The image's default g++ (/opt/gcc) links its own copy of libstdc++ into every shared library; several copies in
 # one process crash (seen: a segfault in llama_model::print_info). The system compiler links the shared libstdc++.
-# nvcc picks its host compiler from PATH, so /usr/bin goes first too.
+# CUDAHOSTCXX: nvcc would otherwise pick /opt/gcc as its host compiler.
 if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
-    export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ PATH=/usr/bin:$PATH
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 fi
 echo "== build (PYTURBO_CUDA=${PYTURBO_CUDA:-AUTO}, CXX=${CXX:-default}: $(${CXX:-c++} --version | head -1))"
 # a build made with another compiler cannot be reused; one made with this one can (a warm machine keeps it)
