@@ -31,8 +31,8 @@ if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
 fi
 echo "== build (PYTURBO_CUDA=${PYTURBO_CUDA:-AUTO}, CXX=${CXX:-default}: $(${CXX:-c++} --version | head -1))"
 # a build made with another compiler cannot be reused; one made with this one can (a warm machine keeps it)
-if [ "$(cat build/.pyturbo-cxx 2>/dev/null)" != "${CXX:-default}" ]; then rm -rf build; fi
-mkdir -p build && echo "${CXX:-default}" > build/.pyturbo-cxx
+if [ "$(cat build/.pyturbo-cxx 2>/dev/null)" != "${CXX:-default}|${CUDAHOSTCXX:-default}" ]; then rm -rf build; fi
+mkdir -p build && echo "${CXX:-default}|${CUDAHOSTCXX:-default}" > build/.pyturbo-cxx
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-index --no-deps -v . > "$OUT/build.log" 2>&1; then
     tail -50 "$OUT/build.log"; exit 1
