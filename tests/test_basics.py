@@ -22,7 +22,7 @@ def test_build_info_lists_cpu():
 
 
 def test_load_tiny_model(tiny_model):
-    with pyturbo.Model(tiny_model) as model:
+    with pyturbo.Model(tiny_model, devices=[]) as model:  # devices=[]: the CPU only, even where a GPU is present
         assert (model.n_layer, model.n_vocab, model.n_embd) == (4, 512, 128)
         assert model.devices == ["CPU"]
         assert not model.has_vocab
@@ -49,7 +49,7 @@ def test_prefill_agrees_with_token_by_token_decode(tiny_model):
     O(1), so differences of a few F16 ulps (~1e-3) are expected; 1e-2 absolute allows for them and is still far
     below what a wrong position, mask or KV slot would cause (differences of order 1)."""
     toks = prompt(40)
-    with pyturbo.Model(tiny_model) as model:
+    with pyturbo.Model(tiny_model, devices=[]) as model:
         with model.context(n_ctx=128, n_ubatch=32, n_threads=1) as ctx:
             batched = ctx.prefill(toks).logits
             ctx.reset()
@@ -63,7 +63,7 @@ def test_prefill_agrees_with_token_by_token_decode(tiny_model):
 def test_layer_split_over_two_rpc_workers_matches_one_process(tiny_model, rpc3):
     """The RPC workers run the same CPU kernels as the local CPU backend, on the same shapes: identical results."""
     toks = prompt(150)
-    with pyturbo.Model(tiny_model) as local, local.context(n_ctx=256, n_ubatch=32, n_threads=1) as ctx:
+    with pyturbo.Model(tiny_model, devices=[]) as local, local.context(n_ctx=256, n_ubatch=32, n_threads=1) as ctx:
         ref = ctx.prefill(toks).logits
     with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as split:
         assert split.devices == ["RPC0", "RPC1"] or all(d.startswith("RPC") for d in split.devices)
