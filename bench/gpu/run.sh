@@ -60,7 +60,8 @@ for step in "$@"; do
         # one GPU split into N virtual CUDA devices (own stream each); N=1 is single-device stock
         for n in ${GPU_SPLITS:-1 2 4}; do
             echo "== GPU, GGML_CUDA_DEVICES=$n, ${GPU_PRESET:-8b}"
-            GGML_CUDA_DEVICES=$n python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
+            # the dispatcher leaves all-local-GPU layouts to the standard path; force the pipeline to measure it
+            PYTURBO_PIPELINE_LOCAL_GPUS=1 GGML_CUDA_DEVICES=$n python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
                 --lengths "${GPU_LENGTHS:-4096,16384}" --ubatch "${GPU_UBATCH:-512}" --no-stock-best \
                 --out "$OUT/gpu-$n" 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-$n.log"
         done ;;

@@ -31,6 +31,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -344,7 +345,28 @@ struct llama_turbo : llama_ubatch_executor {
         if (lctx.model.split_mode() != LLAMA_SPLIT_MODE_LAYER) return "split mode is not layer";
         if (r.n_stages < 2)                                   return "the model's layers are on a single device";
         if (n_ubatches < 2)                                   return "fewer than two ubatches";
+        if (all_local_gpus() && !getenv_flag("PYTURBO_PIPELINE_LOCAL_GPUS")) {
+            // measured on one H100 split into virtual devices: llama.cpp's own async device copies already overlap
+            // these stages, and staging activations through host memory makes the pipeline slower than that
+            return "all stages are GPUs of this process (their async copies already overlap; "
+                   "set PYTURBO_PIPELINE_LOCAL_GPUS=1 to pipeline anyway)";
+        }
         return "";
+    }
+
+    bool all_local_gpus() const {
+        for (ggml_backend_dev_t dev : layer_devices(lctx.model)) {
+            const bool rpc = strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0;
+            if (rpc || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_GPU) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    static bool getenv_flag(const char * name) {
+        const char * v = getenv(name);
+        return v && v[0] && strcmp(v, "0") != 0;
     }
 
     // One scheduler per ubatch in flight, each reserved for the context's worst-case ubatch graph.
