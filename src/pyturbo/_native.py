@@ -56,6 +56,38 @@ def drain_log() -> None:
         log.log(_LEVELS.get(level, logging.INFO), "%s", f.string(buf).decode(errors="replace"))
 
 
+class NativeHandle:
+    """One Python object owns one C pointer and frees it exactly once: on close(), at the end of a `with` block,
+    or when collected, also after a failed __init__ (the pointer is then still None)."""
+
+    _ptr = None
+
+    def _free(self, ptr) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            ptr, self._ptr = self._ptr, None
+            self._free(ptr)
+            drain_log()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 def build_info() -> dict:
     """How the native part was built: CUDA or not, which llama.cpp tree, and the devices it sees now."""
     info = json.loads((LIB_DIR / "build_info.json").read_text())

@@ -33,7 +33,7 @@ class PrefillResult:
         return self.n_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-class Context:
+class Context(_native.NativeHandle):
     """An inference context (KV cache, compute buffers) on a model; use as a context manager or call close().
 
     n_batch is the size of each llama_decode call a prefill makes (as llama-server feeds a prompt); n_ubatch the
@@ -42,7 +42,6 @@ class Context:
 
     def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
                  n_threads: int | None = None, flash_attn: bool | str | None = None, max_in_flight: int = 0):
-        self._ptr = None
         if model.closed:
             raise ValueError("the model is closed")
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
@@ -240,24 +239,8 @@ class Context:
         if errors:
             raise errors[0]
 
-    @property
-    def closed(self) -> bool:
-        return self._ptr is None
-
-    def close(self) -> None:
-        if self._ptr is not None:
-            _native.lib().pt_context_free(self._ptr)
-            self._ptr = None
-            _native.drain_log()
+    def _free(self, ptr) -> None:
+        _native.lib().pt_context_free(ptr)
 
     def __enter__(self) -> "Context":
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -79,7 +79,7 @@ def check_gguf(path: Path) -> None:
         raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}); convert the model to GGUF first")
 
 
-class Model:
+class Model(_native.NativeHandle):
     """A GGUF model loaded by llama.cpp.
 
     Parameter names follow llama-cpp-python's `Llama(...)`. `rpc_servers` ('host:port' list or comma string) adds
@@ -90,7 +90,6 @@ class Model:
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | str = "all", split_mode: str = "layer",
                  main_gpu: int = 0, tensor_split: Sequence[float] | str | None = None, devices: Sequence[str] | None = None,
                  rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True):
-        self._ptr = None
         self._contexts: weakref.WeakSet = weakref.WeakSet()
         self.path = Path(path)
         check_gguf(self.path)
@@ -162,30 +161,17 @@ class Model:
         from .context import Context
         return Context(self, **kwargs)
 
-    @property
-    def closed(self) -> bool:
-        return self._ptr is None
-
     def close(self) -> None:
-        """Free the model (closing its contexts first). Safe to call twice or after a failed __init__."""
+        """Free the model, closing its contexts first. Safe to call twice or after a failed __init__."""
         for ctx in list(self._contexts):
             ctx.close()
-        if self._ptr is not None:
-            _native.lib().pt_model_free(self._ptr)
-            self._ptr = None
-            _native.drain_log()
+        super().close()
+
+    def _free(self, ptr) -> None:
+        _native.lib().pt_model_free(ptr)
 
     def __enter__(self) -> "Model":
         return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         return f"Model({str(self.path)!r}, n_layer={self.n_layer}, devices={self.devices})" if self._ptr else "Model(closed)"
