@@ -371,8 +371,8 @@ struct llama_turbo : llama_ubatch_executor {
 
     // One scheduler per ubatch in flight, each reserved for the context's worst-case ubatch graph.
     std::string prepare_slots(llama_turbo_result & r) {
-        const int want = max_in_flight > 0 ? max_in_flight : r.n_stages + 1;
-        r.n_in_flight = std::min<int>(want, std::max(r.n_ubatches, 2));
+        // not capped by this replay's ubatch count: slots are reserved once and kept for the next replays
+        r.n_in_flight = max_in_flight > 0 ? max_in_flight : r.n_stages + 1;
         if ((int) slots.size() != r.n_in_flight) {
             slots.clear();
             slots.resize(r.n_in_flight);
@@ -427,13 +427,11 @@ struct llama_turbo : llama_ubatch_executor {
         stop_workers();
         flush_records();
 
-        if (status == 0 && (failed || aborted)) {
-            status = aborted ? 2 : -3;
+        // decode() reports what it saw; a failure or abort may also have come after its last ubatch was queued
+        if (aborted) {
+            return 2;
         }
-        if (aborted && status != 0) {
-            status = 2;
-        }
-        return status;
+        return status == 0 && failed ? -3 : status;
     }
 
     // ---- the stage threads -----------------------------------------------------------------------------------------
