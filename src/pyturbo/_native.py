@@ -14,6 +14,8 @@ import cffi
 
 LIB_DIR = Path(__file__).parent / "_lib"
 log = logging.getLogger("pyturbo.llama")
+# quiet by default (no last-resort printing of llama.cpp's warnings); configure logging to see them
+logging.getLogger("pyturbo").addHandler(logging.NullHandler())
 
 # ggml_log_level -> logging level
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
