@@ -30,7 +30,11 @@ def test_interrupt_during_pipelined_prefill_leaves_context_usable(tiny_model, rp
             assert time.monotonic() - t0 < 30
             assert ctx.n_past == 40, "positions of the interrupted prefill remain in the KV cache"
             assert ctx.kv_state() == kv_before
-            # and the context still works, with the same results as an uninterrupted run
+            # and the context still works, with the same results as an uninterrupted run (twice: every slot of the
+            # interrupted replay must be usable again)
+            ctx.prefill(prompt(600, seed=9), pipeline=True)
+            ctx.reset()
+            ctx.prefill(prompt(40, seed=5))
             res = ctx.prefill(prompt(200), pipeline=True)
             assert res.path == "pipelined"
             kv_after = ctx.kv_state()

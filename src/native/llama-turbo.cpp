@@ -426,6 +426,11 @@ struct llama_turbo : llama_ubatch_executor {
         replaying = false;
         stop_workers();
         flush_records();
+        // after a failure or an abort some ubatches never finished: their slots are free again (nothing runs now)
+        for (auto & s : slots) {
+            s.busy = false;
+            s.outputs.clear();
+        }
 
         // decode() reports what it saw; a failure or abort may also have come after its last ubatch was queued
         if (aborted) {
