@@ -549,11 +549,21 @@ struct llama_turbo : llama_ubatch_executor {
             std::vector<deferred_output> outs;
             outs.swap(s.outputs);
             lock.unlock();
-            for (const auto & o : outs) {
-                ggml_backend_tensor_get(o.t, o.dst, 0, o.nbytes);
+            std::string err;
+            try {
+                for (const auto & o : outs) {
+                    ggml_backend_tensor_get(o.t, o.dst, 0, o.nbytes);
+                }
+            } catch (const std::exception & e) {
+                err = e.what(); // a stage thread must not let it escape: that would terminate the process
             }
             lock.lock();
             n_outputs_pending -= (int) outs.size();
+            if (!err.empty()) {
+                failed = device_failed = true;
+                error = "reading outputs: " + err;
+                return;
+            }
         }
         s.busy = false;
     }
