@@ -8,9 +8,10 @@
 //   2. Every backend has a stage thread. A split (the part of a graph that runs on one backend) of ubatch k is run by
 //      its backend's thread once split i-1 of ubatch k is done (the activations it needs) and split i of ubatch k-1 is
 //      done (the KV cache of the same layers). So device s works on ubatch k while device s+1 works on ubatch k-1.
-//   3. Tensors that cross devices are staged through host memory by the thread that produced them, right after its
-//      split, and written to the consumer's input copy by the consumer's thread. No thread ever waits for work queued
-//      on another thread's device, which is what limits the stock scheduler (a single host thread synchronizes the
+//   3. A tensor that leaves an RPC device is staged through host memory by the thread that produced it, right after
+//      its split, and written to the consumer's input copy by the consumer's thread; between devices of this process
+//      (CUDA to CUDA, or host memory) the consumer copies it directly. No thread ever waits for work queued on
+//      another thread's device, which is what limits the stock scheduler (a single host thread synchronizes the
 //      source device before every copy it cannot do asynchronously).
 //
 // Why one scheduler per slot: every ubatch in flight needs its own compute buffers and input copies. A slot is
@@ -117,6 +118,12 @@ struct slot {
 const char * device_name(ggml_backend_t backend) {
     ggml_backend_dev_t dev = ggml_backend_get_device(backend);
     return dev ? ggml_backend_dev_name(dev) : ggml_backend_name(backend);
+}
+
+// an RPC device's operations are queued to its server in order, so another thread must not read from it while its own
+// stage thread may have queued the next ubatch's work there
+bool is_rpc(ggml_backend_dev_t dev) {
+    return dev && strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0;
 }
 
 std::vector<ggml_backend_dev_t> layer_devices(const llama_model & model) {
@@ -356,8 +363,7 @@ struct llama_turbo : llama_ubatch_executor {
 
     bool all_local_gpus() const {
         for (ggml_backend_dev_t dev : layer_devices(lctx.model)) {
-            const bool rpc = strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0;
-            if (rpc || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_GPU) {
+            if (is_rpc(dev) || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_GPU) {
                 return false;
             }
         }
@@ -635,9 +641,13 @@ struct llama_turbo : llama_ubatch_executor {
                 ggml_tensor * dst = ggml_backend_sched_get_split_input_copy(sched, i, j);
                 int staged = -1;
                 ggml_backend_buffer_t buf = src->view_src ? src->view_src->buffer : src->buffer;
-                if (!(buf && ggml_backend_buffer_is_host(buf))) {
+                ggml_backend_t src_backend = ggml_backend_sched_get_tensor_backend(sched, src);
+                const bool rpc_involved = !src_backend || is_rpc(ggml_backend_get_device(src_backend)) ||
+                                          is_rpc(ggml_backend_get_device(sp.backend));
+                // host memory, or two devices of this process (CUDA to CUDA: a device-to-device copy): the consumer
+                // copies directly, the producer has finished and the slot's memory stays untouched until it is done
+                if (!(buf && ggml_backend_buffer_is_host(buf)) && rpc_involved) {
                     // the last earlier split on the source's backend has computed it: that thread stages it
-                    ggml_backend_t src_backend = ggml_backend_sched_get_tensor_backend(sched, src);
                     int producer = -1;
                     for (int p = i - 1; p >= 0; --p) {
                         if (s.splits[p].backend == src_backend) {
