@@ -96,9 +96,9 @@ def tree_fingerprint(src: Path) -> str:
 
 def apply_patch(tree: Path, patch: Path) -> None:
     if shutil.which("git"):
-        cmd = ["git", "apply", "--whitespace=nowarn", "-p1", str(patch)]
+        cmd = ["git", "apply", "--whitespace=nowarn", "-p1", str(patch.resolve())]
     else:
-        cmd = ["patch", "-p1", "--forward", "--quiet", "-i", str(patch)]
+        cmd = ["patch", "-p1", "--forward", "--quiet", "-i", str(patch.resolve())]
     # keep git from finding an enclosing repository (ours): inside one, git apply skips paths outside the cwd
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tree.resolve().parent))
     res = subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
