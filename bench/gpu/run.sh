@@ -10,7 +10,10 @@
 #   cpu-rpc-4  CPU-only RPC benchmark: 4 stages x 4 threads at 4096 tokens (ubatch sweep 512, 256, 128)
 #   cpu-rpc-8  CPU-only RPC benchmark: 8 stages x 2 threads at 16384 tokens (UBATCH8, default 512)
 #   single     the single-process reference ceiling (all cores, no split)
-#   gpu        GPU benchmarks: GPU_PRESET (8b) over GPU_SPLITS (1 2 4) virtual CUDA devices, GPU_LENGTHS, GPU_UBATCH
+#   gpu        GPU benchmarks: GPU_PRESET (8b) over GPU_SPLITS (1 2 4) virtual CUDA devices of the first GPU,
+#              GPU_LENGTHS, GPU_UBATCH
+#   gpu-multi  several physical GPUs: GPU_PRESET over GPU_COUNTS (default: all of them) GPUs, peer access off
+#              (the pin's default) and on (GGML_CUDA_P2P=1), GPU_LENGTHS, GPU_UBATCH
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench/out/gpu-$(date +%Y%m%d-%H%M%S)}
@@ -61,9 +64,24 @@ for step in "$@"; do
         for n in ${GPU_SPLITS:-1 2 4}; do
             echo "== GPU, GGML_CUDA_DEVICES=$n, ${GPU_PRESET:-8b}"
             # the dispatcher leaves all-local-GPU layouts to the standard path; force the pipeline to measure it
-            PYTURBO_PIPELINE_LOCAL_GPUS=1 GGML_CUDA_DEVICES=$n python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
+            CUDA_VISIBLE_DEVICES=0 PYTURBO_PIPELINE_LOCAL_GPUS=1 GGML_CUDA_DEVICES=$n python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
                 --lengths "${GPU_LENGTHS:-4096,16384}" --ubatch "${GPU_UBATCH:-512}" --no-stock-best \
                 --out "$OUT/gpu-$n" 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-$n.log"
+        done ;;
+    gpu-multi)
+        n_gpus=$(nvidia-smi -L | grep -c '^GPU')
+        for n in ${GPU_COUNTS:-$n_gpus}; do
+            [ "$n" -le "$n_gpus" ] || { echo "skipping $n GPUs: this machine has $n_gpus"; continue; }
+            visible=$(seq -s, 0 $((n - 1)))
+            for p2p in off on; do
+                echo "== GPU, $n physical GPUs, peer access $p2p, ${GPU_PRESET:-8b}"
+                # the pin enables peer access only when GGML_CUDA_P2P is set; without it copies go through the host
+                ( [ $p2p = on ] && export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES
+                  CUDA_VISIBLE_DEVICES=$visible PYTURBO_PIPELINE_LOCAL_GPUS=1 python3 -m pyturbo.bench --gpu \
+                    --preset "${GPU_PRESET:-8b}" --flash-attn on --lengths "${GPU_LENGTHS:-4096,16384}" \
+                    --ubatch "${GPU_UBATCH:-512}" --no-stock-best --out "$OUT/gpu-multi-$n-p2p-$p2p" ) 2>&1 \
+                    | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-multi-$n-p2p-$p2p.log"
+            done
         done ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
