@@ -21,6 +21,13 @@ def test_build_info_lists_cpu():
     assert any(d["name"] == "CPU" for d in info["devices"])
 
 
+def test_bad_gpu_streams_setting_is_a_clear_error():
+    proc = subprocess.run([sys.executable, "-c", "import pyturbo; pyturbo.build_info()"], capture_output=True, text=True,
+                          timeout=60, env={k: v for k, v in os.environ.items() if k != "GGML_CUDA_DEVICES"}
+                          | {"PYTURBO_GPU_STREAMS": "many"})
+    assert proc.returncode == 1 and "PYTURBO_GPU_STREAMS must be 'auto' or a count >= 1, not 'many'" in proc.stderr
+
+
 def test_load_tiny_model(tiny_model):
     with pyturbo.Model(tiny_model, devices=[]) as model:  # devices=[]: the CPU only, even where a GPU is present
         assert (model.n_layer, model.n_vocab, model.n_embd) == (4, 512, 128)

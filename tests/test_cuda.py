@@ -2,8 +2,8 @@
 
 ggml-cuda's GGML_CUDA_DEVICES=N maps N virtual devices onto the physical GPU(s), each with its own stream, so the
 multi-device paths run on one GPU. The variable is read when the CUDA backend starts, hence a fresh interpreter per
-layout. The pipeline moves activations between stages through host memory (it never uses peer copies), which is
-the path consumer multi-GPU rigs without P2P take.
+layout. Between CUDA stages the pipeline copies device to device; PYTURBO_PIPELINE_HOST_STAGING=1 makes it stage
+through host memory instead, the path of GPUs that cannot copy to each other (consumer rigs without P2P).
 """
 from __future__ import annotations
 
@@ -38,22 +38,29 @@ def both(model, **kw):
 """
 
 
-def run_layout(code: str, n_devices: int, force_local_gpus: bool = True) -> dict:
-    env = f"import os; os.environ['GGML_CUDA_DEVICES'] = '{n_devices}'\n"
+def run_layout(code: str, n_devices: int | None, force_local_gpus: bool = True, **env_vars: str) -> dict:
+    """Run LAYOUT + code in a fresh interpreter on the first GPU; n_devices None: pyturbo's default layout."""
+    env = "import os; os.environ['CUDA_VISIBLE_DEVICES'] = '0'\n"
+    if n_devices is not None:
+        env += f"os.environ['GGML_CUDA_DEVICES'] = '{n_devices}'\n"
+    else:
+        env += "os.environ.pop('GGML_CUDA_DEVICES', None); os.environ.pop('PYTURBO_GPU_STREAMS', None)\n"
     if force_local_gpus:  # the dispatcher leaves all-local-GPU layouts to the standard path unless told otherwise
         env += "os.environ['PYTURBO_PIPELINE_LOCAL_GPUS'] = '1'\n"
+    for k, v in env_vars.items():
+        env += f"os.environ[{k!r}] = {v!r}\n"
     proc = run_python(env + LAYOUT + code + "\nprint('RESULT', json.dumps(out))", timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(proc.stdout.split("RESULT", 1)[1])
 
 
-@pytest.mark.parametrize("n_devices", [2, 4])
-def test_virtual_cuda_devices_pipelined_equals_standard(n_devices):
+@pytest.mark.parametrize("n_devices,host_staging", [(2, "0"), (4, "0"), (2, "1")])
+def test_virtual_cuda_devices_pipelined_equals_standard(n_devices, host_staging):
     out = run_layout(f"""
 devs = [f"CUDA{{i}}" for i in range({n_devices})]
 with pyturbo.Model(path, devices=devs, tensor_split="even") as model:
     out["r"] = both(model)
-""", n_devices)["r"]
+""", n_devices, PYTURBO_PIPELINE_HOST_STAGING=host_staging)["r"]
     assert out["path"] == "pipelined", out["reason"]
     assert out["stages"] == n_devices
     assert_close_to_standard(out)
@@ -95,3 +102,23 @@ with pyturbo.Model(path, devices=["CUDA0"]) as model:
 """, 1)["r"]
     assert out["path"] == "standard" and "single device" in out["reason"]
     assert out["logits_equal"] and out["kv_equal"]  # both runs took the standard path
+
+
+def test_one_gpu_becomes_stream_devices_by_default():
+    """PYTURBO_GPU_STREAMS (default auto: 4 on a single GPU) splits the GPU into stream devices; the default model
+    then spans them, and pipeline=True keeps that layout on the standard path (their async copies overlap)."""
+    code = """
+info = pyturbo.build_info()
+out["streams"] = info["gpu_streams"]
+out["cuda_devices"] = sum(d["name"].startswith("CUDA") for d in info["devices"])
+with pyturbo.Model(path) as model:
+    out["model_devices"] = model.devices
+    out["r"] = both(model)
+"""
+    auto = run_layout(code, None, force_local_gpus=False)
+    assert auto["streams"]["streams_per_gpu"] == auto["cuda_devices"] == 4, auto["streams"]
+    assert len(auto["model_devices"]) == 4
+    assert auto["r"]["path"] == "standard" and "PYTURBO_PIPELINE_LOCAL_GPUS" in auto["r"]["reason"]
+    assert auto["r"]["logits_equal"] and auto["r"]["kv_equal"]
+    one = run_layout(code, None, force_local_gpus=False, PYTURBO_GPU_STREAMS="1")
+    assert one["cuda_devices"] == 1 and one["model_devices"] == ["CUDA0"], one

@@ -78,7 +78,8 @@ def test_decoding_after_pipelined_prefill_matches(tiny_model, rpc3):
 
 
 def test_single_device_falls_back_with_reason(tiny_model):
-    with pyturbo.Model(tiny_model) as model:
+    # devices=[]: the CPU alone, also on a machine whose GPUs would otherwise share the layers
+    with pyturbo.Model(tiny_model, devices=[]) as model:
         std, pipe, kv_std, kv_pipe = standard_and_pipelined(model, prompt(200), n_ctx=512, n_ubatch=32, n_threads=1)
     assert_identical(std, pipe, kv_std, kv_pipe, expect_path="standard")
     assert "single device" in pipe.fallback_reason

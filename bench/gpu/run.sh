@@ -12,6 +12,8 @@
 #   single     the single-process reference ceiling (all cores, no split)
 #   gpu        GPU benchmarks: GPU_PRESET (8b) over GPU_SPLITS (1 2 4) virtual CUDA devices of the first GPU,
 #              GPU_LENGTHS, GPU_UBATCH
+#   gpu-default  what a user of one GPU gets: GPU_PRESET on the first GPU with pyturbo's defaults (PYTURBO_GPU_STREAMS
+#              auto, the dispatcher unforced), stock on one device vs the default layout, GPU_LENGTHS, GPU_UBATCH
 #   gpu-multi  several physical GPUs: GPU_PRESET over GPU_COUNTS (default: all of them) GPUs, peer access off
 #              (the pin's default) and on (GGML_CUDA_P2P=1), GPU_LENGTHS, GPU_UBATCH
 set -uo pipefail
@@ -66,8 +68,15 @@ for step in "$@"; do
             # the dispatcher leaves all-local-GPU layouts to the standard path; force the pipeline to measure it
             CUDA_VISIBLE_DEVICES=0 PYTURBO_PIPELINE_LOCAL_GPUS=1 GGML_CUDA_DEVICES=$n python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
                 --lengths "${GPU_LENGTHS:-4096,16384}" --ubatch "${GPU_UBATCH:-512}" --no-stock-best \
-                --out "$OUT/gpu-$n" 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-$n.log"
+                --no-one-device --out "$OUT/gpu-$n" 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-$n.log"
         done ;;
+    gpu-default)
+        echo "== GPU, first GPU, pyturbo defaults, ${GPU_PRESET:-8b}"
+        ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE_LOCAL_GPUS
+          CUDA_VISIBLE_DEVICES=0 python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
+            --lengths "${GPU_LENGTHS:-4096,16384}" --ubatch "${GPU_UBATCH:-512}" --no-stock-best \
+            --out "$OUT/gpu-default-${GPU_PRESET:-8b}" ) 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" \
+            | tee "$OUT/gpu-default-${GPU_PRESET:-8b}.log" ;;
     gpu-multi)
         n_gpus=$(nvidia-smi -L | grep -c '^GPU')
         for n in ${GPU_COUNTS:-$n_gpus}; do

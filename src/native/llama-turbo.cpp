@@ -610,6 +610,7 @@ struct llama_turbo : llama_ubatch_executor {
 
     // After allocation: which backend runs each split, and how each input reaches it.
     void plan_splits(slot & s) {
+        const bool force_host_staging = getenv_flag("PYTURBO_PIPELINE_HOST_STAGING");
         ggml_backend_sched_t sched = s.sched.get();
         const int n_splits = ggml_backend_sched_get_n_splits(sched);
         s.splits.assign(n_splits, {});
@@ -642,11 +643,13 @@ struct llama_turbo : llama_ubatch_executor {
                 int staged = -1;
                 ggml_backend_buffer_t buf = src->view_src ? src->view_src->buffer : src->buffer;
                 ggml_backend_t src_backend = ggml_backend_sched_get_tensor_backend(sched, src);
-                const bool rpc_involved = !src_backend || is_rpc(ggml_backend_get_device(src_backend)) ||
-                                          is_rpc(ggml_backend_get_device(sp.backend));
+                // PYTURBO_PIPELINE_HOST_STAGING=1 stages between local GPUs too: the path of GPUs that cannot copy
+                // to each other, which tests force with it
+                const bool through_host = !src_backend || is_rpc(ggml_backend_get_device(src_backend)) ||
+                                          is_rpc(ggml_backend_get_device(sp.backend)) || force_host_staging;
                 // host memory, or two devices of this process (CUDA to CUDA: a device-to-device copy): the consumer
                 // copies directly, the producer has finished and the slot's memory stays untouched until it is done
-                if (!(buf && ggml_backend_buffer_is_host(buf)) && rpc_involved) {
+                if (!(buf && ggml_backend_buffer_is_host(buf)) && through_host) {
                     // the last earlier split on the source's backend has computed it: that thread stages it
                     int producer = -1;
                     for (int p = i - 1; p >= 0; --p) {

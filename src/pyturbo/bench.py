@@ -5,6 +5,8 @@ and for a ladder of prompt lengths measures, in this process:
   stock       the standard path as llama-server drives it (n_batch 2048, n_ubatch 512)
   stock-best  the standard path with n_batch = the prompt length
   pipelined   pyturbo's pipelined path (n_batch 2048 calls, captured and replayed as one series)
+  1 device    with --gpu over several devices: stock with every layer on the first device, the reference a split
+              over GPUs (or stream devices of one GPU, see PYTURBO_GPU_STREAMS) is there to beat
 It checks that the pipelined last-token logits equal stock's and prints the table; files go to --out.
 """
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Row:
     ideal_efficiency: float   # M/(M+S−1)
     outputs_equal: bool
     path: str
+    one_device_tps: float = float("nan")     # stock with all layers on the first device (--gpu), same process
+    speedup_one_device: float = float("nan")  # pipelined vs that
     fallback_reason: str = ""
     runs: dict = field(default_factory=dict)
 
@@ -68,9 +72,13 @@ def measure(ctx, tokens: np.ndarray, pipeline: bool, repeat: int):
     return statistics.median(secs), res
 
 
+def bench_tokens(model: Model, n: int) -> np.ndarray:
+    return np.random.default_rng(n).integers(0, min(model.n_vocab, 32000), n).astype(np.int32)
+
+
 def bench_length(model: Model, n: int, args, progress) -> list[tuple[Row, object]]:
     """stock and stock-best once, then pipelined for each ubatch size; one (Row, pipelined result) per ubatch."""
-    tokens = np.random.default_rng(n).integers(0, min(model.n_vocab, 32000), n).astype(np.int32)
+    tokens = bench_tokens(model, n)
     common = dict(n_ctx=n + 64, n_threads=args.client_threads, flash_attn=args.flash_attn)
     with model.context(n_batch=STOCK_BATCH, n_ubatch=STOCK_UBATCH, **common) as ctx:
         ctx.prefill(tokens[: min(n, 64)])  # warm-up: first-use allocations on every device
@@ -113,12 +121,20 @@ TABLE_COLUMNS = ["prompt tokens", "ubatch", "stock tok/s", "stock-best tok/s", "
                  "efficiency", "ideal", "outputs equal"]
 
 
+ONE_DEVICE_COLUMNS = ["1-device stock tok/s", "pipelined vs 1 device"]
+
+
 def table(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    one_device = any(r.one_device_tps == r.one_device_tps for r in rows)  # measured (not nan) somewhere
+    columns = TABLE_COLUMNS + (ONE_DEVICE_COLUMNS if one_device else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append(f"| {r.prompt_tokens} | {r.ubatch} | {r.stock_tps:.0f} | {r.stock_best_tps:.0f} | "
-                     f"{r.pipelined_tps:.0f} | {r.speedup:.2f}x | {r.efficiency:.2f} | {r.ideal_speedup:.2f}x | "
-                     f"{'yes' if r.outputs_equal else 'NO'} |")
+        line = (f"| {r.prompt_tokens} | {r.ubatch} | {r.stock_tps:.0f} | {r.stock_best_tps:.0f} | "
+                f"{r.pipelined_tps:.0f} | {r.speedup:.2f}x | {r.efficiency:.2f} | {r.ideal_speedup:.2f}x | "
+                f"{'yes' if r.outputs_equal else 'NO'} |")
+        if one_device:
+            line += f" {r.one_device_tps:.0f} | {r.speedup_one_device:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -205,6 +221,7 @@ def parse_args(argv):
     ap.add_argument("--flash-attn", choices=["on", "off", "auto"], default="auto")
     ap.add_argument("--repeat", type=int, default=1, help="median of N runs per mode")
     ap.add_argument("--no-stock-best", action="store_true", help="skip the stock-best mode (saves time on long prompts)")
+    ap.add_argument("--no-one-device", action="store_true", help="with --gpu: skip stock on the first device alone")
     ap.add_argument("--quick", action="store_true", help="about a minute: tiny model, short prompts (CI, smoke)")
     ap.add_argument("--out", type=Path, help="output folder (default bench-out/DATE)")
     ap.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
@@ -235,16 +252,37 @@ def parse_args(argv):
     return args
 
 
-def open_model(args, model_path: Path, endpoints: list[str]) -> Model:
-    split = args.tensor_split if args.tensor_split == "even" else [float(x) for x in args.tensor_split.split(",")]
+def bench_devices(args) -> list[str] | None:
+    """The devices to split over: --devices, or with --gpu every CUDA device; None: the RPC workers."""
     devices = args.devices.split(",") if args.devices else None
     if args.gpu and devices is None:
         devices = [d["name"] for d in Model._all_devices() if d["name"].startswith("CUDA")]
         if not devices:
             raise PyturboError("--gpu: no CUDA devices (is this a CUDA build? see pyturbo.build_info())")
+    return devices
+
+
+def open_model(args, model_path: Path, endpoints: list[str]) -> Model:
+    split = args.tensor_split if args.tensor_split == "even" else [float(x) for x in args.tensor_split.split(",")]
+    devices = bench_devices(args)
     if devices is not None and len(devices) < 2:
         split = None
     return Model(model_path, rpc_servers=endpoints or None, devices=devices, tensor_split=split)
+
+
+def one_device_stock(args, model_path: Path, device: str) -> dict[int, float]:
+    """tok/s of stock prefill with every layer on `device`, per prompt length (loaded before the split model, so
+    the two are never in memory together)."""
+    out = {}
+    print(f"measuring stock on {device} alone (the 1-device reference)", file=sys.stderr)
+    with Model(model_path, devices=[device]) as model:
+        for n in args.lengths:
+            tokens = bench_tokens(model, n)
+            with model.context(n_batch=STOCK_BATCH, n_ubatch=STOCK_UBATCH, n_ctx=n + 64,
+                               n_threads=args.client_threads, flash_attn=args.flash_attn) as ctx:
+                ctx.prefill(tokens[: min(n, 64)])
+                out[n] = n / measure(ctx, tokens, False, args.repeat)[0]
+    return out
 
 
 def run(args) -> int:
@@ -267,6 +305,10 @@ def run(args) -> int:
         settings.update(workers=args.workers, threads_per_worker=args.threads)
     rows, sweep, best_pipe = [], [], None
     try:
+        devices = bench_devices(args)
+        one_device = {}
+        if devices and len(devices) > 1 and not args.no_one_device and all(d.startswith("CUDA") for d in devices):
+            one_device = one_device_stock(args, model_path, devices[0])
         with open_model(args, model_path, endpoints) as model:
             settings["devices"] = model.devices
             n_ctx_max = max(args.lengths) + 64
@@ -276,6 +318,10 @@ def run(args) -> int:
             with tqdm(total=steps, desc="bench", unit="run", file=sys.stderr) as progress:
                 for n in args.lengths:
                     results = bench_length(model, n, args, progress)
+                    for r, _ in results:
+                        if n in one_device:
+                            r.one_device_tps = one_device[n]
+                            r.speedup_one_device = r.pipelined_tps / one_device[n]
                     sweep += [r for r, _ in results]
                     row, best_pipe = max(results, key=lambda rp: rp[0].pipelined_tps)
                     rows.append(row)

@@ -86,6 +86,8 @@ PRESETS: dict[str, ModelShape] = {
     "bench-8l": ModelShape(n_layer=8, n_embd=1024, n_ff=2816, n_head=16, n_head_kv=4, n_vocab=32000),
     "bench-16l": ModelShape(n_layer=16, n_embd=1024, n_ff=2816, n_head=16, n_head_kv=4, n_vocab=32000),
     "8b": ModelShape(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=128256, n_ctx_train=131072),
+    "8b-q4": ModelShape(n_layer=32, n_embd=4096, n_ff=14336, n_head=32, n_head_kv=8, n_vocab=128256,
+                        n_ctx_train=131072, dtype="q4_0"),
     "70b": ModelShape(n_layer=80, n_embd=8192, n_ff=28672, n_head=64, n_head_kv=8, n_vocab=128256,
                       n_ctx_train=131072, dtype="q4_0"),
 }

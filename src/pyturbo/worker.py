@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=_exit_with_parent, args=(args.exit_with_parent,), daemon=True).start()
 
     endpoint = f"{args.host}:{args.port}"
+    os.environ.setdefault("PYTURBO_GPU_STREAMS", "1")  # a worker serves its GPU as the one device it is
     lib = _native.lib()
     rc = lib.pt_rpc_serve(endpoint.encode(), args.threads, args.device.encode())
     _native.drain_log()
