@@ -15,7 +15,8 @@
 #   gpu-default  what a user of one GPU gets: GPU_PRESET on the first GPU with pyturbo's defaults (PYTURBO_GPU_STREAMS
 #              auto, the dispatcher unforced), stock on one device vs the default layout, GPU_LENGTHS, GPU_UBATCH
 #   gpu-multi  several physical GPUs: GPU_PRESET over GPU_COUNTS (default: all of them) GPUs, peer access off
-#              (the pin's default) and on (GGML_CUDA_P2P=1), GPU_LENGTHS, GPU_UBATCH
+#              (the pin's default) and on (GGML_CUDA_P2P=1) or as GPU_P2P says, GPU_LENGTHS, GPU_UBATCH
+# BENCH_REPEAT (gpu-default): median of that many runs per mode
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench/out/gpu-$(date +%Y%m%d-%H%M%S)}
@@ -75,14 +76,14 @@ for step in "$@"; do
         ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE_LOCAL_GPUS
           CUDA_VISIBLE_DEVICES=0 python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
             --lengths "${GPU_LENGTHS:-4096,16384}" --ubatch "${GPU_UBATCH:-512}" --no-stock-best \
-            --out "$OUT/gpu-default-${GPU_PRESET:-8b}" ) 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" \
+            --repeat "${BENCH_REPEAT:-1}" --out "$OUT/gpu-default-${GPU_PRESET:-8b}" ) 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" \
             | tee "$OUT/gpu-default-${GPU_PRESET:-8b}.log" ;;
     gpu-multi)
         n_gpus=$(nvidia-smi -L | grep -c '^GPU')
         for n in ${GPU_COUNTS:-$n_gpus}; do
             [ "$n" -le "$n_gpus" ] || { echo "skipping $n GPUs: this machine has $n_gpus"; continue; }
             visible=$(seq -s, 0 $((n - 1)))
-            for p2p in off on; do
+            for p2p in ${GPU_P2P:-off on}; do
                 echo "== GPU, $n physical GPUs, peer access $p2p, ${GPU_PRESET:-8b}"
                 # the pin enables peer access only when GGML_CUDA_P2P is set; without it copies go through the host
                 ( [ $p2p = on ] && export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES
