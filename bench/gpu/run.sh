@@ -89,8 +89,8 @@ for step in "$@"; do
                 ( [ $p2p = on ] && export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES
                   CUDA_VISIBLE_DEVICES=$visible PYTURBO_PIPELINE_LOCAL_GPUS=1 python3 -m pyturbo.bench --gpu \
                     --preset "${GPU_PRESET:-8b}" --flash-attn on --lengths "${GPU_LENGTHS:-4096,16384}" \
-                    --ubatch "${GPU_UBATCH:-512}" --no-stock-best --out "$OUT/gpu-multi-$n-p2p-$p2p" ) 2>&1 \
-                    | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-multi-$n-p2p-$p2p.log"
+                    --ubatch "${GPU_UBATCH:-512}" --no-stock-best --out "$OUT/gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p" ) 2>&1 \
+                    | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p.log"
             done
         done ;;
     *) echo "unknown step $step"; exit 2 ;;
