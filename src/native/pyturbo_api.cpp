@@ -431,6 +431,9 @@ int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, i
                 llama_memory_seq_rm(llama_get_memory(c), 0, p0, -1);
             }
         }
+        // llama_decode returns with the last ubatch possibly still queued on an asynchronous device (CUDA): the
+        // prefill ends when it is done, or timings would leave out its tail
+        llama_synchronize(c);
     } catch (const std::exception & e) {
         // a device failed inside llama.cpp's own path (for example an RPC server died during llama_decode)
         llama_turbo_set_record_callback(c, nullptr, nullptr);
