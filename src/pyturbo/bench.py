@@ -29,6 +29,8 @@ from .errors import PyturboError
 from .model import Model, parse_endpoints
 
 STOCK_BATCH, STOCK_UBATCH = 2048, 512
+# measured (bench/results/): on CPU RPC stages ubatch 128 pipelines best at 4 stages and on the 2-core box
+CPU_PIPELINE_UBATCH = 128
 
 
 @dataclass
@@ -146,12 +148,20 @@ def machine_info() -> dict:
 
 
 def git_commit() -> str:
-    try:
-        import subprocess
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
+    """The commit measured: PYTURBO_COMMIT when set (a copied tree without .git, like the GPU machine's), else the
+    checkout this runs in (the current directory, then the package's own)."""
+    if os.environ.get("PYTURBO_COMMIT"):
+        return os.environ["PYTURBO_COMMIT"]
+    import subprocess
+    for where in (Path.cwd(), Path(__file__).parent):
+        try:
+            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=where, timeout=5).stdout.strip()
+        except Exception:
+            continue
+        if out:
+            return out
+    return "unknown"
 
 
 def write_outputs(out: Path, rows: list[Row], settings: dict, best_pipe, machine: dict) -> None:
@@ -216,7 +226,10 @@ def parse_args(argv):
     ap.add_argument("--devices", help="comma-separated devices to split over, e.g. CUDA0,CUDA1 or CUDA0,RPC0")
     ap.add_argument("--tensor-split", default="even", help="proportions a,b,... or 'even' (equal layers per device)")
     ap.add_argument("--lengths", help="comma-separated prompt lengths")
-    ap.add_argument("--ubatch", default="512", help="pipelined n_ubatch; several values = a sweep, best per length")
+    ap.add_argument("--ubatch", default="auto",
+                    help="pipelined n_ubatch; several values = a sweep, best per length (auto: 512 on GPUs, "
+                         f"{CPU_PIPELINE_UBATCH} on CPU or RPC stages, where more, smaller ubatches fill the pipeline "
+                         "at little cost per token)")
     ap.add_argument("--in-flight", type=int, default=0, help="ubatches in flight (0: stages + 1)")
     ap.add_argument("--flash-attn", choices=["on", "off", "auto"], default="auto")
     ap.add_argument("--repeat", type=int, default=1, help="median of N runs per mode")
@@ -230,7 +243,6 @@ def parse_args(argv):
     if args.quick:
         args.preset = args.preset or "bench-small"
         args.lengths = args.lengths or "512,1024"
-        args.ubatch = "128" if args.ubatch == "512" else args.ubatch
         args.workers = 2
         args.threads = 1
     args.preset = args.preset or d["preset"]
@@ -239,6 +251,8 @@ def parse_args(argv):
         args.client_threads = (os.cpu_count() or 1) if (args.gpu or args.devices) else 1
     try:
         args.lengths = [int(x) for x in (args.lengths or ",".join(map(str, d["lengths"]))).split(",")]
+        if args.ubatch == "auto":
+            args.ubatch = str(STOCK_UBATCH if args.gpu else CPU_PIPELINE_UBATCH)
         args.ubatches = [int(x) for x in args.ubatch.split(",")]
     except ValueError:
         ap.error("--lengths and --ubatch take comma-separated integers")
