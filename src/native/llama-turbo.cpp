@@ -353,8 +353,8 @@ struct llama_turbo : llama_ubatch_executor {
         if (r.n_stages < 2)                                   return "the model's layers are on a single device";
         if (n_ubatches < 2)                                   return "fewer than two ubatches";
         if (all_local_gpus() && !getenv_flag("PYTURBO_PIPELINE_LOCAL_GPUS")) {
-            // measured on one H100 split into virtual devices: llama.cpp's own async device copies already overlap
-            // these stages, and staging activations through host memory makes the pipeline slower than that
+            // measured on two H100s and on one split into stream devices (bench/results/2026-11-25-*): llama.cpp's
+            // own async device copies already overlap these stages; the pipeline is on par at best
             return "all stages are GPUs of this process (their async copies already overlap; "
                    "set PYTURBO_PIPELINE_LOCAL_GPUS=1 to pipeline anyway)";
         }

@@ -30,8 +30,9 @@ def _cdef_source() -> str:
 
 
 # One GPU split into this many stream devices when PYTURBO_GPU_STREAMS is "auto" (the default). Measured on an H100
-# with an 8B F16 model (bench/results/): llama.cpp's own scheduler over 4 stream devices of one GPU overlaps the
-# ubatches of a prompt, 1.2-1.5x the prefill throughput of the GPU as one device; 2 gave 1.15-1.3x.
+# with an 8B F16 model (bench/results/2026-11-25-h100-cuda.md): llama.cpp's own scheduler over 4 stream devices of
+# one GPU overlaps the ubatches of a prompt, 1.00-1.16x the prefill throughput of the GPU as one device (prompts of
+# 512-32K tokens). The cost is one compute buffer per stream device.
 AUTO_STREAMS_PER_GPU = 4
 
 
