@@ -8,7 +8,7 @@
 # Steps (any order, several allowed):
 #   tests      the whole test suite (CUDA tests run when a GPU is present)
 #   cpu-rpc-4  CPU-only RPC benchmark: 4 stages x 4 threads at 4096 tokens (ubatch sweep 512, 256, 128)
-#   cpu-rpc-8  CPU-only RPC benchmark: 8 stages x 2 threads at 16384 tokens (UBATCH8, default 512)
+#   cpu-rpc-8  CPU-only RPC benchmark: 8 stages x 2 threads at 16384 tokens (UBATCH8, default 256: best measured)
 #   single     the single-process reference ceiling (all cores, no split)
 #   gpu        GPU benchmarks: GPU_PRESET (8b) over GPU_SPLITS (1 2 4) virtual CUDA devices of the first GPU,
 #              GPU_LENGTHS, GPU_UBATCH
@@ -57,7 +57,7 @@ for step in "$@"; do
             --out "$OUT/cpu-rpc-4x4" 2>&1 | tee "$OUT/cpu-rpc-4x4.log" | grep -v "^bench:" ;;
     cpu-rpc-8)
         echo "== CPU RPC, 8 stages x 2 threads, 16384 tokens"
-        python3 -m pyturbo.bench --preset bench-16l --workers 8 --threads 2 --lengths 16384 --ubatch ${UBATCH8:-512} --no-stock-best \
+        python3 -m pyturbo.bench --preset bench-16l --workers 8 --threads 2 --lengths 16384 --ubatch ${UBATCH8:-256} --no-stock-best \
             --out "$OUT/cpu-rpc-8x2" 2>&1 | tee "$OUT/cpu-rpc-8x2.log" | grep -v "^bench:" ;;
     single)
         echo "== single process reference, 16 threads"
