@@ -214,3 +214,24 @@ def test_worker_refuses_bad_port_and_warns_for_non_loopback():
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert "no access control" in err
+
+
+def test_gpu_streams_decision():
+    """The stream-device default: only a single GPU is split, the user's GGML_CUDA_DEVICES wins, a bad value is
+    refused with what to write instead."""
+    from pyturbo._native import AUTO_STREAMS_PER_GPU, decide_gpu_streams
+
+    def no_gpu_query():
+        raise AssertionError("the GPUs must not be counted here")
+
+    assert decide_gpu_streams({}, True, lambda: 1)["streams_per_gpu"] == AUTO_STREAMS_PER_GPU
+    assert decide_gpu_streams({"PYTURBO_GPU_STREAMS": "2"}, True, lambda: 1)["streams_per_gpu"] == 2
+    assert decide_gpu_streams({"PYTURBO_GPU_STREAMS": "1"}, True, lambda: 1)["streams_per_gpu"] == 1
+    assert decide_gpu_streams({}, True, lambda: 2)["streams_per_gpu"] == 1
+    assert decide_gpu_streams({}, True, lambda: 0)["streams_per_gpu"] == 1
+    assert decide_gpu_streams({}, False, no_gpu_query)["streams_per_gpu"] == 1
+    user = decide_gpu_streams({"GGML_CUDA_DEVICES": "3", "PYTURBO_GPU_STREAMS": "bad"}, True, no_gpu_query)
+    assert user["streams_per_gpu"] is None and "GGML_CUDA_DEVICES=3" in user["source"]
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(ValueError, match="PYTURBO_GPU_STREAMS must be 'auto' or a count >= 1"):
+            decide_gpu_streams({"PYTURBO_GPU_STREAMS": bad}, True, lambda: 1)

@@ -48,30 +48,39 @@ def _physical_gpu_count() -> int:
     return count.value
 
 
-def gpu_streams_setting() -> dict:
-    """How many devices the CUDA backend will make of each GPU, and why. Must run before the backend starts: ggml-cuda
-    reads GGML_CUDA_DEVICES once. Only a single GPU is split (GGML_CUDA_DEVICES maps devices to GPUs round-robin,
-    which would interleave the GPUs of a multi-GPU machine in the layer order)."""
-    if "GGML_CUDA_DEVICES" in os.environ:
-        return {"source": "GGML_CUDA_DEVICES", "devices": os.environ["GGML_CUDA_DEVICES"]}
-    wanted = os.environ.get("PYTURBO_GPU_STREAMS", "auto").strip().lower() or "auto"
+def decide_gpu_streams(env: dict, cuda_build: bool, count_gpus) -> dict:
+    """How many devices the CUDA backend will make of each GPU, and why (`count_gpus()` is asked only when needed).
+    Only a single GPU is split: GGML_CUDA_DEVICES maps devices to GPUs round-robin, which would interleave the GPUs
+    of a multi-GPU machine in the layer order."""
+    if "GGML_CUDA_DEVICES" in env:  # the user's own layout wins
+        return {"source": f"GGML_CUDA_DEVICES={env['GGML_CUDA_DEVICES']}", "streams_per_gpu": None}
+    wanted = env.get("PYTURBO_GPU_STREAMS", "auto").strip().lower() or "auto"
     if wanted != "auto" and not (wanted.isdigit() and int(wanted) >= 1):
         raise ValueError(f"PYTURBO_GPU_STREAMS must be 'auto' or a count >= 1, not {wanted!r}")
-    if str(json.loads((LIB_DIR / "build_info.json").read_text()).get("cuda")).upper() not in ("ON", "TRUE", "1"):
+    if not cuda_build:
         return {"source": "no CUDA in this build", "streams_per_gpu": 1}
-    n_gpus = _physical_gpu_count()
-    streams = AUTO_STREAMS_PER_GPU if wanted == "auto" else int(wanted)
+    n_gpus = count_gpus()
     if n_gpus != 1:
         return {"source": f"{n_gpus} GPUs (only a single GPU is split)", "streams_per_gpu": 1}
+    streams = AUTO_STREAMS_PER_GPU if wanted == "auto" else int(wanted)
     return {"source": f"PYTURBO_GPU_STREAMS={wanted}", "streams_per_gpu": streams}
+
+
+def gpu_streams_setting() -> dict:
+    """decide_gpu_streams() for this process. Must run before the CUDA backend starts: ggml-cuda reads
+    GGML_CUDA_DEVICES once."""
+    cuda_build = str(json.loads((LIB_DIR / "build_info.json").read_text()).get("cuda")).upper() in ("ON", "TRUE", "1")
+    return decide_gpu_streams(dict(os.environ), cuda_build, _physical_gpu_count)
+
+
+_gpu_streams: dict = {}  # what gpu_streams_setting() decided when the library was loaded
 
 
 @lru_cache(maxsize=None)
 def _load():
-    streams = gpu_streams_setting()
-    if streams.get("streams_per_gpu", 1) > 1:
-        os.environ["GGML_CUDA_DEVICES"] = str(streams["streams_per_gpu"])
-    _load.gpu_streams = streams
+    _gpu_streams.update(gpu_streams_setting())
+    if (_gpu_streams["streams_per_gpu"] or 1) > 1:
+        os.environ["GGML_CUDA_DEVICES"] = str(_gpu_streams["streams_per_gpu"])
     ffi = cffi.FFI()
     ffi.cdef(_cdef_source())
     lib = ffi.dlopen(str(LIB_DIR / "libpyturbo_native.so"))
@@ -138,7 +147,7 @@ def build_info() -> dict:
     info = json.loads((LIB_DIR / "build_info.json").read_text())
     l, f = lib(), ffi()
     info["cuda"] = bool(l.pt_has_cuda())
-    info["gpu_streams"] = _load.gpu_streams
+    info["gpu_streams"] = dict(_gpu_streams)
     info["devices"] = [
         {"name": f.string(l.pt_device_name(i)).decode(), "description": f.string(l.pt_device_description(i)).decode()}
         for i in range(l.pt_device_count())
