@@ -46,6 +46,15 @@ fi
 echo "built in $(( $(date +%s) - start )) s"
 python3 -c "import pyturbo, json; print(json.dumps(pyturbo.build_info()))" | tee "$OUT/build_info.json"
 
+# gpu_bench NAME [bench options...]: the GPU benchmark over GPU_PRESET, GPU_LENGTHS, GPU_UBATCH, into $OUT/NAME
+# (and NAME.log, without the progress bar's lines); the caller sets the environment that picks the layout
+gpu_bench() {
+    local name=$1; shift
+    python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on --lengths "${GPU_LENGTHS:-4096,16384}" \
+        --ubatch "${GPU_UBATCH:-512}" --no-stock-best "$@" --out "$OUT/$name" 2>&1 \
+        | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/$name.log"
+}
+
 for step in "$@"; do
     case "$step" in
     tests)
@@ -67,17 +76,12 @@ for step in "$@"; do
         for n in ${GPU_SPLITS:-1 2 4}; do
             echo "== GPU, GGML_CUDA_DEVICES=$n, ${GPU_PRESET:-8b}"
             # the dispatcher leaves all-local-GPU layouts to the standard path; force the pipeline to measure it
-            CUDA_VISIBLE_DEVICES=0 PYTURBO_PIPELINE_LOCAL_GPUS=1 GGML_CUDA_DEVICES=$n python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
-                --lengths "${GPU_LENGTHS:-4096,16384}" --ubatch "${GPU_UBATCH:-512}" --no-stock-best \
-                --no-one-device --out "$OUT/gpu-$n" 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-$n.log"
+            CUDA_VISIBLE_DEVICES=0 PYTURBO_PIPELINE_LOCAL_GPUS=1 GGML_CUDA_DEVICES=$n gpu_bench "gpu-$n" --no-one-device
         done ;;
     gpu-default)
         echo "== GPU, first GPU, pyturbo defaults, ${GPU_PRESET:-8b}"
         ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE_LOCAL_GPUS
-          CUDA_VISIBLE_DEVICES=0 python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on \
-            --lengths "${GPU_LENGTHS:-4096,16384}" --ubatch "${GPU_UBATCH:-512}" --no-stock-best \
-            --repeat "${BENCH_REPEAT:-1}" --out "$OUT/gpu-default-${GPU_PRESET:-8b}" ) 2>&1 | tr '\r' '\n' | grep -v "^bench:\|^writing" \
-            | tee "$OUT/gpu-default-${GPU_PRESET:-8b}.log" ;;
+          CUDA_VISIBLE_DEVICES=0 gpu_bench "gpu-default-${GPU_PRESET:-8b}" --repeat "${BENCH_REPEAT:-1}" ) ;;
     gpu-multi)
         n_gpus=$(nvidia-smi -L | grep -c '^GPU')
         for n in ${GPU_COUNTS:-$n_gpus}; do
@@ -87,10 +91,7 @@ for step in "$@"; do
                 echo "== GPU, $n physical GPUs, peer access $p2p, ${GPU_PRESET:-8b}"
                 # the pin enables peer access only when GGML_CUDA_P2P is set; without it copies go through the host
                 ( [ $p2p = on ] && export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES
-                  CUDA_VISIBLE_DEVICES=$visible PYTURBO_PIPELINE_LOCAL_GPUS=1 python3 -m pyturbo.bench --gpu \
-                    --preset "${GPU_PRESET:-8b}" --flash-attn on --lengths "${GPU_LENGTHS:-4096,16384}" \
-                    --ubatch "${GPU_UBATCH:-512}" --no-stock-best --out "$OUT/gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p" ) 2>&1 \
-                    | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p.log"
+                  CUDA_VISIBLE_DEVICES=$visible PYTURBO_PIPELINE_LOCAL_GPUS=1 gpu_bench "gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p" )
             done
         done ;;
     *) echo "unknown step $step"; exit 2 ;;

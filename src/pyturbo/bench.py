@@ -78,14 +78,23 @@ def bench_tokens(model: Model, n: int) -> np.ndarray:
     return np.random.default_rng(n).integers(0, min(model.n_vocab, 32000), n).astype(np.int32)
 
 
+def context_settings(n: int, args) -> dict:
+    return dict(n_ctx=n + 64, n_threads=args.client_threads, flash_attn=args.flash_attn)
+
+
+def measure_stock(model: Model, tokens: np.ndarray, args):
+    """measure() of the standard path as llama-server drives it, after a warm-up."""
+    with model.context(n_batch=STOCK_BATCH, n_ubatch=STOCK_UBATCH, **context_settings(len(tokens), args)) as ctx:
+        ctx.prefill(tokens[: min(len(tokens), 64)])  # warm-up: first-use allocations on every device
+        return measure(ctx, tokens, False, args.repeat)
+
+
 def bench_length(model: Model, n: int, args, progress) -> list[tuple[Row, object]]:
     """stock and stock-best once, then pipelined for each ubatch size; one (Row, pipelined result) per ubatch."""
     tokens = bench_tokens(model, n)
-    common = dict(n_ctx=n + 64, n_threads=args.client_threads, flash_attn=args.flash_attn)
-    with model.context(n_batch=STOCK_BATCH, n_ubatch=STOCK_UBATCH, **common) as ctx:
-        ctx.prefill(tokens[: min(n, 64)])  # warm-up: first-use allocations on every device
-        stock = measure(ctx, tokens, False, args.repeat)
-        progress.update(1)
+    common = context_settings(n, args)
+    stock = measure_stock(model, tokens, args)
+    progress.update(1)
     best = None
     if not args.no_stock_best:
         with model.context(n_batch=max(n, STOCK_UBATCH), n_ubatch=STOCK_UBATCH, **common) as ctx:
@@ -276,9 +285,8 @@ def bench_devices(args) -> list[str] | None:
     return devices
 
 
-def open_model(args, model_path: Path, endpoints: list[str]) -> Model:
+def open_model(args, model_path: Path, endpoints: list[str], devices: list[str] | None) -> Model:
     split = args.tensor_split if args.tensor_split == "even" else [float(x) for x in args.tensor_split.split(",")]
-    devices = bench_devices(args)
     if devices is not None and len(devices) < 2:
         split = None
     return Model(model_path, rpc_servers=endpoints or None, devices=devices, tensor_split=split)
@@ -291,11 +299,7 @@ def one_device_stock(args, model_path: Path, device: str) -> dict[int, float]:
     print(f"measuring stock on {device} alone (the 1-device reference)", file=sys.stderr)
     with Model(model_path, devices=[device]) as model:
         for n in args.lengths:
-            tokens = bench_tokens(model, n)
-            with model.context(n_batch=STOCK_BATCH, n_ubatch=STOCK_UBATCH, n_ctx=n + 64,
-                               n_threads=args.client_threads, flash_attn=args.flash_attn) as ctx:
-                ctx.prefill(tokens[: min(n, 64)])
-                out[n] = n / measure(ctx, tokens, False, args.repeat)[0]
+            out[n] = n / measure_stock(model, bench_tokens(model, n), args)[0]
     return out
 
 
@@ -323,7 +327,7 @@ def run(args) -> int:
         one_device = {}
         if devices and len(devices) > 1 and not args.no_one_device and all(d.startswith("CUDA") for d in devices):
             one_device = one_device_stock(args, model_path, devices[0])
-        with open_model(args, model_path, endpoints) as model:
+        with open_model(args, model_path, endpoints, devices) as model:
             settings["devices"] = model.devices
             n_ctx_max = max(args.lengths) + 64
             if model.n_ctx_train and n_ctx_max > 4 * model.n_ctx_train:
