@@ -34,7 +34,8 @@ def both(model, **kw):
             "max_diff": float(np.abs(std.logits - pipe.logits).max()), "kv_equal": kv_std == kv_pipe,
             "std_repeat_equal": bool(np.array_equal(std.logits, std2.logits)) and kv_std == kv_std2,
             "argmax_equal": int(np.argmax(std.logits)) == int(np.argmax(pipe.logits)),
-            "devices": sorted({r.device for r in pipe.timeline}), "stages": pipe.n_stages}
+            "devices": sorted({r.device for r in pipe.timeline}), "stages": pipe.n_stages,
+            "records": pipe.timeline.to_records(), "seconds": pipe.seconds}
 """
 
 
@@ -64,6 +65,7 @@ with pyturbo.Model(path, devices=devs, tensor_split="even") as model:
     assert out["path"] == "pipelined", out["reason"]
     assert out["stages"] == n_devices
     assert_close_to_standard(out)
+    assert_gpu_timing_records(out)
 
 
 def assert_close_to_standard(out: dict) -> None:
@@ -85,6 +87,24 @@ with workers.local(1, threads=4) as pool:
     assert out["path"] == "pipelined", out["reason"]
     assert any(d.startswith("CUDA") for d in out["devices"]) and any(d.startswith("RPC") for d in out["devices"])
     assert_close_to_standard(out)
+    assert_gpu_timing_records(out)
+
+
+def assert_gpu_timing_records(out: dict) -> None:
+    """GPU stages are timed by CUDA events (patches/0005), other devices by the host clock; both on one time scale.
+    Event times are mapped onto the host clock through a reference event synchronized at the replay's start, so they
+    may read late by that synchronize's wake-up latency: 1 ms of slack covers it (a ubatch here takes several)."""
+    recs = out["records"]
+    assert {r["clock"] for r in recs if r["device"].startswith("CUDA")} == {"cuda-event"}, recs[:4]
+    assert {r["clock"] for r in recs if not r["device"].startswith("CUDA")} <= {"host"}
+    slack = 1e-3
+    for r in recs:
+        assert -slack <= r["start"] <= r["end"] <= out["seconds"] + slack, r
+    # a stage starts a ubatch only after the previous stage finished it, whichever clocks timed the two
+    by_key = {(r["ubatch"], r["stage"]): r for r in recs if r["stage"] >= 0}
+    for (u, st), r in by_key.items():
+        if (u, st - 1) in by_key:
+            assert r["start"] >= by_key[(u, st - 1)]["end"] - slack, (by_key[(u, st - 1)], r)
 
 
 def test_local_gpus_fall_back_unless_forced():

@@ -103,6 +103,7 @@ def test_timing_records_cover_every_ubatch_and_stage(tiny_model, rpc3):
     assert {(r.ubatch, r.stage) for r in layer} == {(u, s) for u in range(8) for s in range(3)}
     assert len(seen) == len(tl)
     assert all(r.device == model.devices[r.stage] for r in layer)
+    assert {r.clock for r in tl} == {"host"}  # CPU and RPC stages: host clock (device timing events are CUDA's)
     for r in tl:
         assert 0 <= r.start <= r.end <= res.seconds + 1e-3
     # per stage, ubatches run in order and never overlap

@@ -75,14 +75,15 @@ def test_empty_timeline():
 
 def test_from_raw_sorts_converts_and_round_trips():
     t0 = 1_000_000_000
-    raw = [(1, 32, 32, 0, "RPC0", t0 + 3000, t0 + 5000),
-           (0, 0, 32, 0, "RPC0", t0 + 1000, t0 + 3000),
-           (0, 0, 32, 1, "RPC1", t0 + 3000, t0 + 6000)]
-    tl = Timeline.from_raw(raw, ["RPC0", "RPC1"], t0, 0.007)
-    assert tl.array.dtype.names == ("ubatch", "pos0", "n_tokens", "stage", "device", "start", "end")
+    raw = [(1, 32, 32, 0, "RPC0", t0 + 3000, t0 + 5000, "host"),
+           (0, 0, 32, 0, "RPC0", t0 + 1000, t0 + 3000, "host"),
+           (0, 0, 32, 1, "CUDA0", t0 + 3000, t0 + 6000, "cuda-event")]
+    tl = Timeline.from_raw(raw, ["RPC0", "CUDA0"], t0, 0.007)
+    assert tl.array.dtype.names == ("ubatch", "pos0", "n_tokens", "stage", "device", "start", "end", "clock")
     assert np.all(np.diff(tl.array["start"]) >= 0)
     first = next(iter(tl))
-    assert first == UbatchRecord(0, 0, 32, 0, "RPC0", 0.001, 0.003)
+    assert first == UbatchRecord(0, 0, 32, 0, "RPC0", 0.001, 0.003, "host")
+    assert [r.clock for r in tl if r.device == "CUDA0"] == ["cuda-event"]
     assert type(first.ubatch) is int and type(first.device) is str and type(first.start) is float
     assert tl.wall == 0.007 and tl.n_ubatches == 2
     dicts = json.loads(json.dumps(tl.to_records()))

@@ -126,6 +126,83 @@ bool is_rpc(ggml_backend_dev_t dev) {
     return dev && strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0;
 }
 
+// When a stage thread's splits ran. On CUDA the times come from timing events on the backend's stream (patches/0005,
+// found by name so that libllama need not link ggml-cuda): they say when the GPU itself started and finished, without
+// the launch and wake-up latency of host clocks. Elsewhere (CPU, RPC) the host clock brackets the split. A stage
+// thread runs one split at a time, so one clock (three events) per thread is enough.
+class stage_clock {
+public:
+    explicit stage_clock(ggml_backend_t backend) : backend(backend) {
+        ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+        ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+        if (!reg) {
+            return;
+        }
+        auto event_new = (ggml_backend_event_t (*)(ggml_backend_dev_t)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cuda_timing_event_new");
+        elapsed_ms     = (bool (*)(ggml_backend_event_t, ggml_backend_event_t, float *)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cuda_event_elapsed_ms");
+        if (!event_new || !elapsed_ms) {
+            return;
+        }
+        ref   = event_new(dev);
+        start = event_new(dev);
+        end   = event_new(dev);
+        // device times are offsets from this point, which the device reached just before the host read its clock
+        ggml_backend_event_record(ref, backend);
+        ggml_backend_event_synchronize(ref);
+        t_ref_us = ggml_time_us();
+    }
+
+    ~stage_clock() {
+        for (ggml_backend_event_t e : {ref, start, end}) {
+            if (e) {
+                ggml_backend_event_free(e);
+            }
+        }
+    }
+
+    stage_clock(const stage_clock &) = delete;
+    stage_clock & operator=(const stage_clock &) = delete;
+
+    // before the split's first input transfer
+    void begin(llama_turbo_record & rec) {
+        rec.t_start_us = ggml_time_us();
+        if (ref) {
+            ggml_backend_event_record(start, backend);
+        }
+    }
+
+    // whether the device keeps its own time: then the split's last work must be queued before mark_end()
+    bool on_device() const {
+        return ref != nullptr;
+    }
+
+    // after the split's last work was queued on the device (only when on_device())
+    void mark_end() {
+        ggml_backend_event_record(end, backend);
+    }
+
+    // once the device has finished the split
+    void finish(llama_turbo_record & rec) {
+        rec.t_end_us = ggml_time_us();
+        rec.clock    = "host";
+        float ms_start = 0.0f;
+        float ms_end   = 0.0f;
+        if (ref && elapsed_ms(ref, start, &ms_start) && elapsed_ms(ref, end, &ms_end)) {
+            rec.t_start_us = t_ref_us + (int64_t) (1000.0 * ms_start);
+            rec.t_end_us   = t_ref_us + (int64_t) (1000.0 * ms_end);
+            rec.clock      = "cuda-event";
+        }
+    }
+
+private:
+    ggml_backend_t       backend;
+    ggml_backend_event_t ref   = nullptr;
+    ggml_backend_event_t start = nullptr;
+    ggml_backend_event_t end   = nullptr;
+    bool (*elapsed_ms)(ggml_backend_event_t, ggml_backend_event_t, float *) = nullptr;
+    int64_t              t_ref_us = 0;
+};
+
 std::vector<ggml_backend_dev_t> layer_devices(const llama_model & model) {
     std::vector<ggml_backend_dev_t> devs;
     for (int il = 0; il < (int) model.hparams.n_layer(); ++il) {
@@ -499,6 +576,7 @@ struct llama_turbo : llama_ubatch_executor {
     }
 
     void worker_loop(int worker) {
+        stage_clock clock(lctx.backend_ptrs[worker]);
         std::unique_lock<std::mutex> lock(mtx);
         while (true) {
             slot * s = nullptr;
@@ -519,7 +597,7 @@ struct llama_turbo : llama_ubatch_executor {
             std::string err;
             ggml_status st = GGML_STATUS_FAILED;
             try {
-                st = run_split(*s, i, rec);
+                st = run_split(*s, i, clock, rec);
             } catch (const std::exception & e) {
                 err = e.what(); // a device failed (ggml-rpc throws when a server dies)
             }
@@ -574,14 +652,14 @@ struct llama_turbo : llama_ubatch_executor {
         s.busy = false;
     }
 
-    ggml_status run_split(slot & s, int i, llama_turbo_record & rec) {
+    ggml_status run_split(slot & s, int i, stage_clock & clock, llama_turbo_record & rec) {
         split_plan & sp = s.splits[i];
         rec.ubatch     = s.task;
         rec.pos0       = s.pos0;
         rec.n_tokens   = s.n_tokens;
         rec.stage      = sp.stage;
         rec.device     = device_name(sp.backend);
-        rec.t_start_us = ggml_time_us();
+        clock.begin(rec);
 
         for (const auto & in : sp.inputs) {
             if (in.staged >= 0) {
@@ -594,17 +672,27 @@ struct llama_turbo : llama_ubatch_executor {
         if (st != GGML_STATUS_SUCCESS) {
             return st;
         }
-        ggml_backend_synchronize(sp.backend);
-        for (int idx : sp.stage_out) {
-            ggml_backend_tensor_get(s.staging_src[idx], s.staging[idx].data(), 0, s.staging[idx].size());
+        if (clock.on_device()) {
+            // CUDA: the reads of staged outputs are ordered on the backend's stream; queue them before the end mark
+            // so that the stage's time includes them
+            for (int idx : sp.stage_out) {
+                ggml_backend_tensor_get_async(sp.backend, s.staging_src[idx], s.staging[idx].data(), 0, s.staging[idx].size());
+            }
+            clock.mark_end();
+            ggml_backend_synchronize(sp.backend);
+        } else {
+            ggml_backend_synchronize(sp.backend);
+            for (int idx : sp.stage_out) {
+                ggml_backend_tensor_get(s.staging_src[idx], s.staging[idx].data(), 0, s.staging[idx].size());
+            }
+            if (sp.stage_out.empty() && sp.fence) {
+                // for an RPC backend, synchronize returns once the work is sent; a read returns once the server has
+                // done it, so the stage's end time is the device's, not the host's
+                uint8_t probe[16];
+                ggml_backend_tensor_get(sp.fence, probe, 0, std::min(sizeof(probe), ggml_nbytes(sp.fence)));
+            }
         }
-        if (sp.stage_out.empty() && sp.fence) {
-            // for an RPC backend, synchronize returns once the work is sent; a read returns once the server has done
-            // it, so the stage's end time is the device's, not the host's
-            uint8_t probe[16];
-            ggml_backend_tensor_get(sp.fence, probe, 0, std::min(sizeof(probe), ggml_nbytes(sp.fence)));
-        }
-        rec.t_end_us = ggml_time_us();
+        clock.finish(rec);
         return GGML_STATUS_SUCCESS;
     }
 

@@ -19,8 +19,10 @@
 extern "C" {
 #endif
 
-// One (ubatch, stage) of a pipelined replay. Times are ggml_time_us() values; they bracket the stage's work from
-// the start of its input transfer to the moment its device reported completion (the stage thread waits for it).
+// One (ubatch, stage) of a pipelined replay. Times are on the ggml_time_us() scale; they bracket the stage's work from
+// the start of its input transfer to its completion on the device. clock says how they were taken: "cuda-event"
+// (timing events on the GPU's stream, mapped onto the host scale) or "host" (host clock around the stage's work;
+// the stage thread waits for the device, and for an RPC device reads back a result, before it stops the clock).
 struct llama_turbo_record {
     int32_t      ubatch;     // index of the ubatch within the replay
     int32_t      pos0;       // position of its first token
@@ -29,6 +31,7 @@ struct llama_turbo_record {
     const char * device;     // backend device that ran it
     int64_t      t_start_us;
     int64_t      t_end_us;
+    const char * clock;      // "cuda-event" or "host"
 };
 
 typedef void (*llama_turbo_record_callback)(const struct llama_turbo_record * record, void * user_data);

@@ -334,7 +334,7 @@ struct record_forward {
 
 void forward_record(const llama_turbo_record * r, void * data) {
     auto * fw = static_cast<record_forward *>(data);
-    pt_record out = {r->ubatch, r->pos0, r->n_tokens, r->stage, r->device, r->t_start_us, r->t_end_us};
+    pt_record out = {r->ubatch, r->pos0, r->n_tokens, r->stage, r->device, r->t_start_us, r->t_end_us, r->clock};
     fw->cb(&out, fw->user);
 }
 

@@ -31,6 +31,7 @@ typedef struct pt_record {
     const char * device;
     int64_t      t_start_us;
     int64_t      t_end_us;
+    const char * clock;      // "cuda-event" or "host" (see llama_turbo_record)
 } pt_record;
 
 typedef void (*pt_record_callback)(const pt_record * record, void * user_data);

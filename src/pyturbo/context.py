@@ -89,11 +89,10 @@ class Context(_native.NativeHandle):
 
         def on_record(rec, _user):
             raw.append((rec.ubatch, rec.pos0, rec.n_tokens, rec.stage, ffi.string(rec.device).decode(),
-                        rec.t_start_us, rec.t_end_us))
+                        rec.t_start_us, rec.t_end_us, ffi.string(rec.clock).decode()))
             if on_ubatch is not None and not callback_error:
                 try:
-                    on_ubatch(UbatchRecord(rec.ubatch, rec.pos0, rec.n_tokens, rec.stage, raw[-1][4],
-                                           (rec.t_start_us - t0_us) / 1e6, (rec.t_end_us - t0_us) / 1e6))
+                    on_ubatch(UbatchRecord.from_raw(raw[-1], t0_us))
                 except BaseException as e:  # keep it for the caller, stop the prefill
                     callback_error.append(e)
                     lib.pt_request_abort(ptr)

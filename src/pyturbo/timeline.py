@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 DTYPE = np.dtype([("ubatch", "i4"), ("pos0", "i4"), ("n_tokens", "i4"), ("stage", "i4"), ("device", "U64"),
-                  ("start", "f8"), ("end", "f8")])
+                  ("start", "f8"), ("end", "f8"), ("clock", "U16")])
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,13 @@ class UbatchRecord:
     device: str
     start: float       # seconds since the prefill's start
     end: float
+    clock: str = "host"  # how start/end were taken: "cuda-event" (timing events on the GPU) or "host" (host clock)
+
+    @classmethod
+    def from_raw(cls, raw: tuple, t0_us: int | float) -> UbatchRecord:
+        """From a C-side tuple (ubatch, pos0, n_tokens, stage, device, t_start_us, t_end_us, clock), absolute µs."""
+        u, p, n, s, d, t1, t2, clock = raw
+        return cls(int(u), int(p), int(n), int(s), str(d), (t1 - t0_us) / 1e6, (t2 - t0_us) / 1e6, str(clock))
 
 
 def _union_length(starts: np.ndarray, ends: np.ndarray) -> float:
@@ -42,7 +49,7 @@ class Timeline:
     """The records of one prefill, sorted by start time; `.array` is the numpy structured array behind them."""
 
     def __init__(self, records: Iterable[UbatchRecord] = (), stages: Sequence[str] = (), wall: float | None = None):
-        arr = np.array([(r.ubatch, r.pos0, r.n_tokens, r.stage, r.device, r.start, r.end) for r in records],
+        arr = np.array([(r.ubatch, r.pos0, r.n_tokens, r.stage, r.device, r.start, r.end, r.clock) for r in records],
                        dtype=DTYPE)
         self.array = arr[np.argsort(arr["start"], kind="stable")]   # stable: ties keep the reporting order
         # Stage names: as given, extended from the records should they name more stages than given.
@@ -58,9 +65,8 @@ class Timeline:
 
     @classmethod
     def from_raw(cls, raw: Iterable[tuple], stages: Sequence[str], t0_us: int | float, wall: float | None) -> Timeline:
-        """From the C side's tuples (ubatch, pos0, n_tokens, stage, device, t_start_us, t_end_us), absolute µs."""
-        return cls((UbatchRecord(int(u), int(p), int(n), int(s), str(d), (t1 - t0_us) / 1e6, (t2 - t0_us) / 1e6)
-                    for u, p, n, s, d, t1, t2 in raw), stages, wall)
+        """From the C side's tuples (see UbatchRecord.from_raw)."""
+        return cls((UbatchRecord.from_raw(r, t0_us) for r in raw), stages, wall)
 
     # ---- container ------------------------------------------------------------------------------------------------
 
