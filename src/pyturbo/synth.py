@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 # Part of cached file names: bump whenever write_model's output for the same arguments changes.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # dtype name -> (GGMLQuantizationType name, LlamaFileType value for general.file_type)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -160,9 +160,36 @@ def _fill(out: np.ndarray, cols: int, seed: int, index: int, chunk: int, r0: int
         x += np.float32(1.0)
         out[:] = x
         return
+    if qtype is not None:
+        out[r0:r1] = _random_blocks(rng, r1 - r0, cols, qtype)
+        return
     x = rng.standard_normal((r1 - r0, cols), dtype=np.float32)
     x *= np.float32(1.0 / math.sqrt(cols))  # normal(0, 1/sqrt(fan_in)): outputs keep the inputs' scale
-    out[r0:r1] = x if qtype is None else gguf.quants.quantize(x, qtype)
+    out[r0:r1] = x
+
+
+def _random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype) -> np.ndarray:
+    """rows x cols weights as q8_0 / q4_0 blocks: codes drawn uniformly and symmetric around zero, one scale chosen
+    so that the weights' std is 1/sqrt(fan_in) like the float types'. Drawing the codes directly instead of
+    quantizing normal floats makes a 70B-shaped file a matter of its disk writes (quantizing in numpy took over ten
+    minutes)."""
+    import gguf
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.empty((rows, cols // block, type_size), np.uint8)   # per block: fp16 scale, then the codes
+    if qtype == gguf.GGMLQuantizationType.Q8_0:
+        out[..., 2:] = rng.integers(-127, 128, size=out[..., 2:].shape, dtype=np.int8).view(np.uint8)
+        code_std = math.sqrt((255 ** 2 - 1) / 12)                  # uniform on -127..127
+    elif qtype == gguf.GGMLQuantizationType.Q4_0:
+        # a byte holds two 4-bit codes, value = code - 8; codes 1..15 keep the values symmetric (-7..7)
+        lo = rng.integers(1, 16, size=out[..., 2:].shape, dtype=np.uint8)
+        hi = rng.integers(1, 16, size=out[..., 2:].shape, dtype=np.uint8)
+        out[..., 2:] = lo | (hi << 4)
+        code_std = math.sqrt((15 ** 2 - 1) / 12)
+    else:
+        raise ValueError(f"no random block generator for {qtype.name}")
+    scale = np.array([1.0 / (code_std * math.sqrt(cols))], dtype="<f2")
+    out[..., :2] = scale.view(np.uint8)
+    return out.reshape(rows, -1)
 
 
 def _start_writer(tmp: Path, shape: ModelShape, seed: int, vocab: str):
