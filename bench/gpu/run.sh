@@ -16,7 +16,9 @@
 #              auto, the dispatcher unforced), stock on one device vs the default layout, GPU_LENGTHS, GPU_UBATCH
 #   gpu-multi  several physical GPUs: GPU_PRESET over GPU_COUNTS (default: all of them) GPUs, peer access off
 #              (the pin's default) and on (GGML_CUDA_P2P=1) or as GPU_P2P says, GPU_LENGTHS, GPU_UBATCH
-# BENCH_REPEAT (gpu-default): median of that many runs per mode
+# BENCH_REPEAT (GPU steps): median of that many runs per mode. GPU_STOCK_BEST=1: also stock with n_batch = prompt.
+# PYTURBO_SKIP_BUILD=1: use the pyturbo this machine already installed (a second run.sh in one command, or a warm
+# machine), building only if there is none.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench/out/gpu-$(date +%Y%m%d-%H%M%S)}
@@ -35,15 +37,19 @@ nproc > "$OUT/machine.txt"; nvidia-smi -L >> "$OUT/machine.txt" 2>&1
 if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
     export CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
 fi
-echo "== build (PYTURBO_CUDA=${PYTURBO_CUDA:-AUTO}, CXX=${CXX:-default}: $(${CXX:-c++} --version | head -1))"
-# a build made with another compiler cannot be reused; one made with this one can (a warm machine keeps it)
-if [ "$(cat build/.pyturbo-cxx 2>/dev/null)" != "${CXX:-default}|${CUDAHOSTCXX:-default}" ]; then rm -rf build; fi
-mkdir -p build && echo "${CXX:-default}|${CUDAHOSTCXX:-default}" > build/.pyturbo-cxx
-start=$(date +%s)
-if ! python3 -m pip install --no-build-isolation --no-index --no-deps -v . > "$OUT/build.log" 2>&1; then
-    tail -50 "$OUT/build.log"; exit 1
+if [ "${PYTURBO_SKIP_BUILD:-0}" = 1 ] && (cd /tmp && python3 -c "import pyturbo") 2>/dev/null; then
+    echo "== build skipped (PYTURBO_SKIP_BUILD=1, pyturbo installed)"
+else
+    echo "== build (PYTURBO_CUDA=${PYTURBO_CUDA:-AUTO}, CXX=${CXX:-default}: $(${CXX:-c++} --version | head -1))"
+    # a build made with another compiler cannot be reused; one made with this one can (a warm machine keeps it)
+    if [ "$(cat build/.pyturbo-cxx 2>/dev/null)" != "${CXX:-default}|${CUDAHOSTCXX:-default}" ]; then rm -rf build; fi
+    mkdir -p build && echo "${CXX:-default}|${CUDAHOSTCXX:-default}" > build/.pyturbo-cxx
+    start=$(date +%s)
+    if ! python3 -m pip install --no-build-isolation --no-index --no-deps -v . > "$OUT/build.log" 2>&1; then
+        tail -50 "$OUT/build.log"; exit 1
+    fi
+    echo "built in $(( $(date +%s) - start )) s"
 fi
-echo "built in $(( $(date +%s) - start )) s"
 python3 -c "import pyturbo, json; print(json.dumps(pyturbo.build_info()))" | tee "$OUT/build_info.json"
 
 # gpu_bench NAME [bench options...]: the GPU benchmark over GPU_PRESET, GPU_LENGTHS, GPU_UBATCH, into $OUT/NAME
@@ -51,7 +57,8 @@ python3 -c "import pyturbo, json; print(json.dumps(pyturbo.build_info()))" | tee
 gpu_bench() {
     local name=$1; shift
     python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on --lengths "${GPU_LENGTHS:-4096,16384}" \
-        --ubatch "${GPU_UBATCH:-512}" --no-stock-best "$@" --out "$OUT/$name" 2>&1 \
+        --ubatch "${GPU_UBATCH:-512}" --repeat "${BENCH_REPEAT:-1}" $([ "${GPU_STOCK_BEST:-0}" = 1 ] || echo --no-stock-best) \
+        "$@" --out "$OUT/$name" 2>&1 \
         | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/$name.log"
 }
 
@@ -81,7 +88,7 @@ for step in "$@"; do
     gpu-default)
         echo "== GPU, first GPU, pyturbo defaults, ${GPU_PRESET:-8b}"
         ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE_LOCAL_GPUS
-          CUDA_VISIBLE_DEVICES=0 gpu_bench "gpu-default-${GPU_PRESET:-8b}" --repeat "${BENCH_REPEAT:-1}" ) ;;
+          CUDA_VISIBLE_DEVICES=0 gpu_bench "gpu-default-${GPU_PRESET:-8b}" ) ;;
     gpu-multi)
         n_gpus=$(nvidia-smi -L | grep -c '^GPU')
         for n in ${GPU_COUNTS:-$n_gpus}; do
