@@ -83,7 +83,7 @@ for step in "$@"; do
         for n in ${GPU_SPLITS:-1 2 4}; do
             echo "== GPU, GGML_CUDA_DEVICES=$n, ${GPU_PRESET:-8b}"
             # the dispatcher leaves all-local-GPU layouts to the standard path; force the pipeline to measure it
-            CUDA_VISIBLE_DEVICES=0 PYTURBO_PIPELINE_LOCAL_GPUS=1 GGML_CUDA_DEVICES=$n gpu_bench "gpu-$n" --no-one-device
+            CUDA_VISIBLE_DEVICES=0 PYTURBO_PIPELINE_LOCAL_GPUS=1 GGML_CUDA_DEVICES=$n gpu_bench "gpu-${GPU_PRESET:-8b}-$n" --no-one-device
         done ;;
     gpu-default)
         echo "== GPU, first GPU, pyturbo defaults, ${GPU_PRESET:-8b}"
@@ -104,3 +104,11 @@ for step in "$@"; do
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done
+
+# The device hands back a limited number of files: keep the logs as they are and pack each step's folder (reports,
+# JSON with the timelines, plots) into one archive per run.sh call. Unpack with: tar xzf results-*.tgz
+dirs=$(cd "$OUT" && find . -mindepth 1 -maxdepth 1 -type d -printf '%P\n')
+if [ -n "$dirs" ]; then
+    archive=results-$(date +%H%M%S).tgz
+    (cd "$OUT" && tar czf "$archive" $dirs && rm -rf $dirs) && echo "results: $OUT/$archive ($(echo $dirs | wc -w) folders)"
+fi
