@@ -19,6 +19,7 @@ def test_build_info_lists_cpu():
     info = pyturbo.build_info()
     assert isinstance(info["cuda"], bool)
     assert any(d["name"] == "CPU" for d in info["devices"])
+    assert all(isinstance(d["events"], bool) for d in info["devices"])
 
 
 def test_bad_gpu_streams_setting_is_a_clear_error():

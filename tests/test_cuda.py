@@ -107,12 +107,21 @@ def assert_gpu_timing_records(out: dict) -> None:
             assert r["start"] >= by_key[(u, st - 1)]["end"] - slack, (by_key[(u, st - 1)], r)
 
 
+# llama.cpp overlaps GPUs of one process itself when they have events (a build with GGML_CUDA_NO_PEER_COPY has none)
+CUDA_EVENTS = all(d["events"] for d in INFO["devices"] if d["name"].startswith("CUDA"))
+
+
 def test_local_gpus_fall_back_unless_forced():
+    """Unforced, the dispatcher leaves GPUs of this process to llama.cpp when its pipeline parallelism is on."""
     out = run_layout("""
 with pyturbo.Model(path, devices=["CUDA0", "CUDA1"], tensor_split="even") as model:
     out["r"] = both(model)
 """, 2, force_local_gpus=False)["r"]
-    assert out["path"] == "standard" and "PYTURBO_PIPELINE_LOCAL_GPUS" in out["reason"]
+    if CUDA_EVENTS:
+        assert out["path"] == "standard" and "PYTURBO_PIPELINE_LOCAL_GPUS" in out["reason"]
+    else:
+        assert out["path"] == "pipelined", out["reason"]
+        assert_close_to_standard(out)
 
 
 def test_single_gpu_falls_back_with_reason():
@@ -126,7 +135,8 @@ with pyturbo.Model(path, devices=["CUDA0"]) as model:
 
 def test_one_gpu_becomes_stream_devices_by_default():
     """PYTURBO_GPU_STREAMS (default auto: 4 on a single GPU) splits the GPU into stream devices; the default model
-    then spans them, and pipeline=True keeps that layout on the standard path (their async copies overlap)."""
+    then spans them, and pipeline=True keeps that layout on the standard path (their async copies overlap) unless
+    the devices lack events, when llama.cpp does not overlap them and the pipeline does."""
     code = """
 info = pyturbo.build_info()
 out["streams"] = info["gpu_streams"]
@@ -138,7 +148,10 @@ with pyturbo.Model(path) as model:
     auto = run_layout(code, None, force_local_gpus=False)
     assert auto["streams"]["streams_per_gpu"] == auto["cuda_devices"] == 4, auto["streams"]
     assert len(auto["model_devices"]) == 4
-    assert auto["r"]["path"] == "standard" and "PYTURBO_PIPELINE_LOCAL_GPUS" in auto["r"]["reason"]
-    assert auto["r"]["logits_equal"] and auto["r"]["kv_equal"]
+    assert auto["r"]["path"] == ("standard" if CUDA_EVENTS else "pipelined"), auto["r"]["reason"]
+    if CUDA_EVENTS:
+        assert auto["r"]["logits_equal"] and auto["r"]["kv_equal"]  # both runs took the standard path
+    else:
+        assert_close_to_standard(auto["r"])
     one = run_layout(code, None, force_local_gpus=False, PYTURBO_GPU_STREAMS="1")
     assert one["cuda_devices"] == 1 and one["model_devices"] == ["CUDA0"], one

@@ -15,7 +15,9 @@
 #   gpu-default  what a user of one GPU gets: GPU_PRESET on the first GPU with pyturbo's defaults (PYTURBO_GPU_STREAMS
 #              auto, the dispatcher unforced), stock on one device vs the default layout, GPU_LENGTHS, GPU_UBATCH
 #   gpu-multi  several physical GPUs: GPU_PRESET over GPU_COUNTS (default: all of them) GPUs, peer access off
-#              (the pin's default) and on (GGML_CUDA_P2P=1) or as GPU_P2P says, GPU_LENGTHS, GPU_UBATCH
+#              (the pin's default) and on (GGML_CUDA_P2P=1) or as GPU_P2P says, GPU_LENGTHS, GPU_UBATCH; pipeline
+#              forced unless GPU_FORCE_PIPELINE=0. With CMAKE_ARGS=-DGGML_CUDA_NO_PEER_COPY=ON (a build without
+#              peer copies, like consumer GPUs without P2P) one mode, "nopeercopy"
 # BENCH_REPEAT (GPU steps): median of that many runs per mode. GPU_STOCK_BEST=1: also stock with n_batch = prompt.
 # PYTURBO_SKIP_BUILD=1: use the pyturbo this machine already installed (a second run.sh in one command, or a warm
 # machine), building only if there is none.
@@ -91,14 +93,20 @@ for step in "$@"; do
           CUDA_VISIBLE_DEVICES=0 gpu_bench "gpu-default-${GPU_PRESET:-8b}" ) ;;
     gpu-multi)
         n_gpus=$(nvidia-smi -L | grep -c '^GPU')
+        p2p_modes=${GPU_P2P:-off on}
+        # built with CMAKE_ARGS=-DGGML_CUDA_NO_PEER_COPY=ON: the consumer-rig case (no copies between GPUs on the
+        # GPUs, no events, so stock's pipeline parallelism is off); the run-time peer switch does not apply then
+        case "${CMAKE_ARGS:-}" in *GGML_CUDA_NO_PEER_COPY=ON*) p2p_modes=nopeercopy ;; esac
         for n in ${GPU_COUNTS:-$n_gpus}; do
             [ "$n" -le "$n_gpus" ] || { echo "skipping $n GPUs: this machine has $n_gpus"; continue; }
             visible=$(seq -s, 0 $((n - 1)))
-            for p2p in ${GPU_P2P:-off on}; do
+            for p2p in $p2p_modes; do
                 echo "== GPU, $n physical GPUs, peer access $p2p, ${GPU_PRESET:-8b}"
-                # the pin enables peer access only when GGML_CUDA_P2P is set; without it copies go through the host
+                # the pin enables peer access only when GGML_CUDA_P2P is set; without it copies go through the host.
+                # GPU_FORCE_PIPELINE=0 leaves the choice to the dispatcher (what a user gets)
                 ( [ $p2p = on ] && export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES
-                  CUDA_VISIBLE_DEVICES=$visible PYTURBO_PIPELINE_LOCAL_GPUS=1 gpu_bench "gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p" )
+                  CUDA_VISIBLE_DEVICES=$visible PYTURBO_PIPELINE_LOCAL_GPUS=${GPU_FORCE_PIPELINE:-1} \
+                  gpu_bench "gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p" )
             done
         done ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -429,11 +429,12 @@ struct llama_turbo : llama_ubatch_executor {
         if (lctx.model.split_mode() != LLAMA_SPLIT_MODE_LAYER) return "split mode is not layer";
         if (r.n_stages < 2)                                   return "the model's layers are on a single device";
         if (n_ubatches < 2)                                   return "fewer than two ubatches";
-        if (all_local_gpus() && !getenv_flag("PYTURBO_PIPELINE_LOCAL_GPUS")) {
-            // measured on two H100s and on one split into stream devices (bench/results/2026-11-25-*): llama.cpp's
-            // own async device copies already overlap these stages; the pipeline is on par at best
-            return "all stages are GPUs of this process (their async copies already overlap; "
-                   "set PYTURBO_PIPELINE_LOCAL_GPUS=1 to pipeline anyway)";
+        if (all_local_gpus() && cp.pipeline_parallel && !getenv_flag("PYTURBO_PIPELINE_LOCAL_GPUS")) {
+            // measured on two H100s and on one split into stream devices (bench/results/2026-11-25-*): with events
+            // and async copies between its GPUs (cparams.pipeline_parallel), llama.cpp already overlaps these
+            // stages and the pipeline is on par at best. Without them (a build without peer copies) it does not.
+            return "all stages are GPUs of this process and llama.cpp's pipeline parallelism already overlaps them "
+                   "(set PYTURBO_PIPELINE_LOCAL_GPUS=1 to pipeline anyway)";
         }
         return "";
     }

@@ -146,6 +146,24 @@ int32_t pt_device_type(int32_t i) {
     return i >= 0 && (size_t) i < ggml_backend_dev_count() ? (int32_t) ggml_backend_dev_type(ggml_backend_dev_get(i)) : -1;
 }
 
+int32_t pt_device_has_events(int32_t i) {
+    init_once();
+    if (i < 0 || (size_t) i >= ggml_backend_dev_count()) {
+        return -1;
+    }
+    ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+    if (strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0) {
+        return 0; // RPC devices have no events, and asking for their properties contacts the server
+    }
+    try {
+        ggml_backend_dev_props props;
+        ggml_backend_dev_get_props(dev, &props);
+        return props.caps.events ? 1 : 0;
+    } catch (const std::exception &) {
+        return -1;
+    }
+}
+
 const char * pt_device_description(int32_t i) {
     init_once();
     return i >= 0 && (size_t) i < ggml_backend_dev_count() ? ggml_backend_dev_description(ggml_backend_dev_get(i)) : "";

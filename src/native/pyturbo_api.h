@@ -71,6 +71,8 @@ int32_t      pt_device_count(void);
 const char * pt_device_name(int32_t i);
 const char * pt_device_description(int32_t i);
 int32_t      pt_device_type(int32_t i);   // ggml_backend_dev_type: 0 CPU, 1 GPU, 2 integrated GPU, 3 accelerator
+int32_t      pt_device_has_events(int32_t i); // 1: the device orders work with events (llama.cpp's own pipeline
+                                              // parallelism needs them; a CUDA build without peer copies has none)
 
 // Registers the devices of a llama.cpp RPC server ("host:port"). Returns how many it has, or -1.
 int32_t pt_rpc_add_server(const char * endpoint);

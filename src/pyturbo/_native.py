@@ -149,7 +149,8 @@ def build_info() -> dict:
     info["cuda"] = bool(l.pt_has_cuda())
     info["gpu_streams"] = dict(_gpu_streams)
     info["devices"] = [
-        {"name": f.string(l.pt_device_name(i)).decode(), "description": f.string(l.pt_device_description(i)).decode()}
+        {"name": f.string(l.pt_device_name(i)).decode(), "description": f.string(l.pt_device_description(i)).decode(),
+         "events": bool(l.pt_device_has_events(i) == 1)}
         for i in range(l.pt_device_count())
     ]
     drain_log()
