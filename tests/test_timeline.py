@@ -84,6 +84,7 @@ def test_from_raw_sorts_converts_and_round_trips():
     first = next(iter(tl))
     assert first == UbatchRecord(0, 0, 32, 0, "RPC0", 0.001, 0.003, "host")
     assert [r.clock for r in tl if r.device == "CUDA0"] == ["cuda-event"]
+    assert tl.clocks() == {"CUDA0": "cuda-event", "RPC0": "host"}
     assert type(first.ubatch) is int and type(first.device) is str and type(first.start) is float
     assert tl.wall == 0.007 and tl.n_ubatches == 2
     dicts = json.loads(json.dumps(tl.to_records()))

@@ -190,7 +190,9 @@ def write_outputs(out: Path, rows: list[Row], settings: dict, best_pipe, machine
               "## Settings", "```", json.dumps(settings, indent=2), "```", "", "## Machine", "```",
               json.dumps(machine, indent=2), "```", f"commit {doc['commit']}"]
     if best_pipe is not None and len(best_pipe.timeline):
-        report += ["", "## Occupancy of the longest pipelined run", "```", best_pipe.timeline.ascii(), "```"]
+        clocks = ", ".join(f"{d}: {c}" for d, c in best_pipe.timeline.clocks().items())
+        report += ["", "## Occupancy of the longest pipelined run", "```", best_pipe.timeline.ascii(), "```",
+                   f"Stage times taken by ({clocks}): cuda-event = timing events on the GPU, host = host clock."]
     (out / "report.md").write_text("\n".join(report) + "\n")
     try:
         plot_throughput(out / "throughput.png", rows)

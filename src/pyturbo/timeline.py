@@ -85,6 +85,10 @@ class Timeline:
         """Plain dicts, ready for json.dump."""
         return [asdict(r) for r in self]
 
+    def clocks(self) -> dict[str, str]:
+        """How each device's records were timed ("cuda-event" or "host"), by device name."""
+        return {str(d): str(c) for d, c in sorted(set(zip(self.array["device"], self.array["clock"])))}
+
     # ---- numbers --------------------------------------------------------------------------------------------------
 
     @property
