@@ -94,8 +94,8 @@ for step in "$@"; do
     gpu-multi)
         n_gpus=$(nvidia-smi -L | grep -c '^GPU')
         p2p_modes=${GPU_P2P:-off on}
-        # built with CMAKE_ARGS=-DGGML_CUDA_NO_PEER_COPY=ON: the consumer-rig case (no copies between GPUs on the
-        # GPUs, no events, so stock's pipeline parallelism is off); the run-time peer switch does not apply then
+        # built with CMAKE_ARGS=-DGGML_CUDA_NO_PEER_COPY=ON: the consumer-rig case (the GPUs cannot copy to each
+        # other and have no events, so stock's pipeline parallelism is off); the run-time peer switch does not apply
         case "${CMAKE_ARGS:-}" in *GGML_CUDA_NO_PEER_COPY=ON*) p2p_modes=nopeercopy ;; esac
         for n in ${GPU_COUNTS:-$n_gpus}; do
             [ "$n" -le "$n_gpus" ] || { echo "skipping $n GPUs: this machine has $n_gpus"; continue; }

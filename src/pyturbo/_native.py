@@ -66,10 +66,15 @@ def decide_gpu_streams(env: dict, cuda_build: bool, count_gpus) -> dict:
     return {"source": f"PYTURBO_GPU_STREAMS={wanted}", "streams_per_gpu": streams}
 
 
+def _build_config() -> dict:
+    """What the build recorded (build_info.json, written by CMakeLists.txt next to the libraries)."""
+    return json.loads((LIB_DIR / "build_info.json").read_text())
+
+
 def gpu_streams_setting() -> dict:
     """decide_gpu_streams() for this process. Must run before the CUDA backend starts: ggml-cuda reads
     GGML_CUDA_DEVICES once."""
-    cuda_build = str(json.loads((LIB_DIR / "build_info.json").read_text()).get("cuda")).upper() in ("ON", "TRUE", "1")
+    cuda_build = str(_build_config().get("cuda")).upper() in ("ON", "TRUE", "1")
     return decide_gpu_streams(dict(os.environ), cuda_build, _physical_gpu_count)
 
 
@@ -144,13 +149,13 @@ class NativeHandle:
 
 def build_info() -> dict:
     """How the native part was built: CUDA or not, which llama.cpp tree, and the devices it sees now."""
-    info = json.loads((LIB_DIR / "build_info.json").read_text())
+    info = _build_config()
     l, f = lib(), ffi()
     info["cuda"] = bool(l.pt_has_cuda())
     info["gpu_streams"] = dict(_gpu_streams)
     info["devices"] = [
         {"name": f.string(l.pt_device_name(i)).decode(), "description": f.string(l.pt_device_description(i)).decode(),
-         "events": bool(l.pt_device_has_events(i) == 1)}
+         "events": l.pt_device_has_events(i) == 1}
         for i in range(l.pt_device_count())
     ]
     drain_log()
