@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from pyturbo.bench import TABLE_COLUMNS
+from pyturbo.tools.bench import TABLE_COLUMNS
 
 
 def test_quick_bench_writes_every_output(tmp_path):

@@ -7,6 +7,6 @@ mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl cffi==2.0.0 pycparser gguf==0.19.0 tqdm
-python3 cmake/llama_source.py --vendor vendor/llama.cpp --patches patches > /dev/null
+python3 vendor/llama.cpp/fetch.py --vendor vendor/llama.cpp --patches patches > /dev/null
 du -sh .whl vendor/llama.cpp/upstream
 echo 'carry: [".whl", "vendor/llama.cpp/upstream"]   command: PYTURBO_CUDA=OFF bash bench/gpu/run.sh tests cpu-rpc-4 single'

@@ -16,3 +16,11 @@ __all__ = [
     "PyturboError", "ModelLoadError", "WorkerError", "ContextDeadError", "PrefillError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # the tools (pyturbo.tools) load on first use: `from pyturbo import synth, workers` keeps working
+    if name in ("synth", "workers"):
+        import importlib
+        return importlib.import_module(f".tools.{name}", __name__)
+    raise AttributeError(f"module 'pyturbo' has no attribute {name!r}")

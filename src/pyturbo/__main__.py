@@ -1,6 +1,6 @@
 """`python -m pyturbo` runs the benchmark (the package's main job)."""
 import sys
 
-from .bench import main
+from .tools.bench import main
 
 sys.exit(main())

@@ -1,66 +1,7 @@
-"""`python -m pyturbo.worker`: a llama.cpp RPC worker (one device of a layer split) on this host.
-
-llama.cpp's RPC protocol has no authentication or encryption: anyone who can connect can run code-like graph
-operations and read or write the worker's memory. It therefore binds to 127.0.0.1 unless told otherwise.
-"""
-from __future__ import annotations
-
-import argparse
-import ipaddress
-import os
+"""`python -m pyturbo.worker`: the command; the worker itself is `pyturbo.tools.worker`."""
 import sys
-import threading
-import time
 
-from . import _native
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """Workers started by pyturbo.workers.local() must not outlive it, even if it is killed."""
-    while True:
-        if os.getppid() != parent_pid:
-            os._exit(0)
-        time.sleep(0.5)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyturbo.worker", description=__doc__.splitlines()[0])
-    ap.add_argument("--port", type=int, required=True, help="TCP port to listen on")
-    ap.add_argument("--host", default="127.0.0.1",
-                    help="address to bind (default 127.0.0.1); anything else exposes an unauthenticated service")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for the computation")
-    ap.add_argument("--device", default="", help="local device to serve (default: the CPU), e.g. CUDA0")
-    ap.add_argument("--exit-with-parent", type=int, default=0, metavar="PID", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-
-    if not 0 < args.port < 65536:
-        ap.error(f"--port must be in 1..65535, not {args.port}")
-    if args.threads < 1:
-        ap.error(f"--threads must be >= 1, not {args.threads}")
-    if not is_loopback(args.host):
-        print(f"WARNING: serving llama.cpp RPC on {args.host}:{args.port}. RPC has no access control: anyone who can "
-              "reach this port can use this machine's device and memory. Use it only on a trusted network.",
-              file=sys.stderr, flush=True)
-    if args.exit_with_parent:
-        threading.Thread(target=_exit_with_parent, args=(args.exit_with_parent,), daemon=True).start()
-
-    endpoint = f"{args.host}:{args.port}"
-    os.environ.setdefault("PYTURBO_GPU_STREAMS", "1")  # a worker serves its GPU as the one device it is
-    lib = _native.lib()
-    rc = lib.pt_rpc_serve(endpoint.encode(), args.threads, args.device.encode())
-    _native.drain_log()
-    if rc != 0:
-        print(f"error: {_native.last_error()}", file=sys.stderr)
-        return 1
-    return 0
-
+from .tools.worker import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .errors import WorkerError
+from ..errors import WorkerError
 
 
 def free_port() -> int:
