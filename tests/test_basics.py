@@ -86,18 +86,20 @@ def test_generate_and_tokenizer(vocab_model):
         assert model.has_vocab
         with model.context(n_ctx=256, n_ubatch=32, n_threads=1) as ctx:
             text = "hello world, the quick brown fox (ünïcödé)"
-            toks = ctx.tokenize(text)
+            toks = model.tokenize(text)
             assert len(toks) > 3
-            assert ctx.detokenize(toks).strip() == text
+            assert model.detokenize(toks).strip() == text
             ctx.prefill(toks)
             out = ctx.generate(4)
+            ctx.reset()
+            assert ctx.prefill(text).n_tokens == len(toks)  # text is tokenized as model.tokenize does
             assert len(out) == 4 and all(0 <= t < model.n_vocab for t in out)
 
 
 def test_tokenize_without_vocab_is_a_clear_error(tiny_model):
     with pyturbo.Model(tiny_model) as model, model.context(n_ctx=64) as ctx:
         with pytest.raises(ValueError, match="no tokenizer"):
-            ctx.tokenize("hi")
+            model.tokenize("hi")
 
 
 # ---- errors: each raises a Python exception that names the problem ---------------------------------------------------

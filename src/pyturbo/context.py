@@ -71,9 +71,10 @@ class Context(_native.NativeHandle):
         """Tokens already in the KV cache."""
         return _native.lib().pt_context_n_past(self._live())
 
-    def prefill(self, tokens: Sequence[int] | np.ndarray, pipeline: bool = False,
+    def prefill(self, tokens: str | Sequence[int] | np.ndarray, pipeline: bool = False,
                 on_ubatch: Callable[[UbatchRecord], None] | None = None) -> PrefillResult:
-        """Append tokens to the sequence and return the last token's logits.
+        """Append tokens (token ids, or text, tokenized with BOS when the cache is empty) to the sequence and return
+        a `PrefillResult` (the last token's logits, timings, which path ran and why).
 
         pipeline=True keeps several ubatches in flight over the model's layer devices; where that is not safe or
         not possible (one device, fewer than two ubatches, ...) the standard path runs and `fallback_reason` says
@@ -158,50 +159,13 @@ class Context(_native.NativeHandle):
         """Clear the KV cache."""
         _native.lib().pt_context_reset(self._live())
 
-    # ---- tokens ---------------------------------------------------------------------------------------------------
-
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        ffi, lib = _native.ffi(), _native.lib()
-        self._need_vocab()
-        data = text.encode()
-        cap = len(data) + 8
-        buf = ffi.new("int32_t[]", cap)
-        n = lib.pt_tokenize(self.model._ptr, data, len(data), buf, cap, int(add_special))
-        if n < 0:
-            cap = -n
-            buf = ffi.new("int32_t[]", cap)
-            n = lib.pt_tokenize(self.model._ptr, data, len(data), buf, cap, int(add_special))
-        return list(buf[0:n])
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        ffi, lib = _native.ffi(), _native.lib()
-        self._need_vocab()
-        out = bytearray()
-        buf = ffi.new("char[]", 256)
-        for tok in self._check_tokens(tokens, allow_overflow=True):
-            n = lib.pt_token_to_piece(self.model._ptr, int(tok), buf, 256)
-            out += ffi.buffer(buf, max(n, 0))[:]
-        return out.decode(errors="replace")
-
     # ---- plumbing -------------------------------------------------------------------------------------------------
 
-    def _need_vocab(self) -> None:
-        if not self.model.has_vocab:
-            raise ValueError(f"{self.model.path.name} has no tokenizer vocabulary; pass token ids instead of text")
-
-    def _check_tokens(self, tokens, allow_overflow: bool = False) -> np.ndarray:
-        arr = np.asarray(tokens)
-        if arr.ndim != 1:
-            raise ValueError(f"tokens must be a 1-D sequence of ints, got shape {arr.shape}")
-        if arr.size == 0:
-            raise ValueError("tokens is empty: pass at least one token id")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
-        bad = np.flatnonzero((arr < 0) | (arr >= self.model.n_vocab))
-        if bad.size:
-            raise ValueError(f"token id {int(arr[bad[0]])} at index {int(bad[0])} is outside the vocabulary "
-                             f"[0, {self.model.n_vocab}) ({bad.size} such ids)")
-        if not allow_overflow and self.n_past + arr.size > self.n_ctx:
+    def _check_tokens(self, tokens) -> np.ndarray:
+        if isinstance(tokens, str):
+            tokens = self.model.tokenize(tokens, add_special=self.n_past == 0)
+        arr = self.model.check_tokens(tokens)
+        if self.n_past + arr.size > self.n_ctx:
             raise ValueError(f"{arr.size} tokens do not fit: the context holds {self.n_ctx} and {self.n_past} are used; "
                              f"create the context with n_ctx >= {self.n_past + arr.size} or call reset()")
         return np.ascontiguousarray(arr, dtype=np.int32)

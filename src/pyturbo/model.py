@@ -7,6 +7,8 @@ import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from . import _native
 from .errors import ModelLoadError, WorkerError
 
@@ -155,6 +157,60 @@ class Model(_native.NativeHandle):
         return [{"name": ffi.string(lib.pt_device_name(i)).decode(),
                  "description": ffi.string(lib.pt_device_description(i)).decode(), "type": lib.pt_device_type(i)}
                 for i in range(lib.pt_device_count())]
+
+    # ---- tokens ---------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of text; add_special adds BOS (and EOS) as the model's vocabulary asks."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        ffi, lib = _native.ffi(), _native.lib()
+        ptr = self._live_with_vocab()
+        data = text.encode()
+        cap = len(data) + 8
+        buf = ffi.new("int32_t[]", cap)
+        n = lib.pt_tokenize(ptr, data, len(data), buf, cap, int(add_special))
+        if n < 0:  # -n: the capacity needed
+            cap = -n
+            buf = ffi.new("int32_t[]", cap)
+            n = lib.pt_tokenize(ptr, data, len(data), buf, cap, int(add_special))
+        return list(buf[0:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a piece of a UTF-8 character for some tokens)."""
+        ffi, lib = _native.ffi(), _native.lib()
+        ptr = self._live_with_vocab()
+        buf = ffi.new("char[]", 256)
+        n = lib.pt_token_to_piece(ptr, int(token), buf, 256)
+        return ffi.buffer(buf, max(n, 0))[:]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of token ids (invalid UTF-8 replaced)."""
+        return b"".join(self.token_bytes(t) for t in self.check_tokens(tokens, allow_empty=True)).decode(errors="replace")
+
+    def check_tokens(self, tokens, allow_empty: bool = False) -> np.ndarray:
+        """tokens as a contiguous int32 array, or ValueError saying what is wrong with them."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D sequence of ints (or text), got shape {arr.shape}")
+        if arr.size == 0:
+            if allow_empty:
+                return np.zeros(0, dtype=np.int32)
+            raise ValueError("tokens is empty: pass at least one token id")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+        bad = np.flatnonzero((arr < 0) | (arr >= self.n_vocab))
+        if bad.size:
+            raise ValueError(f"token id {int(arr[bad[0]])} at index {int(bad[0])} is outside the vocabulary "
+                             f"[0, {self.n_vocab}) ({bad.size} such ids)")
+        return np.ascontiguousarray(arr, dtype=np.int32)
+
+    def _live_with_vocab(self):
+        if self._ptr is None:
+            raise ValueError("the model is closed")
+        if not self.has_vocab:
+            raise ValueError(f"{self.path.name} has no tokenizer vocabulary; pass token ids instead of text")
+        return self._ptr
 
     def context(self, **kwargs) -> "Context":
         """A new inference context on this model; see `Context` for the parameters."""
