@@ -222,7 +222,7 @@ def test_worker_refuses_bad_port_and_warns_for_non_loopback():
 def test_gpu_streams_decision():
     """The stream-device default: only a single GPU is split, the user's GGML_CUDA_DEVICES wins, a bad value is
     refused with what to write instead."""
-    from pyturbo._native import AUTO_STREAMS_PER_GPU, decide_gpu_streams
+    from pyturbo.devices import AUTO_STREAMS_PER_GPU, decide_gpu_streams
 
     def no_gpu_query():
         raise AssertionError("the GPUs must not be counted here")

@@ -40,7 +40,7 @@ def test_pipelined_equals_standard_over_rpc(tiny_model, rpc3, n_workers, n_token
     pipe = res[1]
     assert pipe.n_ubatches == -(-n_tokens // 32)
     assert pipe.n_stages == n_workers and pipe.n_in_flight >= n_workers
-    assert pipe.extra_bytes > 0
+    assert pipe.slot_buffer_bytes > 0
 
 
 def test_prompt_longer_than_n_batch_pipelines_across_calls(tiny_model, rpc3):
@@ -122,11 +122,11 @@ def test_prefill_continues_a_sequence(tiny_model, rpc3):
     a, b = prompt(100, seed=1), prompt(130, seed=2)
     with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:
         with model.context(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
-            ctx.prefill(a)
-            std = ctx.prefill(b)
+            ctx.prefill(a, pipeline=False)
+            std = ctx.prefill(b, pipeline=False)
             kv_std = ctx.kv_state()
             ctx.reset()
-            ctx.prefill(a)
+            ctx.prefill(a, pipeline=False)
             pipe = ctx.prefill(b, pipeline=True)
             assert ctx.n_past == 230
             kv_pipe = ctx.kv_state()

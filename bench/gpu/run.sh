@@ -85,11 +85,11 @@ for step in "$@"; do
         for n in ${GPU_SPLITS:-1 2 4}; do
             echo "== GPU, GGML_CUDA_DEVICES=$n, ${GPU_PRESET:-8b}"
             # the dispatcher leaves all-local-GPU layouts to the standard path; force the pipeline to measure it
-            CUDA_VISIBLE_DEVICES=0 PYTURBO_PIPELINE_LOCAL_GPUS=1 GGML_CUDA_DEVICES=$n gpu_bench "gpu-${GPU_PRESET:-8b}-$n" --no-one-device
+            CUDA_VISIBLE_DEVICES=0 PYTURBO_PIPELINE=force GGML_CUDA_DEVICES=$n gpu_bench "gpu-${GPU_PRESET:-8b}-$n" --no-one-device
         done ;;
     gpu-default)
         echo "== GPU, first GPU, pyturbo defaults, ${GPU_PRESET:-8b}"
-        ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE_LOCAL_GPUS
+        ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE
           CUDA_VISIBLE_DEVICES=0 gpu_bench "gpu-default-${GPU_PRESET:-8b}" ) ;;
     gpu-multi)
         n_gpus=$(nvidia-smi -L | grep -c '^GPU')
@@ -105,7 +105,7 @@ for step in "$@"; do
                 # the pin enables peer access only when GGML_CUDA_P2P is set; without it copies go through the host.
                 # GPU_FORCE_PIPELINE=0 leaves the choice to the dispatcher (what a user gets)
                 ( [ $p2p = on ] && export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES
-                  CUDA_VISIBLE_DEVICES=$visible PYTURBO_PIPELINE_LOCAL_GPUS=${GPU_FORCE_PIPELINE:-1} \
+                  CUDA_VISIBLE_DEVICES=$visible PYTURBO_PIPELINE=$([ "${GPU_FORCE_PIPELINE:-1}" = 1 ] && echo force || echo auto) \
                   gpu_bench "gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p" )
             done
         done ;;

@@ -1,5 +1,5 @@
-// Implementation of pyturbo_api.h. Every entry point catches C++ exceptions (ggml-rpc throws for a dead server
-// with patches/0002) and turns them into a return code and pt_last_error().
+// Implementation of pyturbo_api.h. Every entry point runs its body through guarded(), which turns any C++ exception
+// (ggml-rpc throws for a dead server, patches/0002) into the function's error value and pt_last_error().
 
 #include "pyturbo_api.h"
 
@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -73,12 +74,43 @@ void clear_recent_errors() {
     g_log.recent_errors.clear();
 }
 
-void init_once() {
+void init_once(int32_t cuda_devices_per_gpu = 0) {
     static std::once_flag once;
-    std::call_once(once, [] {
+    std::call_once(once, [cuda_devices_per_gpu] {
         llama_log_set(log_callback, nullptr);
+        // ggml-cuda reads GGML_CUDA_DEVICES once, when its backend registers (in llama_backend_init)
+        if (cuda_devices_per_gpu > 1 && !getenv("GGML_CUDA_DEVICES")) {
+            setenv("GGML_CUDA_DEVICES", std::to_string(cuda_devices_per_gpu).c_str(), 0);
+        }
         llama_backend_init();
     });
+}
+
+// Runs body; any exception becomes on_error, with "<what>: <message>" in pt_last_error().
+template <typename T, typename F>
+T guarded(T on_error, const char * what, F && body) {
+    try {
+        return body();
+    } catch (const std::exception & e) {
+        g_last_error = std::string(what) + ": " + e.what();
+    } catch (...) {
+        g_last_error = std::string(what) + ": unknown C++ exception";
+    }
+    return on_error;
+}
+
+// Frees llama.cpp's object behind handle, then the handle. With a dead RPC server the free may throw: what lived there
+// is gone anyway, and the rest is freed.
+template <typename H, typename F>
+void free_handle(H * handle, const char * what, F && free_llama_object) {
+    if (!handle) {
+        return;
+    }
+    guarded<int32_t>(0, what, [&] {
+        free_llama_object();
+        return 0;
+    });
+    delete handle;
 }
 
 int32_t fail(const std::string & msg) {
@@ -104,6 +136,11 @@ struct pt_context {
     std::atomic<bool> abort_requested{false};
     bool dead = false;
     std::string dead_reason;
+
+    void mark_dead(const std::string & why) {
+        dead = true;
+        dead_reason = "the context is unusable after a device failure: " + why;
+    }
 };
 
 static bool abort_callback(void * data) {
@@ -113,6 +150,13 @@ static bool abort_callback(void * data) {
 extern "C" {
 
 const char * pt_last_error(void) { return g_last_error.c_str(); }
+
+int32_t pt_init(int32_t cuda_devices_per_gpu) {
+    return guarded<int32_t>(-1, "starting llama.cpp's backends", [&] {
+        init_once(cuda_devices_per_gpu);
+        return 0;
+    });
+}
 
 int32_t pt_has_cuda(void) { return PYTURBO_WITH_CUDA ? 1 : 0; }
 
@@ -131,47 +175,61 @@ int32_t pt_next_log(char * buf, int32_t capacity) {
     return level;
 }
 
-int32_t pt_device_count(void) {
+// ---- devices --------------------------------------------------------------------------------------------------------
+
+static ggml_backend_dev_t device_at(int32_t i) {
     init_once();
-    return (int32_t) ggml_backend_dev_count();
+    return i >= 0 && (size_t) i < ggml_backend_dev_count() ? ggml_backend_dev_get(i) : nullptr;
+}
+
+int32_t pt_device_count(void) {
+    return guarded<int32_t>(0, "listing devices", [] {
+        init_once();
+        return (int32_t) ggml_backend_dev_count();
+    });
 }
 
 const char * pt_device_name(int32_t i) {
-    init_once();
-    return i >= 0 && (size_t) i < ggml_backend_dev_count() ? ggml_backend_dev_name(ggml_backend_dev_get(i)) : "";
-}
-
-int32_t pt_device_type(int32_t i) {
-    init_once();
-    return i >= 0 && (size_t) i < ggml_backend_dev_count() ? (int32_t) ggml_backend_dev_type(ggml_backend_dev_get(i)) : -1;
-}
-
-int32_t pt_device_has_events(int32_t i) {
-    init_once();
-    if (i < 0 || (size_t) i >= ggml_backend_dev_count()) {
-        return -1;
-    }
-    ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-    if (strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0) {
-        return 0; // RPC devices have no events, and asking for their properties contacts the server
-    }
-    try {
-        ggml_backend_dev_props props;
-        ggml_backend_dev_get_props(dev, &props);
-        return props.caps.events ? 1 : 0;
-    } catch (const std::exception &) {
-        return -1;
-    }
+    return guarded<const char *>("", "naming a device", [&] {
+        ggml_backend_dev_t dev = device_at(i);
+        return dev ? ggml_backend_dev_name(dev) : "";
+    });
 }
 
 const char * pt_device_description(int32_t i) {
-    init_once();
-    return i >= 0 && (size_t) i < ggml_backend_dev_count() ? ggml_backend_dev_description(ggml_backend_dev_get(i)) : "";
+    return guarded<const char *>("", "describing a device", [&] {
+        ggml_backend_dev_t dev = device_at(i);
+        return dev ? ggml_backend_dev_description(dev) : "";
+    });
 }
 
+int32_t pt_device_type(int32_t i) {
+    return guarded<int32_t>(-1, "typing a device", [&] {
+        ggml_backend_dev_t dev = device_at(i);
+        return dev ? (int32_t) ggml_backend_dev_type(dev) : -1;
+    });
+}
+
+int32_t pt_device_has_events(int32_t i) {
+    return guarded<int32_t>(-1, "reading a device's properties", [&] {
+        ggml_backend_dev_t dev = device_at(i);
+        if (!dev) {
+            return -1;
+        }
+        if (llama_turbo_dev_is_rpc(dev)) {
+            return 0; // RPC devices have no events, and asking for their properties contacts the server
+        }
+        ggml_backend_dev_props props;
+        ggml_backend_dev_get_props(dev, &props);
+        return props.caps.events ? 1 : 0;
+    });
+}
+
+// ---- RPC ------------------------------------------------------------------------------------------------------------
+
 int32_t pt_rpc_add_server(const char * endpoint) {
-    init_once();
-    try {
+    return guarded<int32_t>(-1, (std::string("cannot use RPC server ") + endpoint).c_str(), [&] {
+        init_once();
         ggml_backend_reg_t reg = ggml_backend_rpc_add_server(endpoint);
         if (!reg) {
             return fail(std::string("RPC server ") + endpoint + " reports no devices");
@@ -185,124 +243,117 @@ int32_t pt_rpc_add_server(const char * endpoint) {
             ggml_backend_register(reg);
         }
         return (int32_t) ggml_backend_reg_dev_count(reg);
-    } catch (const std::exception & e) {
-        return fail(std::string("cannot use RPC server ") + endpoint + ": " + e.what());
-    }
+    });
 }
 
 int32_t pt_rpc_serve(const char * endpoint, int32_t n_threads, const char * device) {
-    init_once();
-    ggml_backend_dev_t dev = nullptr;
-    if (device && device[0]) {
-        dev = ggml_backend_dev_by_name(device);
-    } else {
-        dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    }
-    if (!dev) {
-        return fail(std::string("no local device named '") + (device ? device : "") + "'");
-    }
-    try {
+    return guarded<int32_t>(-1, (std::string("RPC server on ") + endpoint + " failed").c_str(), [&] {
+        init_once();
+        ggml_backend_dev_t dev = device && device[0] ? ggml_backend_dev_by_name(device)
+                                                     : ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (!dev) {
+            return fail(std::string("no local device named '") + (device ? device : "") + "'");
+        }
         ggml_backend_rpc_start_server(endpoint, nullptr, (size_t) std::max(1, n_threads), 1, &dev);
-    } catch (const std::exception & e) {
-        return fail(std::string("RPC server on ") + endpoint + " failed: " + e.what());
-    }
-    return 0;
+        // it serves until the process ends, and returns only when it could not start (it logged why)
+        const std::string why = take_recent_errors();
+        return fail("could not serve on " + std::string(endpoint) + (why.empty() ? " (is the port in use?)" : ": " + why));
+    });
 }
+
+// ---- models ---------------------------------------------------------------------------------------------------------
 
 pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                          const float * tensor_split, int32_t n_tensor_split,
                          const char * const * devices, int32_t n_devices, int32_t use_mmap) {
-    init_once();
-    clear_recent_errors();
-    llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = n_gpu_layers;
-    mp.split_mode   = (llama_split_mode) split_mode;
-    mp.main_gpu     = main_gpu;
-    mp.load_mode    = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    return guarded<pt_model *>(nullptr, (std::string("loading ") + path + " failed").c_str(), [&]() -> pt_model * {
+        init_once();
+        clear_recent_errors();
+        llama_model_params mp = llama_model_default_params();
+        mp.n_gpu_layers = n_gpu_layers;
+        mp.split_mode   = (llama_split_mode) split_mode;
+        mp.main_gpu     = main_gpu;
+        mp.load_mode    = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
 
-    std::vector<ggml_backend_dev_t> devs;
-    if (devices) { // an empty list means: no offload devices (CPU only)
-        for (int32_t i = 0; i < n_devices; ++i) {
-            ggml_backend_dev_t d = ggml_backend_dev_by_name(devices[i]);
-            if (!d) {
-                return fail_null<pt_model>(std::string("no device named '") + devices[i] + "'");
+        std::vector<ggml_backend_dev_t> devs;
+        if (devices) { // an empty list means: no offload devices (CPU only)
+            for (int32_t i = 0; i < n_devices; ++i) {
+                ggml_backend_dev_t d = ggml_backend_dev_by_name(devices[i]);
+                if (!d) {
+                    return fail_null<pt_model>(std::string("no device named '") + devices[i] + "'");
+                }
+                devs.push_back(d);
             }
-            devs.push_back(d);
+            devs.push_back(nullptr);
+            mp.devices = devs.data();
         }
-        devs.push_back(nullptr);
-        mp.devices = devs.data();
-    }
-    std::vector<float> split(llama_max_devices(), 0.0f);
-    if (tensor_split && n_tensor_split > 0) {
-        if ((size_t) n_tensor_split > split.size()) {
-            return fail_null<pt_model>("tensor_split has more entries than llama.cpp supports devices");
+        std::vector<float> split(llama_max_devices(), 0.0f);
+        if (tensor_split && n_tensor_split > 0) {
+            if ((size_t) n_tensor_split > split.size()) {
+                return fail_null<pt_model>("tensor_split has more entries than llama.cpp supports devices");
+            }
+            std::copy(tensor_split, tensor_split + n_tensor_split, split.begin());
+            mp.tensor_split = split.data();
         }
-        std::copy(tensor_split, tensor_split + n_tensor_split, split.begin());
-        mp.tensor_split = split.data();
-    }
-    try {
         llama_model * m = llama_model_load_from_file(path, mp);
         if (!m) {
             const std::string why = take_recent_errors();
             return fail_null<pt_model>(std::string("llama.cpp could not load ") + path + (why.empty() ? "" : ": " + why));
         }
         return new pt_model{m};
-    } catch (const std::exception & e) {
-        return fail_null<pt_model>(std::string("loading ") + path + " failed: " + e.what());
-    }
+    });
 }
 
 void pt_model_free(pt_model * model) {
-    if (!model) {
-        return;
-    }
-    try {
-        llama_model_free(model->model);
-    } catch (const std::exception &) {
-        // a dead RPC server: its buffers are gone anyway
-    }
-    delete model;
+    free_handle(model, "freeing the model", [&] { llama_model_free(model->model); });
 }
 
 int32_t pt_model_get_info(pt_model * model, pt_model_info * info) {
-    const llama_vocab * vocab = llama_model_get_vocab(model->model);
-    info->n_layer     = llama_model_n_layer(model->model);
-    info->n_vocab     = llama_vocab_n_tokens(vocab);
-    info->n_embd      = llama_model_n_embd(model->model);
-    info->n_ctx_train = llama_model_n_ctx_train(model->model);
-    info->has_vocab   = llama_vocab_type(vocab) != LLAMA_VOCAB_TYPE_NONE;
-    info->n_stages    = llama_turbo_stage_names(model->model, nullptr, 0);
-    return 0;
+    return guarded<int32_t>(-1, "reading the model's info", [&] {
+        const llama_vocab * vocab = llama_model_get_vocab(model->model);
+        info->n_layer     = llama_model_n_layer(model->model);
+        info->n_vocab     = llama_vocab_n_tokens(vocab);
+        info->n_embd      = llama_model_n_embd(model->model);
+        info->n_ctx_train = llama_model_n_ctx_train(model->model);
+        info->has_vocab   = llama_vocab_type(vocab) != LLAMA_VOCAB_TYPE_NONE;
+        info->n_stages    = llama_turbo_stage_names(model->model, nullptr, 0);
+        return 0;
+    });
 }
 
 int32_t pt_model_stage_names(pt_model * model, const char ** names, int32_t capacity) {
-    return llama_turbo_stage_names(model->model, names, capacity);
+    return guarded<int32_t>(-1, "naming the stages", [&] { return llama_turbo_stage_names(model->model, names, capacity); });
 }
 
 int32_t pt_tokenize(pt_model * model, const char * text, int32_t text_len, int32_t * tokens, int32_t capacity, int32_t add_special) {
-    const llama_vocab * vocab = llama_model_get_vocab(model->model);
-    return llama_tokenize(vocab, text, text_len, tokens, capacity, add_special != 0, false);
+    // llama_tokenize returns -(tokens needed) when capacity is too small; INT32_MIN here means it failed
+    return guarded<int32_t>(INT32_MIN, "tokenizing", [&] {
+        return llama_tokenize(llama_model_get_vocab(model->model), text, text_len, tokens, capacity, add_special != 0, false);
+    });
 }
 
 int32_t pt_token_to_piece(pt_model * model, int32_t token, char * buf, int32_t capacity) {
-    const llama_vocab * vocab = llama_model_get_vocab(model->model);
-    return llama_token_to_piece(vocab, token, buf, capacity, 0, false);
+    return guarded<int32_t>(0, "detokenizing", [&] {
+        return llama_token_to_piece(llama_model_get_vocab(model->model), token, buf, capacity, 0, false);
+    });
 }
 
+// ---- contexts -------------------------------------------------------------------------------------------------------
+
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
-                            int32_t n_threads, int32_t flash_attn, int32_t max_in_flight) {
-    init_once();
-    clear_recent_errors();
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = n_ctx;
-    cp.n_batch         = n_batch;
-    cp.n_ubatch        = n_ubatch;
-    cp.n_seq_max       = 1;
-    cp.n_threads       = n_threads;
-    cp.n_threads_batch = n_threads;
-    cp.flash_attn_type = (llama_flash_attn_type) flash_attn;
-    cp.no_perf         = true;
-    try {
+                            int32_t n_threads, int32_t flash_attn, int32_t max_in_flight, int32_t host_staging) {
+    return guarded<pt_context *>(nullptr, "creating the context failed", [&]() -> pt_context * {
+        init_once();
+        clear_recent_errors();
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx           = n_ctx;
+        cp.n_batch         = n_batch;
+        cp.n_ubatch        = n_ubatch;
+        cp.n_seq_max       = 1;
+        cp.n_threads       = n_threads;
+        cp.n_threads_batch = n_threads;
+        cp.flash_attn_type = (llama_flash_attn_type) flash_attn;
+        cp.no_perf         = true;
         llama_context * c = llama_init_from_model(model->model, cp);
         if (!c) {
             const std::string why = take_recent_errors();
@@ -312,49 +363,45 @@ pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, 
         ctx->owner = model;
         ctx->ctx   = c;
         llama_set_abort_callback(c, abort_callback, ctx);
-        llama_turbo_set_max_in_flight(c, max_in_flight);
+        const llama_turbo_options options = {max_in_flight, host_staging != 0};
+        llama_turbo_attach(c, &options);
         return ctx;
-    } catch (const std::exception & e) {
-        return fail_null<pt_context>(std::string("creating the context failed: ") + e.what());
-    }
+    });
 }
 
 void pt_context_free(pt_context * ctx) {
-    if (!ctx) {
-        return;
-    }
-    try {
-        llama_free(ctx->ctx);
-    } catch (const std::exception &) {
-        // a dead RPC server: nothing left to free there
-    }
-    delete ctx;
+    free_handle(ctx, "freeing the context", [&] { llama_free(ctx->ctx); });
 }
 
 int32_t pt_context_n_past(pt_context * ctx) {
-    return llama_memory_seq_pos_max(llama_get_memory(ctx->ctx), 0) + 1;
+    return guarded<int32_t>(-1, "reading the KV cache", [&] {
+        return llama_memory_seq_pos_max(llama_get_memory(ctx->ctx), 0) + 1;
+    });
 }
 
 int32_t pt_context_is_dead(pt_context * ctx) { return ctx->dead ? 1 : 0; }
 
-void pt_context_reset(pt_context * ctx) {
-    llama_memory_clear(llama_get_memory(ctx->ctx), true);
+int32_t pt_context_stock_overlaps(pt_context * ctx) { return llama_turbo_stock_overlaps(ctx->ctx) ? 1 : 0; }
+
+int32_t pt_context_reset(pt_context * ctx) {
+    if (ctx->dead) {
+        return fail(ctx->dead_reason);
+    }
+    const int32_t rc = guarded<int32_t>(-1, "clearing the KV cache", [&] {
+        llama_memory_clear(llama_get_memory(ctx->ctx), true);
+        return 0;
+    });
+    if (rc != 0) {
+        ctx->mark_dead(g_last_error);
+    }
+    return rc;
 }
 
 void pt_request_abort(pt_context * ctx) { ctx->abort_requested = true; }
 
+} // extern "C"
+
 namespace {
-
-struct record_forward {
-    pt_record_callback cb;
-    void * user;
-};
-
-void forward_record(const llama_turbo_record * r, void * data) {
-    auto * fw = static_cast<record_forward *>(data);
-    pt_record out = {r->ubatch, r->pos0, r->n_tokens, r->stage, r->device, r->t_start_us, r->t_end_us, r->clock};
-    fw->cb(&out, fw->user);
-}
 
 // The batches of one prefill: n_batch tokens each, positions continuing the sequence, logits for the last token only.
 struct prefill_batches {
@@ -384,103 +431,66 @@ struct prefill_batches {
     }
 };
 
+// Capture the n_batch-sized llama_decode calls of a prefill and replay them (the only decode loop is the executor's).
+int32_t capture_and_replay(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, llama_turbo_pipeline pipeline,
+                           llama_turbo_record_callback on_record, void * user_data, llama_turbo_result * result) {
+    llama_context * c = ctx->ctx;
+    const int32_t n_batch = (int32_t) llama_n_batch(c);
+    prefill_batches batches(n_tokens, pt_context_n_past(ctx));
+    if (llama_turbo_capture_begin(c) != 0) {
+        snprintf(result->error, sizeof(result->error), "could not start a capture (is another prefill running?)");
+        return result->status = LLAMA_TURBO_FAILED;
+    }
+    for (int32_t i0 = 0; i0 < n_tokens; i0 += n_batch) {
+        if (llama_decode(c, batches.chunk(tokens, i0, std::min(n_batch, n_tokens - i0))) != 0) {
+            llama_turbo_capture_discard(c);
+            snprintf(result->error, sizeof(result->error), "llama_decode refused the batch");
+            return result->status = LLAMA_TURBO_FAILED;
+        }
+    }
+    return llama_turbo_replay(c, pipeline, on_record, user_data, result);
+}
+
 } // namespace
 
+extern "C" {
+
 int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline,
-                   pt_record_callback on_record, void * user_data, pt_prefill_result * result) {
+                   llama_turbo_record_callback on_record, void * user_data, llama_turbo_result * result) {
     *result = {};
     if (ctx->dead) {
         snprintf(result->error, sizeof(result->error), "%s", ctx->dead_reason.c_str());
-        return result->status = -1;
+        return result->status = LLAMA_TURBO_DEVICE_FAILED;
     }
-    if (n_tokens <= 0) {
-        snprintf(result->error, sizeof(result->error), "no tokens");
-        return result->status = -1;
+    if (n_tokens <= 0 || pipeline < LLAMA_TURBO_PIPELINE_OFF || pipeline > LLAMA_TURBO_PIPELINE_ON) {
+        snprintf(result->error, sizeof(result->error), n_tokens <= 0 ? "no tokens" : "unknown pipeline mode %d", pipeline);
+        return result->status = LLAMA_TURBO_FAILED;
     }
     clear_recent_errors();
     ctx->abort_requested = false;
-
-    llama_context * c = ctx->ctx;
-    const llama_pos p0 = pt_context_n_past(ctx);
-    const int32_t n_batch = (int32_t) llama_n_batch(c);
-    prefill_batches batches(n_tokens, p0);
-    record_forward fw = {on_record, user_data};
-
-    int32_t status = 0;
-    bool device_failed = false;
-    std::string error;
-    result->t_start_us = ggml_time_us();
-    try {
-        if (pipeline) {
-            llama_turbo_set_record_callback(c, on_record ? forward_record : nullptr, &fw);
-            llama_turbo_capture_begin(c);
-            for (int32_t i0 = 0; i0 < n_tokens && status == 0; i0 += n_batch) {
-                status = llama_decode(c, batches.chunk(tokens, i0, std::min(n_batch, n_tokens - i0)));
-            }
-            if (status != 0) {
-                llama_turbo_capture_discard(c);
-            } else {
-                llama_turbo_result tr = {};
-                status = llama_turbo_replay(c, &tr);
-                result->pipelined   = tr.path == LLAMA_TURBO_PATH_PIPELINED;
-                result->n_batches   = tr.n_batches;
-                result->n_ubatches  = tr.n_ubatches;
-                result->n_stages    = tr.n_stages;
-                result->n_in_flight = tr.n_in_flight;
-                result->extra_bytes = tr.extra_bytes;
-                snprintf(result->fallback_reason, sizeof(result->fallback_reason), "%s", tr.fallback_reason);
-                if (status != 0) {
-                    error = tr.error;
-                }
-                device_failed = tr.device_failed;
-            }
-            llama_turbo_set_record_callback(c, nullptr, nullptr);
-        } else {
-            for (int32_t i0 = 0; i0 < n_tokens && status == 0; i0 += n_batch) {
-                if (ctx->abort_requested) {
-                    status = 2;
-                    break;
-                }
-                status = llama_decode(c, batches.chunk(tokens, i0, std::min(n_batch, n_tokens - i0)));
-            }
-            result->n_batches = (n_tokens + n_batch - 1) / n_batch;
-            result->n_ubatches = (n_tokens + (int32_t) llama_n_ubatch(c) - 1) / (int32_t) llama_n_ubatch(c);
-            if (status != 0) {
-                llama_memory_seq_rm(llama_get_memory(c), 0, p0, -1);
-            }
-        }
-        // llama_decode returns with the last ubatch possibly still queued on an asynchronous device (CUDA): the
-        // prefill ends when it is done, or timings would leave out its tail
-        llama_synchronize(c);
-    } catch (const std::exception & e) {
-        // a device failed inside llama.cpp's own path (for example an RPC server died during llama_decode)
-        llama_turbo_set_record_callback(c, nullptr, nullptr);
-        status = -1;
-        device_failed = true;
-        error = e.what();
+    const int32_t status = guarded<int32_t>(LLAMA_TURBO_DEVICE_FAILED, "prefill", [&] {
+        return capture_and_replay(ctx, tokens, n_tokens, (llama_turbo_pipeline) pipeline, on_record, user_data, result);
+    });
+    if (status == LLAMA_TURBO_OK) {
+        return status;
     }
-    result->t_end_us = ggml_time_us();
-
-    if (status != 0) {
-        const std::string logged = take_recent_errors();
-        if (error.empty()) {
-            error = status == 2 ? "aborted" : "llama_decode failed with status " + std::to_string(status);
-        }
-        if (!logged.empty() && status != 2) {
-            error += " (llama.cpp: " + logged + ")";
-        }
-        if (device_failed) {
-            ctx->dead = true;
-            ctx->dead_reason = "the context is unusable after a device failure: " + error;
-        }
-        snprintf(result->error, sizeof(result->error), "%s", error.c_str());
+    std::string error = result->error[0] ? result->error : g_last_error;
+    const std::string logged = take_recent_errors();
+    if (!logged.empty() && status != LLAMA_TURBO_ABORTED) {
+        error += " (llama.cpp: " + logged + ")";
     }
-    result->status = status;
-    return status;
+    if (status == LLAMA_TURBO_DEVICE_FAILED) {
+        ctx->mark_dead(error);
+    }
+    snprintf(result->error, sizeof(result->error), "%s", error.c_str());
+    return result->status = status;
 }
 
 int32_t pt_get_logits(pt_context * ctx, float * out) {
-    try {
+    if (ctx->dead) {
+        return fail(ctx->dead_reason);
+    }
+    return guarded<int32_t>(-1, "reading logits failed", [&] {
         const float * logits = llama_get_logits_ith(ctx->ctx, -1);
         if (!logits) {
             return fail("no logits are available");
@@ -488,27 +498,23 @@ int32_t pt_get_logits(pt_context * ctx, float * out) {
         const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx->ctx)));
         std::memcpy(out, logits, sizeof(float) * n_vocab);
         return 0;
-    } catch (const std::exception & e) {
-        return fail(std::string("reading logits failed: ") + e.what());
-    }
+    });
 }
 
 size_t pt_state_size(pt_context * ctx) {
-    try {
-        return llama_state_seq_get_size(ctx->ctx, 0);
-    } catch (const std::exception & e) {
-        g_last_error = e.what();
+    if (ctx->dead) {
+        fail(ctx->dead_reason);
         return 0;
     }
+    return guarded<size_t>(0, "sizing the KV cache", [&] { return llama_state_seq_get_size(ctx->ctx, 0); });
 }
 
 size_t pt_state_get(pt_context * ctx, uint8_t * dst, size_t size) {
-    try {
-        return llama_state_seq_get_data(ctx->ctx, dst, size, 0);
-    } catch (const std::exception & e) {
-        g_last_error = e.what();
+    if (ctx->dead) {
+        fail(ctx->dead_reason);
         return 0;
     }
+    return guarded<size_t>(0, "reading the KV cache", [&] { return llama_state_seq_get_data(ctx->ctx, dst, size, 0); });
 }
 
 } // extern "C"

@@ -5,11 +5,14 @@
 // silently when it drifts. Here every struct crossing the boundary is ours, small and stable, and everything that
 // touches llama.cpp's structs is compiled against the very headers it runs with.
 //
-// Errors: functions return a negative value or NULL and leave a message in pt_last_error() (per thread). No function
-// lets a C++ exception or an abort escape for a condition the caller can cause.
+// Errors: functions return a negative value or NULL and leave a message in pt_last_error() (per thread). Every entry
+// point catches every C++ exception (ggml-rpc throws for a dead server, patches/0002).
 //
-// The block between the cffi markers is read by src/pyturbo/_native.py as the cdef: plain C, no preprocessor.
+// The block between the cffi markers is read by src/pyturbo/_native.py as the cdef, after the one of llama-turbo.h
+// (the prefill's result and timing record are the executor's own structs): plain C, no preprocessor.
 #pragma once
+
+#include "llama-turbo.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -22,34 +25,6 @@ extern "C" {
 typedef struct pt_model   pt_model;
 typedef struct pt_context pt_context;
 
-// One (ubatch, stage) of a pipelined prefill (mirrors llama_turbo_record).
-typedef struct pt_record {
-    int32_t      ubatch;
-    int32_t      pos0;
-    int32_t      n_tokens;
-    int32_t      stage;
-    const char * device;
-    int64_t      t_start_us;
-    int64_t      t_end_us;
-    const char * clock;      // "cuda-event" or "host" (see llama_turbo_record)
-} pt_record;
-
-typedef void (*pt_record_callback)(const pt_record * record, void * user_data);
-
-typedef struct pt_prefill_result {
-    int32_t  status;               // 0 ok, 2 aborted, other: failed (see error)
-    int32_t  pipelined;            // 1 if the pipelined path ran
-    char     fallback_reason[160]; // why the standard path ran although the pipeline was asked for
-    char     error[512];
-    int32_t  n_batches;
-    int32_t  n_ubatches;
-    int32_t  n_stages;
-    int32_t  n_in_flight;
-    uint64_t extra_bytes;
-    int64_t  t_start_us;
-    int64_t  t_end_us;
-} pt_prefill_result;
-
 typedef struct pt_model_info {
     int32_t n_layer;
     int32_t n_vocab;
@@ -60,6 +35,10 @@ typedef struct pt_model_info {
 } pt_model_info;
 
 const char * pt_last_error(void);
+// Starts llama.cpp's backends, once per process; the first call wins. cuda_devices_per_gpu > 1 makes the CUDA backend
+// expose each GPU as that many devices, each with its own stream (GGML_CUDA_DEVICES, unless the environment already
+// sets it). Every other function starts the backends with the default if this was not called first.
+int32_t      pt_init(int32_t cuda_devices_per_gpu);
 int32_t      pt_has_cuda(void);
 int64_t      pt_time_us(void);
 
@@ -91,20 +70,23 @@ int32_t    pt_model_stage_names(pt_model * model, const char ** names, int32_t c
 int32_t    pt_tokenize(pt_model * model, const char * text, int32_t text_len, int32_t * tokens, int32_t capacity, int32_t add_special);
 int32_t    pt_token_to_piece(pt_model * model, int32_t token, char * buf, int32_t capacity);
 
-// flash_attn: -1 auto, 0 off, 1 on. max_in_flight: 0 = one per stage plus one.
+// flash_attn: -1 auto, 0 off, 1 on. max_in_flight: 0 = one per stage plus one. host_staging: see llama_turbo_options.
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
-                            int32_t n_threads, int32_t flash_attn, int32_t max_in_flight);
+                            int32_t n_threads, int32_t flash_attn, int32_t max_in_flight, int32_t host_staging);
 void         pt_context_free(pt_context * ctx);
 int32_t      pt_context_n_past(pt_context * ctx);
 int32_t      pt_context_is_dead(pt_context * ctx);
-void         pt_context_reset(pt_context * ctx);
+int32_t      pt_context_stock_overlaps(pt_context * ctx); // llama_turbo_stock_overlaps
+// Clears the KV cache. Returns 0, or -1 when a device failed (the context is then dead).
+int32_t      pt_context_reset(pt_context * ctx);
 
-// Appends tokens to sequence 0 in n_batch-sized llama_decode calls; the last token's logits are computed.
-// pipeline: capture the calls and replay them pipelined (the dispatcher may still choose the standard path).
-// On failure or abort, the KV cache is left as it was before the call.
+// Appends tokens to sequence 0 in n_batch-sized llama_decode calls, captured and replayed as one series by the
+// executor (llama-turbo.h), which takes the pipelined path if `pipeline` (enum llama_turbo_pipeline) asks for it and it
+// is safe, else the standard path; the last token's logits are computed. Returns result->status (enum llama_turbo_status); on
+// failure or abort the KV cache is as it was before the call, and after LLAMA_TURBO_DEVICE_FAILED the context is dead.
 int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline,
-                   pt_record_callback on_record, void * user_data, pt_prefill_result * result);
-// Interrupts a running pt_prefill from any thread; it returns with status 2.
+                   llama_turbo_record_callback on_record, void * user_data, struct llama_turbo_result * result);
+// Interrupts a running pt_prefill from any thread; it returns with LLAMA_TURBO_ABORTED.
 void    pt_request_abort(pt_context * ctx);
 // Copies the logits of the last computed output row (n_vocab floats). Returns 0, or -1 if there is none.
 int32_t pt_get_logits(pt_context * ctx, float * out);

@@ -2,18 +2,18 @@
 
     model = pyturbo.Model("model.gguf", rpc_servers=["127.0.0.1:50052", "127.0.0.1:50053"])
     with model.context(n_ctx=8192, n_ubatch=512) as ctx:
-        result = ctx.prefill(tokens, pipeline=True)
+        result = ctx.prefill(tokens)        # pipelined where that is safe and faster
         print(result.tokens_per_second, result.path, result.timeline.ascii())
 """
 from ._native import build_info
 from .context import Context, PrefillResult
-from .errors import ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
+from .errors import ContextCreateError, ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
 from .model import Model
 from .timeline import Timeline, UbatchRecord
 
 __all__ = [
     "Model", "Context", "PrefillResult", "Timeline", "UbatchRecord", "build_info",
-    "PyturboError", "ModelLoadError", "WorkerError", "ContextDeadError", "PrefillError",
+    "PyturboError", "ModelLoadError", "WorkerError", "ContextCreateError", "ContextDeadError", "PrefillError",
 ]
 __version__ = "0.1.0"
 

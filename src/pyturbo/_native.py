@@ -1,11 +1,10 @@
 """The C boundary: loads libpyturbo_native (built by CMakeLists.txt) with cffi in ABI mode.
 
-The declarations come from the installed pyturbo_api.h itself (the block between its cffi markers), so the binding
-and the library cannot disagree. Only our own small structs cross the boundary; see that header for why.
+The declarations come from the installed headers themselves (the blocks between their cffi markers, CDEF_HEADERS), so
+the binding and the library cannot disagree. Only our own small structs cross the boundary; see pyturbo_api.h for why.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -23,47 +22,18 @@ logging.getLogger("pyturbo").addHandler(logging.NullHandler())
 _LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
 
 
+# The cdef: the cffi blocks of the executor's header (the prefill's result and record structs, status codes) and of the
+# C boundary's, in that order.
+CDEF_HEADERS = ("llama-turbo.h", "pyturbo_api.h")
+
+
 def _cdef_source() -> str:
-    header = (LIB_DIR / "pyturbo_api.h").read_text()
-    start = header.index("// cffi-begin") + len("// cffi-begin")
-    return header[start:header.index("// cffi-end")]
-
-
-# One GPU split into this many stream devices when PYTURBO_GPU_STREAMS is "auto" (the default). Measured on an H100
-# with an 8B F16 model (bench/results/2026-11-25-h100-cuda.md): llama.cpp's own scheduler over 4 stream devices of
-# one GPU overlaps the ubatches of a prompt, 1.00-1.16x the prefill throughput of the GPU as one device (prompts of
-# 512-32K tokens). The cost is one compute buffer per stream device.
-AUTO_STREAMS_PER_GPU = 4
-
-
-def _physical_gpu_count() -> int:
-    """CUDA GPUs this process can use (CUDA_VISIBLE_DEVICES applies), asked of the driver; 0 when there is none."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
-
-
-def decide_gpu_streams(env: dict, cuda_build: bool, count_gpus) -> dict:
-    """How many devices the CUDA backend will make of each GPU, and why (`count_gpus()` is asked only when needed).
-    Only a single GPU is split: GGML_CUDA_DEVICES maps devices to GPUs round-robin, which would interleave the GPUs
-    of a multi-GPU machine in the layer order."""
-    if "GGML_CUDA_DEVICES" in env:  # the user's own layout wins
-        return {"source": f"GGML_CUDA_DEVICES={env['GGML_CUDA_DEVICES']}", "streams_per_gpu": None}
-    wanted = env.get("PYTURBO_GPU_STREAMS", "auto").strip().lower() or "auto"
-    if wanted != "auto" and not (wanted.isdigit() and int(wanted) >= 1):
-        raise ValueError(f"PYTURBO_GPU_STREAMS must be 'auto' or a count >= 1, not {wanted!r}")
-    if not cuda_build:
-        return {"source": "no CUDA in this build", "streams_per_gpu": 1}
-    n_gpus = count_gpus()
-    if n_gpus != 1:
-        return {"source": f"{n_gpus} GPUs (only a single GPU is split)", "streams_per_gpu": 1}
-    streams = AUTO_STREAMS_PER_GPU if wanted == "auto" else int(wanted)
-    return {"source": f"PYTURBO_GPU_STREAMS={wanted}", "streams_per_gpu": streams}
+    blocks = []
+    for name in CDEF_HEADERS:
+        header = (LIB_DIR / name).read_text()
+        start = header.index("// cffi-begin") + len("// cffi-begin")
+        blocks.append(header[start:header.index("// cffi-end")])
+    return "\n".join(blocks)
 
 
 def _build_config() -> dict:
@@ -71,24 +41,22 @@ def _build_config() -> dict:
     return json.loads((LIB_DIR / "build_info.json").read_text())
 
 
-def gpu_streams_setting() -> dict:
-    """decide_gpu_streams() for this process. Must run before the CUDA backend starts: ggml-cuda reads
-    GGML_CUDA_DEVICES once."""
-    cuda_build = str(_build_config().get("cuda")).upper() in ("ON", "TRUE", "1")
-    return decide_gpu_streams(dict(os.environ), cuda_build, _physical_gpu_count)
-
-
-_gpu_streams: dict = {}  # what gpu_streams_setting() decided when the library was loaded
+_gpu_streams: dict = {}  # what devices.decide_gpu_streams() decided when the library was loaded
 
 
 @lru_cache(maxsize=None)
 def _load():
-    _gpu_streams.update(gpu_streams_setting())
-    if (_gpu_streams["streams_per_gpu"] or 1) > 1:
-        os.environ["GGML_CUDA_DEVICES"] = str(_gpu_streams["streams_per_gpu"])
+    from .devices import decide_gpu_streams, physical_gpu_count
+    cuda_build = str(_build_config().get("cuda")).upper() in ("ON", "TRUE", "1")
+    # decided before the CUDA backend starts: ggml-cuda reads its device layout once
+    _gpu_streams.update(decide_gpu_streams(dict(os.environ), cuda_build, physical_gpu_count))
     ffi = cffi.FFI()
     ffi.cdef(_cdef_source())
     lib = ffi.dlopen(str(LIB_DIR / "libpyturbo_native.so"))
+    if lib.pt_init(_gpu_streams["streams_per_gpu"] or 0) != 0:
+        raise RuntimeError(ffi.string(lib.pt_last_error()).decode(errors="replace"))
+    if (_gpu_streams["streams_per_gpu"] or 1) > 1:
+        logging.getLogger("pyturbo").info("each GPU is %d stream devices (%s)", _gpu_streams["streams_per_gpu"], _gpu_streams["source"])
     return ffi, lib
 
 
@@ -149,14 +117,12 @@ class NativeHandle:
 
 def build_info() -> dict:
     """How the native part was built: CUDA or not, which llama.cpp tree, and the devices it sees now."""
+    from .devices import list_devices
     info = _build_config()
-    l, f = lib(), ffi()
+    l = lib()
     info["cuda"] = bool(l.pt_has_cuda())
     info["gpu_streams"] = dict(_gpu_streams)
-    info["devices"] = [
-        {"name": f.string(l.pt_device_name(i)).decode(), "description": f.string(l.pt_device_description(i)).decode(),
-         "events": l.pt_device_has_events(i) == 1}
-        for i in range(l.pt_device_count())
-    ]
+    info["devices"] = [{"name": d.name, "description": d.description, "events": l.pt_device_has_events(i) == 1}
+                       for i, d in enumerate(list_devices())]
     drain_log()
     return info

@@ -1,6 +1,7 @@
 """`Context`: a llama.cpp context on a `Model`, with standard and pipelined prefill."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -8,9 +9,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import _native
-from .errors import ContextDeadError, PrefillError
+from . import _native, policy
+from .errors import ContextCreateError, ContextDeadError, PrefillError
 from .timeline import Timeline, UbatchRecord
+
+log = logging.getLogger("pyturbo")
 
 FLASH_ATTN = {None: -1, "auto": -1, False: 0, True: 1}
 
@@ -21,11 +24,12 @@ class PrefillResult:
     seconds: float
     logits: np.ndarray                 # float32 [n_vocab], of the last token
     path: str                          # "pipelined" or "standard"
-    fallback_reason: str = ""          # why the standard path ran although pipeline=True was asked for
+    fallback_reason: str = ""          # why the standard path ran ("" when pipelined)
+    decision: str = ""                 # why that path was asked for (policy.decide)
     n_ubatches: int = 0
     n_stages: int = 0
     n_in_flight: int = 0
-    extra_bytes: int = 0               # compute buffers of the extra in-flight ubatches, all devices
+    slot_buffer_bytes: int = 0         # compute buffers of all in-flight slots, all devices (pipelined path)
     timeline: Timeline = field(default_factory=Timeline)
 
     @property
@@ -56,12 +60,20 @@ class Context(_native.NativeHandle):
         n_threads = n_threads or os.cpu_count() or 1
         self.model = model
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
+        # environment switches, read once here
+        self._pipeline_override = policy.env_override(os.environ)
+        host_staging = os.environ.get("PYTURBO_PIPELINE_HOST_STAGING", "0") not in ("", "0")
+        for name, on in (("PYTURBO_PIPELINE", self._pipeline_override), ("PYTURBO_PIPELINE_HOST_STAGING", host_staging)):
+            if on:
+                log.warning("%s is set: %s", name, os.environ[name])
         ffi, lib = _native.ffi(), _native.lib()
-        ptr = lib.pt_context_new(model._ptr, n_ctx, n_batch, n_ubatch, n_threads, FLASH_ATTN[flash_attn], max_in_flight)
+        ptr = lib.pt_context_new(model._ptr, n_ctx, n_batch, n_ubatch, n_threads, FLASH_ATTN[flash_attn], max_in_flight,
+                                 int(host_staging))
         _native.drain_log()
         if ptr == ffi.NULL:
-            raise PrefillError(_native.last_error())
+            raise ContextCreateError(_native.last_error())
         self._ptr = ptr
+        self.layout = policy.Layout(stages=tuple(model.devices), stock_overlaps=bool(lib.pt_context_stock_overlaps(ptr)))
         model._contexts.add(self)
 
     # ---- prefill and decode ---------------------------------------------------------------------------------------
@@ -71,20 +83,24 @@ class Context(_native.NativeHandle):
         """Tokens already in the KV cache."""
         return _native.lib().pt_context_n_past(self._live())
 
-    def prefill(self, tokens: str | Sequence[int] | np.ndarray, pipeline: bool = False,
+    def prefill(self, tokens: str | Sequence[int] | np.ndarray, pipeline: bool | str = "auto",
                 on_ubatch: Callable[[UbatchRecord], None] | None = None) -> PrefillResult:
         """Append tokens (token ids, or text, tokenized with BOS when the cache is empty) to the sequence and return
         a `PrefillResult` (the last token's logits, timings, which path ran and why).
 
-        pipeline=True keeps several ubatches in flight over the model's layer devices; where that is not safe or
-        not possible (one device, fewer than two ubatches, ...) the standard path runs and `fallback_reason` says
-        why. on_ubatch(record) is called for every (ubatch, stage) as it completes. Ctrl-C interrupts it and leaves
-        the context as it was before the call.
+        pipeline: "auto" (or True, the default) keeps several ubatches in flight over the model's layer devices where
+        that is faster than llama.cpp's standard path (`decision` says why); "force" wherever it is safe; "off" (or
+        False) takes the standard path. Where pipelining is not safe or not possible (one device, fewer than two
+        ubatches, ...) the standard path runs and `fallback_reason` says why. on_ubatch(record) is called for every
+        (ubatch, stage) of a pipelined prefill as it completes. Ctrl-C interrupts it and leaves the context as it was
+        before the call.
         """
+        mode = policy.normalize_mode(pipeline)
         toks = self._check_tokens(tokens)
+        ask_pipeline, decision = policy.decide(mode, self.layout, self._pipeline_override)
         ffi, lib = _native.ffi(), _native.lib()
         ptr = self._live()
-        result = ffi.new("pt_prefill_result *")
+        result = ffi.new("struct llama_turbo_result *")
         raw: list[tuple] = []
         callback_error: list[BaseException] = []
 
@@ -99,31 +115,32 @@ class Context(_native.NativeHandle):
                     lib.pt_request_abort(ptr)
 
         t0_us = lib.pt_time_us()
-        c_cb = ffi.callback("pt_record_callback", on_record) if pipeline else ffi.NULL
+        c_cb = ffi.callback("llama_turbo_record_callback", on_record) if ask_pipeline else ffi.NULL
         c_toks = ffi.from_buffer("int32_t[]", toks)
-        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), int(pipeline), c_cb, ffi.NULL, result))
+        pipeline_arg = lib.LLAMA_TURBO_PIPELINE_ON if ask_pipeline else lib.LLAMA_TURBO_PIPELINE_OFF
+        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), pipeline_arg, c_cb, ffi.NULL, result))
         _native.drain_log()
         if callback_error:
             raise callback_error[0]
-        if result.status == 2:
+        if result.status == lib.LLAMA_TURBO_ABORTED:
             raise KeyboardInterrupt("prefill aborted; the context is as it was before the call")
-        if result.status != 0:
+        if result.status != lib.LLAMA_TURBO_OK:
             msg = ffi.string(result.error).decode(errors="replace")
-            if lib.pt_context_is_dead(ptr):
+            if result.status == lib.LLAMA_TURBO_DEVICE_FAILED:
                 raise ContextDeadError(msg)
             raise PrefillError(msg)
         seconds = (result.t_end_us - result.t_start_us) / 1e6
         timeline = Timeline.from_raw(raw, self.model.devices, result.t_start_us, seconds)
         return PrefillResult(
             n_tokens=len(toks), seconds=seconds, logits=self.logits(),
-            path="pipelined" if result.pipelined else "standard",
-            fallback_reason=ffi.string(result.fallback_reason).decode(), n_ubatches=result.n_ubatches,
-            n_stages=result.n_stages, n_in_flight=result.n_in_flight, extra_bytes=result.extra_bytes,
-            timeline=timeline)
+            path="pipelined" if result.path == lib.LLAMA_TURBO_PATH_PIPELINED else "standard",
+            fallback_reason=ffi.string(result.fallback_reason).decode(), decision=decision,
+            n_ubatches=result.n_ubatches, n_stages=result.n_stages, n_in_flight=result.n_in_flight,
+            slot_buffer_bytes=result.slot_buffer_bytes, timeline=timeline)
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token (standard path) and return its logits."""
-        return self.prefill([token]).logits
+        return self.prefill([token], pipeline="off").logits
 
     def generate(self, n: int, logits: np.ndarray | None = None) -> list[int]:
         """Greedily generate n tokens, continuing from `logits` (default: the last computed logits)."""
@@ -141,7 +158,7 @@ class Context(_native.NativeHandle):
         ffi, lib = _native.ffi(), _native.lib()
         out = np.empty(self.model.n_vocab, dtype=np.float32)
         if lib.pt_get_logits(self._live(), ffi.from_buffer("float[]", out)) != 0:
-            raise PrefillError(_native.last_error())
+            self._raise_native_error("reading the logits failed")
         return out
 
     def kv_state(self) -> bytes:
@@ -152,12 +169,13 @@ class Context(_native.NativeHandle):
         buf = ffi.new("uint8_t[]", size)
         got = lib.pt_state_get(ptr, buf, size)
         if got != size:
-            raise PrefillError(f"reading the KV cache failed: {_native.last_error()}")
+            self._raise_native_error("reading the KV cache failed")
         return bytes(ffi.buffer(buf, size))
 
     def reset(self) -> None:
         """Clear the KV cache."""
-        _native.lib().pt_context_reset(self._live())
+        if _native.lib().pt_context_reset(self._live()) != 0:
+            raise ContextDeadError(_native.last_error())
 
     # ---- plumbing -------------------------------------------------------------------------------------------------
 
@@ -169,6 +187,11 @@ class Context(_native.NativeHandle):
             raise ValueError(f"{arr.size} tokens do not fit: the context holds {self.n_ctx} and {self.n_past} are used; "
                              f"create the context with n_ctx >= {self.n_past + arr.size} or call reset()")
         return np.ascontiguousarray(arr, dtype=np.int32)
+
+    def _raise_native_error(self, what: str):
+        """The C call just failed: ContextDeadError if a device failure killed the context, else PrefillError."""
+        dead = _native.lib().pt_context_is_dead(self._live())
+        raise (ContextDeadError if dead else PrefillError)(f"{what}: {_native.last_error()}")
 
     def _live(self):
         if self._ptr is None:

@@ -13,6 +13,10 @@ class WorkerError(PyturboError):
     """A llama.cpp RPC worker is unreachable, or died while it was used."""
 
 
+class ContextCreateError(PyturboError):
+    """llama.cpp could not create a context with these parameters (the message carries its reason)."""
+
+
 class ContextDeadError(PyturboError):
     """A device failed during a call: the context (and its model) can no longer be used; create new ones."""
 

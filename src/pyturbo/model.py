@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import _native
+from .devices import choose_devices, list_devices
 from .errors import ModelLoadError, WorkerError
 
 SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
@@ -114,17 +115,8 @@ class Model(_native.NativeHandle):
             if lib.pt_rpc_add_server(ep.encode()) < 0:
                 _native.drain_log()
                 raise WorkerError(_native.last_error())
-            rpc_devices += [d["name"] for d in self._all_devices() if d["description"] == ep and d["name"].startswith("RPC")]
-        if devices is None:
-            # RPC workers registered earlier in this process stay registered; llama.cpp's default would use them for
-            # every model. Without rpc_servers, default to the local GPUs only (none: the CPU).
-            devices = rpc_devices or [d["name"] for d in self._all_devices()
-                                      if d["type"] in (1, 2) and not d["name"].startswith("RPC")]
-        devices = list(devices)
-        known = {d["name"] for d in self._all_devices()}
-        for d in devices:
-            if d not in known:
-                raise ValueError(f"no device named {d!r}; available: {', '.join(sorted(known))}")
+            rpc_devices += [d.name for d in list_devices() if d.is_rpc and d.description == ep]
+        devices = choose_devices(None if devices is None else list(devices), rpc_devices, list_devices())
         if isinstance(tensor_split, str):
             if tensor_split != "even":
                 raise ValueError(f"tensor_split must be proportions or 'even', not {tensor_split!r}")
@@ -150,13 +142,6 @@ class Model(_native.NativeHandle):
         lib.pt_model_stage_names(ptr, names, info.n_stages)
         #: the devices holding the model's layers, in chain order (the pipeline's stages)
         self.devices = [ffi.string(names[i]).decode() for i in range(info.n_stages)]
-
-    @staticmethod
-    def _all_devices() -> list[dict]:
-        ffi, lib = _native.ffi(), _native.lib()
-        return [{"name": ffi.string(lib.pt_device_name(i)).decode(),
-                 "description": ffi.string(lib.pt_device_description(i)).decode(), "type": lib.pt_device_type(i)}
-                for i in range(lib.pt_device_count())]
 
     # ---- tokens ---------------------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import numpy as np
 from .. import _native
 from . import synth, workers
 from ..errors import PyturboError
+from ..devices import list_devices
 from ..model import Model, parse_endpoints
 
 STOCK_BATCH, STOCK_UBATCH = 2048, 512
@@ -282,7 +283,7 @@ def bench_devices(args) -> list[str] | None:
     """The devices to split over: --devices, or with --gpu every CUDA device; None: the RPC workers."""
     devices = args.devices.split(",") if args.devices else None
     if args.gpu and devices is None:
-        devices = [d["name"] for d in Model._all_devices() if d["name"].startswith("CUDA")]
+        devices = [d.name for d in list_devices() if d.name.startswith("CUDA")]
         if not devices:
             raise PyturboError("--gpu: no CUDA devices (is this a CUDA build? see pyturbo.build_info())")
     return devices

@@ -171,8 +171,8 @@ def _fill(out: np.ndarray, cols: int, seed: int, index: int, chunk: int, r0: int
 def _random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype) -> np.ndarray:
     """rows x cols weights as q8_0 / q4_0 blocks: codes drawn uniformly and symmetric around zero, one scale chosen
     so that the weights' std is 1/sqrt(fan_in) like the float types'. Drawing the codes directly instead of
-    quantizing normal floats makes a 70B-shaped file a matter of its disk writes (quantizing in numpy took over ten
-    minutes)."""
+    quantizing normal floats makes a 70B-shaped file a matter of its disk writes (quantizing in numpy is many times
+    slower)."""
     import gguf
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     out = np.empty((rows, cols // block, type_size), np.uint8)   # per block: fp16 scale, then the codes

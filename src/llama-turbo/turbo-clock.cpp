@@ -1,0 +1,58 @@
+// Per-stage timing of a pipelined replay (the records of llama-turbo.h).
+//
+// On CUDA the times come from timing events on the backend's stream (patches/0005, found by name so that libllama
+// need not link ggml-cuda): they say when the GPU itself started and finished, without the launch and wake-up latency
+// of host clocks. Elsewhere (CPU, RPC) the host clock brackets the split.
+
+#include "turbo.h"
+
+stage_clock::stage_clock(ggml_backend_t backend) : backend(backend) {
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    if (!reg) {
+        return;
+    }
+    auto event_new = (ggml_backend_event_t (*)(ggml_backend_dev_t)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cuda_timing_event_new");
+    elapsed_ms     = (bool (*)(ggml_backend_event_t, ggml_backend_event_t, float *)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cuda_event_elapsed_ms");
+    if (!event_new || !elapsed_ms) {
+        return;
+    }
+    ref   = event_new(dev);
+    start = event_new(dev);
+    end   = event_new(dev);
+    // device times are offsets from this point, which the device reached just before the host read its clock
+    ggml_backend_event_record(ref, backend);
+    ggml_backend_event_synchronize(ref);
+    t_ref_us = ggml_time_us();
+}
+
+stage_clock::~stage_clock() {
+    for (ggml_backend_event_t e : {ref, start, end}) {
+        if (e) {
+            ggml_backend_event_free(e);
+        }
+    }
+}
+
+void stage_clock::begin(llama_turbo_record & rec) {
+    rec.t_start_us = ggml_time_us();
+    if (ref) {
+        ggml_backend_event_record(start, backend);
+    }
+}
+
+void stage_clock::mark_end() {
+    ggml_backend_event_record(end, backend);
+}
+
+void stage_clock::finish(llama_turbo_record & rec) {
+    rec.t_end_us = ggml_time_us();
+    rec.clock    = "host";
+    float ms_start = 0.0f;
+    float ms_end   = 0.0f;
+    if (ref && elapsed_ms(ref, start, &ms_start) && elapsed_ms(ref, end, &ms_end)) {
+        rec.t_start_us = t_ref_us + (int64_t) (1000.0 * ms_start);
+        rec.t_end_us   = t_ref_us + (int64_t) (1000.0 * ms_end);
+        rec.clock      = "cuda-event";
+    }
+}

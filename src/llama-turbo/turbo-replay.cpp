@@ -1,0 +1,320 @@
+// Capture, the path decision and replay: the entry points of llama-turbo.h. Start reading here.
+//
+// How a replay runs
+//   1. Capture: while a capture is open, llama_decode() hands its batch to capture(), which copies it and returns 0.
+//   2. Decide (decide_path): the standard path unless the caller asked for the pipeline and it is safe (one sequence,
+//      causal attention, no embeddings or eval callbacks, a layer split over at least two devices, at least two
+//      ubatches). The reason for the standard path is reported. Whether it is useful is the caller's decision.
+//   3. Decode, one of two ways, both through llama_context::decode so that batch validation, KV slots and output
+//      bookkeeping are llama.cpp's own:
+//      - standard (decode_standard): decode the batches one after the other, checking for an abort between them;
+//      - pipelined (decode_pipelined): the same decode calls, but with the executor active, so that every ubatch goes
+//        to submit() (turbo-slots.cpp), which builds its graph in a scheduler slot of its own and returns without
+//        waiting; the stage threads (turbo-stages.cpp) run the splits of the ubatches in flight.
+//   4. Roll back: on failure or abort every position the replay added to the KV cache is removed again, so the caller
+//      sees the context as it was before.
+
+#include "turbo.h"
+
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+
+turbo_batch::turbo_batch(const llama_batch & batch) {
+    const int32_t n = batch.n_tokens;
+    token.assign(batch.token, batch.token + n);
+    if (batch.pos) {
+        pos.assign(batch.pos, batch.pos + n);
+    }
+    if (batch.logits) {
+        logits.assign(batch.logits, batch.logits + n);
+    }
+    if (batch.n_seq_id && batch.seq_id) {
+        n_seq_id.assign(batch.n_seq_id, batch.n_seq_id + n);
+        for (int32_t i = 0; i < n; ++i) {
+            seq_id_flat.insert(seq_id_flat.end(), batch.seq_id[i], batch.seq_id[i] + batch.n_seq_id[i]);
+        }
+    }
+}
+
+llama_batch turbo_batch::view() {
+    llama_batch b = {};
+    b.n_tokens = (int32_t) token.size();
+    b.token    = token.data();
+    b.pos      = pos.empty() ? nullptr : pos.data();
+    b.logits   = logits.empty() ? nullptr : logits.data();
+    if (!n_seq_id.empty()) {
+        seq_id_ptrs.clear();
+        size_t off = 0;
+        for (int32_t n : n_seq_id) {
+            seq_id_ptrs.push_back(seq_id_flat.data() + off);
+            off += n;
+        }
+        b.n_seq_id = n_seq_id.data();
+        b.seq_id   = seq_id_ptrs.data();
+    }
+    return b;
+}
+
+std::vector<ggml_backend_dev_t> turbo_layer_devices(const llama_model & model) {
+    std::vector<ggml_backend_dev_t> devs;
+    for (int il = 0; il < (int) model.hparams.n_layer(); ++il) {
+        ggml_backend_dev_t dev = model.dev_layer(il);
+        if (std::find(devs.begin(), devs.end(), dev) == devs.end()) {
+            devs.push_back(dev);
+        }
+    }
+    return devs;
+}
+
+const char * turbo_device_name(ggml_backend_t backend) {
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+    return dev ? ggml_backend_dev_name(dev) : ggml_backend_name(backend);
+}
+
+llama_turbo::llama_turbo(llama_context & lctx, const llama_turbo_options & options) : lctx(lctx), options(options) {
+    if (options.host_staging) {
+        LLAMA_LOG_INFO("%s: every transfer between devices is staged through host memory (host_staging)\n", __func__);
+    }
+}
+
+// ---- 1. capture -------------------------------------------------------------------------------------------------------
+
+void llama_turbo::begin_capture() {
+    captured.clear();
+    capture_open = true;
+}
+
+int32_t llama_turbo::capture(const llama_batch & batch) {
+    if (batch.n_tokens <= 0) {
+        LLAMA_LOG_ERROR("%s: n_tokens == 0\n", __func__);
+        return -1;
+    }
+    if (batch.embd) {
+        LLAMA_LOG_ERROR("%s: only token batches can be captured\n", __func__);
+        return -1;
+    }
+    captured.emplace_back(batch);
+    return 0;
+}
+
+// ---- 2. decide ----------------------------------------------------------------------------------------------------------
+
+// Why these batches take the standard path, or "" to pipeline them. Also fills r.n_ubatches and the sequences touched.
+std::string llama_turbo::decide_path(llama_turbo_pipeline pipeline, const std::vector<turbo_batch> & batches,
+                                     std::set<llama_seq_id> & seqs, llama_turbo_result & r) const {
+    int64_t n_ubatches = 0;
+    bool multi_seq = false;
+    for (const auto & b : batches) {
+        if (b.n_seq_id.empty()) {
+            seqs.insert(0);
+        } else {
+            for (int32_t n : b.n_seq_id) {
+                multi_seq = multi_seq || n != 1;
+            }
+            seqs.insert(b.seq_id_flat.begin(), b.seq_id_flat.end());
+        }
+        n_ubatches += (b.token.size() + lctx.cparams.n_ubatch - 1) / lctx.cparams.n_ubatch;
+    }
+    r.n_ubatches = (int32_t) n_ubatches;
+
+    const auto & cp = lctx.cparams;
+    if (pipeline == LLAMA_TURBO_PIPELINE_OFF)              return "pipeline not requested";
+    if (batches.empty())                                  return "nothing was captured";
+    if (multi_seq || seqs.size() != 1)                    return "more than one sequence";
+    if (!cp.causal_attn)                                  return "non-causal attention";
+    if (cp.embeddings || cp.embeddings_nextn)             return "embeddings output requested";
+    if (std::find(cp.embeddings_layer_inp.begin(), cp.embeddings_layer_inp.end(), true) != cp.embeddings_layer_inp.end())
+                                                          return "layer-input embeddings requested";
+    if (cp.cb_eval)                                       return "an eval callback is set";
+    if (!lctx.sampling.samplers.empty())                  return "backend samplers are attached";
+    if (!dynamic_cast<llama_kv_cache *>(lctx.memory.get())) return "the model's memory is not a plain KV cache";
+    if (lctx.model.split_mode() != LLAMA_SPLIT_MODE_LAYER) return "split mode is not layer";
+    if (r.n_stages < 2)                                   return "the model's layers are on a single device";
+    if (n_ubatches < 2)                                   return "fewer than two ubatches";
+    return "";
+}
+
+// ---- 3. decode ----------------------------------------------------------------------------------------------------------
+
+int32_t llama_turbo::decode_standard(std::vector<turbo_batch> & batches) {
+    for (auto & b : batches) {
+        if (lctx.abort_callback && lctx.abort_callback(lctx.abort_callback_data)) {
+            return LLAMA_TURBO_ABORTED;
+        }
+        const int32_t status = lctx.decode(b.view());
+        if (status != 0) {
+            return status;
+        }
+    }
+    return LLAMA_TURBO_OK;
+}
+
+int32_t llama_turbo::decode_pipelined(std::vector<turbo_batch> & batches) {
+    failed = aborted = false;
+    n_submitted = 0;
+    n_outputs_pending = 0;
+    prev_split_backends.clear();
+    stage_devices = turbo_layer_devices(lctx.model);
+
+    lctx.set_compute_threads(true);
+    start_stage_threads();
+    replaying = true;
+
+    int32_t status = LLAMA_TURBO_FAILED;
+    try {
+        status = decode_standard(batches); // with the executor active, every ubatch goes to submit()
+    } catch (const std::exception & e) {
+        // the stage threads must be stopped before this unwinds: record the failure and fall through
+        std::lock_guard<std::mutex> lock(mtx);
+        failed = device_failed = true;
+        error = e.what();
+    }
+    ggml_status ret;
+    wait_host([&] { return all_idle(); }, ret);
+    replaying = false;
+    stop_stage_threads();
+    flush_records();
+    release_slots();
+
+    // decode() reports what it saw; a failure or abort may also have come after its last ubatch was queued
+    if (aborted) {
+        return LLAMA_TURBO_ABORTED;
+    }
+    return status == 0 && failed ? LLAMA_TURBO_FAILED : status;
+}
+
+// ---- the whole replay ---------------------------------------------------------------------------------------------------
+
+int32_t llama_turbo::replay(llama_turbo_pipeline pipeline, llama_turbo_result & r) {
+    capture_open = false;
+    std::vector<turbo_batch> batches = std::move(captured);
+    captured.clear();
+
+    r = {};
+    r.t_start_us = ggml_time_us();
+    r.n_stages   = (int32_t) turbo_layer_devices(lctx.model).size();
+    error.clear();
+    device_failed = false;
+
+    std::set<llama_seq_id> seqs;
+    std::string reason = decide_path(pipeline, batches, seqs, r);
+    if (reason.empty()) {
+        reason = prepare_slots(r);
+    }
+
+    // where each sequence ends now: on failure, everything from there on is removed again
+    std::map<llama_seq_id, llama_pos> seq_end;
+    for (llama_seq_id s : seqs) {
+        seq_end[s] = lctx.memory ? lctx.memory->seq_pos_max(s) + 1 : 0;
+    }
+
+    int32_t status = LLAMA_TURBO_OK;
+    try {
+        r.path = reason.empty() ? LLAMA_TURBO_PATH_PIPELINED : LLAMA_TURBO_PATH_STANDARD;
+        snprintf(r.fallback_reason, sizeof(r.fallback_reason), "%s", reason.c_str());
+        status = reason.empty() ? decode_pipelined(batches) : decode_standard(batches);
+        // decode returns with the last ubatch possibly still queued on an asynchronous device (CUDA): the replay ends
+        // when it is done, or its timing would leave out the tail
+        lctx.synchronize();
+    } catch (const std::exception & e) {
+        // a device failed inside llama.cpp's own path (ggml-rpc throws when a server dies during decode)
+        device_failed = true;
+        error = e.what();
+    }
+    if (device_failed) {
+        status = LLAMA_TURBO_DEVICE_FAILED;
+    } else if (status < 0) {
+        status = LLAMA_TURBO_FAILED;
+    }
+
+    if (status != LLAMA_TURBO_OK && lctx.memory) {
+        try {
+            for (const auto & [s, p0] : seq_end) {
+                lctx.memory->seq_rm(s, p0, -1);
+            }
+        } catch (const std::exception & e) {
+            status = LLAMA_TURBO_DEVICE_FAILED;
+            error += std::string(error.empty() ? "" : "; ") + "rolling back the KV cache: " + e.what();
+        }
+    }
+    r.status   = status;
+    r.t_end_us = ggml_time_us();
+    if (status != LLAMA_TURBO_OK) {
+        snprintf(r.error, sizeof(r.error), "%s", !error.empty() ? error.c_str() :
+                 status == LLAMA_TURBO_ABORTED ? "aborted" : status == LLAMA_TURBO_NO_KV_SLOT ? "no room in the KV cache" :
+                 "decode failed");
+    }
+    return status;
+}
+
+// ---- C API --------------------------------------------------------------------------------------------------------------
+
+static llama_turbo * turbo_of(llama_context * ctx) {
+    return static_cast<llama_turbo *>(ctx->executor.get());
+}
+
+int32_t llama_turbo_attach(llama_context * ctx, const llama_turbo_options * options) {
+    if (ctx->executor) {
+        return -1;
+    }
+    ctx->executor.reset(new llama_turbo(*ctx, options ? *options : llama_turbo_options{0, false}));
+    return 0;
+}
+
+int32_t llama_turbo_capture_begin(llama_context * ctx) {
+    llama_turbo * t = turbo_of(ctx);
+    if (!t || t->capture_open) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, t ? "a capture is already open" : "no executor attached");
+        return -1;
+    }
+    t->begin_capture();
+    return 0;
+}
+
+int32_t llama_turbo_replay(llama_context * ctx, llama_turbo_pipeline pipeline, llama_turbo_record_callback on_record,
+                           void * user_data, llama_turbo_result * result) {
+    llama_turbo_result local;
+    llama_turbo_result & r = result ? *result : local;
+    llama_turbo * t = turbo_of(ctx);
+    if (!t || !t->capture_open) {
+        r = {};
+        r.status = LLAMA_TURBO_FAILED;
+        snprintf(r.error, sizeof(r.error), "%s", t ? "no capture is open" : "no executor attached");
+        return r.status;
+    }
+    t->record_cb      = on_record;
+    t->record_cb_data = user_data;
+    const int32_t status = t->replay(pipeline, r);
+    t->record_cb      = nullptr;
+    t->record_cb_data = nullptr;
+    return status;
+}
+
+void llama_turbo_capture_discard(llama_context * ctx) {
+    if (llama_turbo * t = turbo_of(ctx)) {
+        t->capture_open = false;
+        t->captured.clear();
+    }
+}
+
+int32_t llama_turbo_stage_names(const llama_model * model, const char ** names, int32_t capacity) {
+    const auto devs = turbo_layer_devices(*model);
+    for (int32_t i = 0; i < (int32_t) devs.size() && i < capacity; ++i) {
+        names[i] = ggml_backend_dev_name(devs[i]);
+    }
+    return (int32_t) devs.size();
+}
+
+bool llama_turbo_stock_overlaps(const llama_context * ctx) {
+    return llama_turbo::stock_overlaps(*ctx);
+}
+
+bool llama_turbo_dev_is_rpc(ggml_backend_dev_t dev) {
+    return dev && strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0;
+}

@@ -1,0 +1,136 @@
+// Scheduler slots: one ggml scheduler per ubatch in flight.
+//
+// Why one scheduler per slot: every ubatch in flight needs its own compute buffers and input copies. A slot is reused
+// only when its previous ubatch is completely done, so buffers are never shared between ubatches in flight. The extra
+// memory is slots x the context's worst-case compute buffers, reserved once (not sized by the current prompt, so that
+// the next replays need no re-reservation) and reported as llama_turbo_result::slot_buffer_bytes.
+
+#include "turbo.h"
+
+#include "llama-impl.h"
+
+#include <algorithm>
+
+std::string llama_turbo::prepare_slots(llama_turbo_result & r) {
+    r.n_in_flight = options.max_in_flight > 0 ? options.max_in_flight : r.n_stages + 1;
+    if ((int) slots.size() != r.n_in_flight) {
+        slots.clear();
+        slots.resize(r.n_in_flight);
+        auto & cp = lctx.cparams;
+        const uint32_t n_tokens  = std::min(cp.n_ctx, cp.n_ubatch);
+        const uint32_t n_outputs = std::min(n_tokens, cp.n_outputs_max);
+        const size_t   max_nodes = lctx.graph_max_nodes(n_tokens);
+        for (auto & s : slots) {
+            s.sched.reset(ggml_backend_sched_new(lctx.backend_ptrs.data(), lctx.backend_buft.data(),
+                    (int) lctx.backend_ptrs.size(), max_nodes, false, cp.op_offload));
+            s.res.reset(new llm_graph_result(max_nodes));
+            auto mctx = lctx.memory->init_full();
+            sched_swap swap(lctx, s.sched);
+            if (!mctx || !lctx.graph_reserve(n_tokens, cp.n_seq_max, n_outputs, mctx.get())) {
+                slots.clear();
+                return "could not allocate compute buffers for " + std::to_string(r.n_in_flight) + " ubatches in flight";
+            }
+        }
+    }
+    r.slot_buffer_bytes = 0;
+    for (auto & s : slots) {
+        for (ggml_backend_t b : lctx.backend_ptrs) {
+            r.slot_buffer_bytes += ggml_backend_sched_get_buffer_size(s.sched.get(), b);
+        }
+    }
+    return "";
+}
+
+// after a replay, also a failed or aborted one (nothing runs any more): every slot is free for the next
+void llama_turbo::release_slots() {
+    for (auto & s : slots) {
+        s.busy = false;
+        s.outputs.clear();
+    }
+}
+
+// The host thread's part of a ubatch: wait for a free slot, apply the KV metadata, build the graph in the slot's own
+// scheduler, set its inputs and publish it to the stage threads. It does not wait for the ubatch to be computed.
+llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_type gtype, llama_memory_context_i * mctx, ggml_status & ret) {
+    const int k = n_submitted;
+    slot & s = slots[k % slots.size()];
+
+    if (!wait_host([&] { return !s.busy; }, ret)) {
+        return nullptr;
+    }
+    if (mctx && !mctx->apply()) {
+        LLAMA_LOG_ERROR("%s: failed to apply memory context\n", __func__);
+        ret = GGML_STATUS_FAILED;
+        return nullptr;
+    }
+
+    {
+        sched_swap swap(lctx, s.sched);
+        s.res->reset();
+        ggml_backend_sched_reset(lctx.sched.get());
+        ggml_cgraph * gf = lctx.model.build_graph(lctx.graph_params(s.res.get(), ubatch, mctx, gtype));
+        if (!gf) {
+            LLAMA_LOG_ERROR("%s: failed to build the graph\n", __func__);
+            ret = GGML_STATUS_FAILED;
+            return nullptr;
+        }
+        if (!ggml_backend_sched_alloc_graph(lctx.sched.get(), gf)) {
+            LLAMA_LOG_ERROR("%s: failed to allocate the graph\n", __func__);
+            ret = GGML_STATUS_ALLOC_FAILED;
+            return nullptr;
+        }
+        s.res->set_inputs(&ubatch);
+    }
+
+    plan_splits(s);
+
+    std::vector<ggml_backend_t> backends_now;
+    for (const auto & sp : s.splits) {
+        backends_now.push_back(sp.backend);
+    }
+
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        s.busy     = true;
+        s.task     = k;
+        s.pos0     = ubatch.pos ? ubatch.pos[0] : 0;
+        s.n_tokens = (int32_t) ubatch.n_tokens;
+        s.barrier  = k > 0 && backends_now != prev_split_backends;
+        s.n_done   = 0;
+        s.running  = false;
+        s.outputs.clear();
+    }
+    prev_split_backends = std::move(backends_now);
+    n_submitted++;
+    cv.notify_all();
+
+    ret = GGML_STATUS_SUCCESS;
+    return s.res.get();
+}
+
+// The logits of a ubatch still in flight are read by the stage thread that completes it (finish()); those of one
+// already done are read here.
+void llama_turbo::defer_output(const llm_graph_result * res, ggml_tensor * t, float * dst, size_t nbytes) {
+    std::unique_lock<std::mutex> lock(mtx);
+    for (auto & s : slots) {
+        if (s.res.get() != res) {
+            continue;
+        }
+        if (s.busy) {
+            s.outputs.push_back({t, dst, nbytes});
+            n_outputs_pending++;
+            return;
+        }
+        break;
+    }
+    lock.unlock();
+    ggml_backend_tensor_get(t, dst, 0, nbytes);
+}
+
+void llama_turbo::wait_outputs() {
+    if (!replaying) {
+        return;
+    }
+    ggml_status ret;
+    wait_host([&] { return n_outputs_pending == 0; }, ret);
+}

@@ -1,0 +1,278 @@
+// The stage pipeline: one thread per backend of the context runs that backend's split of every ubatch in flight.
+//
+//   1. Readiness: split i of ubatch k may run once split i-1 of ubatch k is done (the activations it needs) and split i
+//      of ubatch k-1 is done (the KV cache of the same layers). So device s works on ubatch k while device s+1 works
+//      on ubatch k-1. Among ready splits a thread takes the lowest ubatch.
+//   2. Transfers: a tensor that leaves or enters an RPC device is staged through host memory by the thread that
+//      produced it, right after its split, and written to the consumer's input copy by the consumer's thread; between
+//      devices of this process (CUDA to CUDA, or host memory) the consumer copies it directly. No thread ever waits
+//      for work queued on another thread's device, which is what limits the stock scheduler (one host thread
+//      synchronizes the source device before every copy it cannot do asynchronously).
+//   3. Completion: the thread that runs a ubatch's last split reads its deferred outputs (logits) and frees the slot.
+//   4. Failure: a split that fails or throws (ggml-rpc throws for a dead server, patches/0002) stops the replay: nothing
+//      new starts, running splits finish, and the host thread unwinds (turbo-replay.cpp rolls the KV cache back).
+
+#include "turbo.h"
+
+#include "llama-impl.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+void llama_turbo::start_stage_threads() {
+    stopping = false;
+    for (size_t t = 0; t < lctx.backend_ptrs.size(); ++t) {
+        stage_threads.emplace_back([this, t] { stage_thread_loop((int) t); });
+    }
+}
+
+void llama_turbo::stop_stage_threads() {
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        stopping = true;
+    }
+    cv.notify_all();
+    for (auto & t : stage_threads) {
+        t.join();
+    }
+    stage_threads.clear();
+}
+
+const slot * llama_turbo::find_task(int task) const {
+    if (task < 0) {
+        return nullptr;
+    }
+    const slot & s = slots[task % slots.size()];
+    return s.busy && s.task == task ? &s : nullptr;
+}
+
+bool llama_turbo::ready(const slot & s) const {
+    if (!s.busy || s.running || s.n_done >= (int) s.splits.size()) {
+        return false;
+    }
+    const slot * prev = find_task(s.task - 1);
+    if (!prev) {
+        return true;
+    }
+    return !s.barrier && prev->n_done > s.n_done;
+}
+
+// under mtx: the lowest ubatch whose next split runs on this thread and is ready
+slot * llama_turbo::pick(int thread) {
+    slot * best = nullptr;
+    for (auto & s : slots) {
+        if (ready(s) && s.splits[s.n_done].thread == thread && (!best || s.task < best->task)) {
+            best = &s;
+        }
+    }
+    return best;
+}
+
+void llama_turbo::stage_thread_loop(int thread) {
+    stage_clock clock(lctx.backend_ptrs[thread]);
+    std::unique_lock<std::mutex> lock(mtx);
+    while (true) {
+        slot * s = nullptr;
+        cv.wait(lock, [&] { return stopping || failed || aborted || (s = pick(thread)) != nullptr; });
+        if (!s) {
+            // stopping, or failed/aborted: nothing more starts; wait to be stopped
+            cv.wait(lock, [&] { return stopping; });
+            return;
+        }
+        const int i = s->n_done;
+        s->running = true;
+        lock.unlock();
+
+        llama_turbo_record rec = {};
+        std::string err;
+        ggml_status st = GGML_STATUS_FAILED;
+        try {
+            st = run_split(*s, i, clock, rec);
+        } catch (const std::exception & e) {
+            err = e.what(); // a device failed (ggml-rpc throws when a server dies)
+        }
+
+        lock.lock();
+        s->running = false;
+        if (st == GGML_STATUS_ABORTED) { // the CPU backend polls the context's abort callback too
+            aborted = true;
+            cv.notify_all();
+            continue;
+        }
+        if (st != GGML_STATUS_SUCCESS) {
+            failed = true;
+            device_failed = device_failed || !err.empty();
+            error = std::string("stage ") + turbo_device_name(s->splits[i].backend) + ": " +
+                    (err.empty() ? "graph compute failed with status " + std::to_string((int) st) : err);
+            LLAMA_LOG_ERROR("%s: %s\n", __func__, error.c_str());
+            cv.notify_all();
+            continue;
+        }
+        records.push_back(rec);
+        s->n_done++;
+        if (s->n_done == (int) s->splits.size()) {
+            finish(*s, lock);
+        }
+        cv.notify_all();
+    }
+}
+
+// under mtx, last split done: read the deferred outputs (more may arrive while reading), then free the slot
+void llama_turbo::finish(slot & s, std::unique_lock<std::mutex> & lock) {
+    while (!s.outputs.empty()) {
+        std::vector<deferred_output> outs;
+        outs.swap(s.outputs);
+        lock.unlock();
+        std::string err;
+        try {
+            for (const auto & o : outs) {
+                ggml_backend_tensor_get(o.t, o.dst, 0, o.nbytes);
+            }
+        } catch (const std::exception & e) {
+            err = e.what(); // a stage thread must not let it escape: that would terminate the process
+        }
+        lock.lock();
+        n_outputs_pending -= (int) outs.size();
+        if (!err.empty()) {
+            failed = device_failed = true;
+            error = "reading outputs: " + err;
+            return;
+        }
+    }
+    s.busy = false;
+}
+
+ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_turbo_record & rec) {
+    split_plan & sp = s.splits[i];
+    rec.ubatch     = s.task;
+    rec.pos0       = s.pos0;
+    rec.n_tokens   = s.n_tokens;
+    rec.stage      = sp.stage;
+    rec.device     = turbo_device_name(sp.backend);
+    clock.begin(rec);
+
+    for (const auto & in : sp.inputs) {
+        if (in.staged >= 0) {
+            ggml_backend_tensor_set(in.dst, s.staging[in.staged].data(), 0, ggml_nbytes(in.dst));
+        } else {
+            ggml_backend_tensor_copy(in.src, in.dst);
+        }
+    }
+    const ggml_status st = ggml_backend_sched_split_compute_async(s.sched.get(), i);
+    if (st != GGML_STATUS_SUCCESS) {
+        return st;
+    }
+    if (clock.on_device()) {
+        // CUDA: the reads of staged outputs are ordered on the backend's stream; queue them before the end mark so
+        // that the stage's time includes them
+        for (int idx : sp.stage_out) {
+            ggml_backend_tensor_get_async(sp.backend, s.staging_src[idx], s.staging[idx].data(), 0, s.staging[idx].size());
+        }
+        clock.mark_end();
+        ggml_backend_synchronize(sp.backend);
+    } else {
+        ggml_backend_synchronize(sp.backend);
+        for (int idx : sp.stage_out) {
+            ggml_backend_tensor_get(s.staging_src[idx], s.staging[idx].data(), 0, s.staging[idx].size());
+        }
+        if (sp.stage_out.empty() && sp.fence) {
+            // for an RPC backend, synchronize returns once the work is sent; a read returns once the server has done
+            // it, so the stage's end time is the device's, not the host's
+            uint8_t probe[16];
+            ggml_backend_tensor_get(sp.fence, probe, 0, std::min(sizeof(probe), ggml_nbytes(sp.fence)));
+        }
+    }
+    clock.finish(rec);
+    return GGML_STATUS_SUCCESS;
+}
+
+// After allocation: which backend runs each split, and how each input reaches it.
+void llama_turbo::plan_splits(slot & s) {
+    ggml_backend_sched_t sched = s.sched.get();
+    const int n_splits = ggml_backend_sched_get_n_splits(sched);
+    s.splits.assign(n_splits, {});
+    s.staging_src.clear();
+    std::map<ggml_tensor *, int> staged_index;
+
+    for (int i = 0; i < n_splits; ++i) {
+        split_plan & sp = s.splits[i];
+        sp.backend = ggml_backend_sched_get_split_backend(sched, i);
+        sp.thread  = (int) (std::find(lctx.backend_ptrs.begin(), lctx.backend_ptrs.end(), sp.backend) - lctx.backend_ptrs.begin());
+        auto it    = std::find(stage_devices.begin(), stage_devices.end(), ggml_backend_get_device(sp.backend));
+        sp.stage   = it == stage_devices.end() ? -1 : (int) (it - stage_devices.begin());
+        GGML_ASSERT(sp.thread < (int) lctx.backend_ptrs.size());
+
+        // the fence: the last non-empty result of the split, when it lives on a device (see run_split)
+        ggml_cgraph * graph = ggml_backend_sched_get_split_graph(sched, i);
+        sp.fence = nullptr;
+        for (int n = ggml_graph_n_nodes(graph) - 1; n >= 0; --n) {
+            ggml_tensor * t = ggml_graph_node(graph, n);
+            if (t->buffer && ggml_nbytes(t) > 0) {
+                sp.fence = ggml_backend_buffer_is_host(t->buffer) ? nullptr : t;
+                break;
+            }
+        }
+
+        const int n_inputs = ggml_backend_sched_get_split_n_inputs(sched, i);
+        for (int j = 0; j < n_inputs; ++j) {
+            ggml_tensor * src = ggml_backend_sched_get_split_input(sched, i, j);
+            ggml_tensor * dst = ggml_backend_sched_get_split_input_copy(sched, i, j);
+            int staged = -1;
+            ggml_backend_buffer_t buf = src->view_src ? src->view_src->buffer : src->buffer;
+            ggml_backend_t src_backend = ggml_backend_sched_get_tensor_backend(sched, src);
+            const bool through_host = !src_backend || llama_turbo_dev_is_rpc(ggml_backend_get_device(src_backend)) ||
+                                      llama_turbo_dev_is_rpc(ggml_backend_get_device(sp.backend)) || options.host_staging;
+            // host memory, or two devices of this process (CUDA to CUDA: a device-to-device copy): the consumer copies
+            // directly, the producer has finished and the slot's memory stays untouched until it is done
+            if (!(buf && ggml_backend_buffer_is_host(buf)) && through_host) {
+                // the last earlier split on the source's backend has computed it: that thread stages it
+                int producer = -1;
+                for (int p = i - 1; p >= 0; --p) {
+                    if (s.splits[p].backend == src_backend) {
+                        producer = p;
+                        break;
+                    }
+                }
+                if (producer >= 0) {
+                    auto found = staged_index.find(src);
+                    if (found == staged_index.end()) {
+                        staged = (int) s.staging_src.size();
+                        staged_index[src] = staged;
+                        s.staging_src.push_back(src);
+                        s.splits[producer].stage_out.push_back(staged);
+                    } else {
+                        staged = found->second;
+                    }
+                }
+            }
+            sp.inputs.push_back({src, dst, staged});
+        }
+    }
+    s.staging.resize(s.staging_src.size());
+    for (size_t idx = 0; idx < s.staging_src.size(); ++idx) {
+        s.staging[idx].resize(ggml_nbytes(s.staging_src[idx]));
+    }
+}
+
+bool llama_turbo::all_idle() const {
+    for (const auto & s : slots) {
+        if (s.running || (s.busy && !failed && !aborted)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void llama_turbo::flush_records() {
+    std::vector<llama_turbo_record> out;
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        out.swap(records);
+    }
+    if (record_cb) {
+        for (const auto & rec : out) {
+            record_cb(&rec, record_cb_data);
+        }
+    }
+}

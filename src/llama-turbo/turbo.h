@@ -1,0 +1,212 @@
+// The executor's state, shared by the files of src/llama-turbo/ (see llama-turbo.h for the map). Internal to libllama.
+#pragma once
+
+#include "llama-turbo.h"
+
+#include "llama-context.h"
+#include "llama-graph.h"
+
+#include "ggml-backend.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+// A llama_decode() call queued during capture, with the batch's arrays copied.
+struct turbo_batch {
+    std::vector<llama_token>  token;
+    std::vector<llama_pos>    pos;
+    std::vector<int32_t>      n_seq_id;
+    std::vector<llama_seq_id> seq_id_flat;
+    std::vector<int8_t>       logits;
+
+    std::vector<llama_seq_id *> seq_id_ptrs; // rebuilt by view()
+
+    explicit turbo_batch(const llama_batch & batch);
+    llama_batch view();
+};
+
+// An input of a split: src (computed earlier or a graph input) must be copied into dst on the split's backend.
+struct split_input {
+    ggml_tensor * src;
+    ggml_tensor * dst;
+    int           staged; // index into slot::staging, or -1 to copy src directly (host memory or persistent data)
+};
+
+// One split (the part of a graph that runs on one backend) of a ubatch, as its stage thread runs it.
+struct split_plan {
+    ggml_backend_t           backend;
+    int                      thread;    // index of the stage thread (= backend index of the context)
+    int                      stage;     // index among the layer devices, -1 for other work
+    std::vector<split_input> inputs;
+    std::vector<int>         stage_out; // staging entries this split fills right after it ran
+    ggml_tensor *            fence;     // read after the split when nothing is staged: see run_split
+};
+
+// Logits of a ubatch, read into the context's output buffer once the ubatch is computed.
+struct deferred_output {
+    ggml_tensor * t;
+    float       * dst;
+    size_t        nbytes;
+};
+
+// One ubatch in flight and the scheduler that holds its graph.
+struct slot {
+    ggml_backend_sched_ptr sched;
+    llm_graph_result_ptr   res;
+
+    bool    busy     = false;
+    int     task     = -1;     // index of the ubatch within the replay
+    int32_t pos0     = 0;
+    int32_t n_tokens = 0;
+    bool    barrier  = false;  // splits differ from the previous ubatch's: wait for it to finish completely
+    int     n_done   = 0;      // splits completed
+    bool    running  = false;  // a stage thread is running split n_done
+
+    std::vector<split_plan>           splits;
+    std::vector<ggml_tensor *>        staging_src;
+    std::vector<std::vector<uint8_t>> staging;
+    std::vector<deferred_output>      outputs;
+};
+
+// When a stage thread's splits ran: timing events on the device where it has them (CUDA), else the host clock.
+// A stage thread runs one split at a time, so one clock per thread is enough. See turbo-clock.cpp.
+class stage_clock {
+public:
+    explicit stage_clock(ggml_backend_t backend);
+    ~stage_clock();
+    stage_clock(const stage_clock &) = delete;
+    stage_clock & operator=(const stage_clock &) = delete;
+
+    void begin(llama_turbo_record & rec);     // before the split's first input transfer
+    bool on_device() const { return ref != nullptr; } // then the split's last work must be queued before mark_end()
+    void mark_end();                           // after the split's last work was queued (only when on_device())
+    void finish(llama_turbo_record & rec);     // once the device has finished the split
+
+private:
+    ggml_backend_t       backend;
+    ggml_backend_event_t ref   = nullptr;
+    ggml_backend_event_t start = nullptr;
+    ggml_backend_event_t end   = nullptr;
+    bool (*elapsed_ms)(ggml_backend_event_t, ggml_backend_event_t, float *) = nullptr;
+    int64_t              t_ref_us = 0;
+};
+
+std::vector<ggml_backend_dev_t> turbo_layer_devices(const llama_model & model);
+const char * turbo_device_name(ggml_backend_t backend);
+
+struct llama_turbo : llama_ubatch_executor {
+    llama_turbo(llama_context & lctx, const llama_turbo_options & options);
+    ~llama_turbo() override { stop_stage_threads(); }
+
+    // ---- executor hooks, called from llama_context (patches/0003) --------------------------------------------------
+    bool    active() const override { return replaying; }
+    bool    capturing() const override { return capture_open; }
+    int32_t capture(const llama_batch & batch) override;                                   // turbo-replay.cpp
+    llm_graph_result * submit(const llama_ubatch & ubatch, llm_graph_type gtype, llama_memory_context_i * mctx,
+                              ggml_status & ret) override;                                 // turbo-slots.cpp
+    void defer_output(const llm_graph_result * res, ggml_tensor * t, float * dst, size_t nbytes) override;
+    void wait_outputs() override;
+
+    // ---- turbo-replay.cpp: one replay -------------------------------------------------------------------------------
+    void    begin_capture();
+    int32_t replay(llama_turbo_pipeline pipeline, llama_turbo_result & r);
+    std::string decide_path(llama_turbo_pipeline pipeline, const std::vector<turbo_batch> & batches,
+                            std::set<llama_seq_id> & seqs, llama_turbo_result & r) const;
+    int32_t decode_standard(std::vector<turbo_batch> & batches);
+    int32_t decode_pipelined(std::vector<turbo_batch> & batches);
+    static bool stock_overlaps(const llama_context & lctx) { return lctx.cparams.pipeline_parallel; }
+
+    // ---- turbo-slots.cpp: schedulers of the ubatches in flight -------------------------------------------------------
+    std::string prepare_slots(llama_turbo_result & r);
+    void release_slots();
+
+    // ---- turbo-stages.cpp: stage threads, readiness, split planning, staging -----------------------------------------
+    void start_stage_threads();
+    void stop_stage_threads();
+    void stage_thread_loop(int thread);
+    const slot * find_task(int task) const;
+    bool   ready(const slot & s) const;
+    slot * pick(int thread);
+    void   finish(slot & s, std::unique_lock<std::mutex> & lock);
+    ggml_status run_split(slot & s, int i, stage_clock & clock, llama_turbo_record & rec);
+    void   plan_splits(slot & s);
+    bool   all_idle() const;
+    template <typename Cond> bool wait_host(Cond cond, ggml_status & ret);
+    void   flush_records();
+
+    // Swaps a slot's scheduler into the context while a graph is built or reserved, so that everything that consults
+    // lctx.sched then (graph_params, the build callback's backend pinning, graph_reserve) uses the slot's.
+    struct sched_swap {
+        llama_context & lctx;
+        ggml_backend_sched_ptr & other;
+        sched_swap(llama_context & lctx, ggml_backend_sched_ptr & other) : lctx(lctx), other(other) { std::swap(lctx.sched, other); }
+        ~sched_swap() { std::swap(lctx.sched, other); }
+    };
+
+    // ---- state -------------------------------------------------------------------------------------------------------
+    llama_context &           lctx;
+    const llama_turbo_options options;
+
+    bool capture_open = false;
+    bool replaying    = false;
+    std::vector<turbo_batch> captured;
+
+    llama_turbo_record_callback record_cb = nullptr; // set for the duration of one replay
+    void * record_cb_data = nullptr;
+
+    std::vector<slot>               slots;
+    std::vector<ggml_backend_dev_t> stage_devices;
+    std::vector<ggml_backend_t>     prev_split_backends;
+    int                             n_submitted = 0;
+
+    // shared with the stage threads, under mtx
+    std::mutex                      mtx;
+    std::condition_variable         cv;
+    std::vector<std::thread>        stage_threads;
+    std::vector<llama_turbo_record> records;
+    int         n_outputs_pending = 0;
+    bool        stopping      = false;
+    bool        failed        = false;
+    bool        aborted       = false;
+    bool        device_failed = false;
+    std::string error;
+};
+
+// Wait for cond while delivering timing records and polling the context's abort callback. Returns false (with ret
+// set) if the replay failed or was aborted: then nothing new starts and the caller unwinds.
+template <typename Cond>
+bool llama_turbo::wait_host(Cond cond, ggml_status & ret) {
+    std::unique_lock<std::mutex> lock(mtx);
+    while (true) {
+        if (failed || aborted) {
+            // let splits that are running finish before the caller touches the KV cache
+            cv.wait(lock, [&] { return all_idle(); });
+            ret = aborted ? GGML_STATUS_ABORTED : GGML_STATUS_FAILED;
+            return false;
+        }
+        if (cond()) {
+            ret = GGML_STATUS_SUCCESS;
+            break;
+        }
+        cv.wait_for(lock, std::chrono::milliseconds(2));
+        if (!records.empty() || lctx.abort_callback) {
+            lock.unlock();
+            flush_records();
+            const bool abort = lctx.abort_callback && lctx.abort_callback(lctx.abort_callback_data);
+            lock.lock();
+            if (abort) {
+                aborted = true;
+                cv.notify_all();
+            }
+        }
+    }
+    lock.unlock();
+    flush_records();
+    return true;
+}

@@ -1,0 +1,77 @@
+"""Devices: what llama.cpp sees in this process, and the two policies that choose among them (pure functions, tested
+without a GPU): how many stream devices each GPU becomes, and which devices a model is split over by default."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from . import _native
+
+# One GPU split into this many stream devices when PYTURBO_GPU_STREAMS is "auto" (the default): llama.cpp's own
+# scheduler overlaps the ubatches of a prompt over stream devices of one GPU (bench/results/*h100*: 2, 4 and 8 streams
+# within a few percent of each other, 4 best or tied). The cost is one compute buffer per stream device.
+AUTO_STREAMS_PER_GPU = 4
+
+# ggml_backend_dev_type
+CPU, GPU, IGPU, ACCEL = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str           # as llama.cpp names it: "CPU", "CUDA0", "RPC0", ...
+    description: str    # for an RPC device: the server's endpoint
+    type: int           # ggml_backend_dev_type
+
+    @property
+    def is_rpc(self) -> bool:
+        return self.name.startswith("RPC")
+
+
+def list_devices() -> list[Device]:
+    """Every device registered in this process, in llama.cpp's order."""
+    ffi, lib = _native.ffi(), _native.lib()
+    return [Device(ffi.string(lib.pt_device_name(i)).decode(), ffi.string(lib.pt_device_description(i)).decode(),
+                   lib.pt_device_type(i)) for i in range(lib.pt_device_count())]
+
+
+def choose_devices(requested: list[str] | None, rpc_devices: list[str], available: list[Device]) -> list[str]:
+    """The devices a model is split over: `requested` when given; else the devices of the RPC servers passed to this
+    model, in that order; else the local GPUs (none: the CPU alone). RPC servers registered earlier in this process
+    stay registered, so llama.cpp's own default (every device) would put their layers into every later model."""
+    if requested is None:
+        requested = rpc_devices or [d.name for d in available if d.type in (GPU, IGPU) and not d.is_rpc]
+    known = {d.name for d in available}
+    for name in requested:
+        if name not in known:
+            raise ValueError(f"no device named {name!r}; available: {', '.join(sorted(known))}")
+    return list(requested)
+
+
+def decide_gpu_streams(env: dict, cuda_build: bool, count_gpus) -> dict:
+    """How many devices the CUDA backend will make of each GPU, and why (`count_gpus()` is asked only when needed).
+    Only a single GPU is split: GGML_CUDA_DEVICES maps devices to GPUs round-robin, which would interleave the GPUs
+    of a multi-GPU machine in the layer order."""
+    if "GGML_CUDA_DEVICES" in env:  # the user's own layout wins
+        return {"source": f"GGML_CUDA_DEVICES={env['GGML_CUDA_DEVICES']}", "streams_per_gpu": None}
+    wanted = env.get("PYTURBO_GPU_STREAMS", "auto").strip().lower() or "auto"
+    if wanted != "auto" and not (wanted.isdigit() and int(wanted) >= 1):
+        raise ValueError(f"PYTURBO_GPU_STREAMS must be 'auto' or a count >= 1, not {wanted!r}")
+    if not cuda_build:
+        return {"source": "no CUDA in this build", "streams_per_gpu": 1}
+    n_gpus = count_gpus()
+    if n_gpus != 1:
+        return {"source": f"{n_gpus} GPUs (only a single GPU is split)", "streams_per_gpu": 1}
+    streams = AUTO_STREAMS_PER_GPU if wanted == "auto" else int(wanted)
+    return {"source": f"PYTURBO_GPU_STREAMS={wanted}", "streams_per_gpu": streams}
+
+
+def physical_gpu_count() -> int:
+    """CUDA GPUs this process can use (CUDA_VISIBLE_DEVICES applies), asked of the driver; 0 when there is none."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
