@@ -11,6 +11,10 @@ import pytest
 
 from pyturbo import synth, workers
 
+# auto's measurements stay in memory (this process's, and those of the interpreters tests start): a test must not
+# depend on what earlier runs measured on this machine, nor write to its cache
+os.environ["PYTURBO_CALIBRATION"] = "off"
+
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):

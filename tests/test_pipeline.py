@@ -18,7 +18,7 @@ def standard_and_pipelined(model, tokens, **ctx_kw):
         std = ctx.prefill(tokens, pipeline=False)
         kv_std = ctx.kv_state()
         ctx.reset()
-        pipe = ctx.prefill(tokens, pipeline=True)
+        pipe = ctx.prefill(tokens, pipeline="force")
         kv_pipe = ctx.kv_state()
     return std, pipe, kv_std, kv_pipe
 
@@ -70,7 +70,7 @@ def test_decoding_after_pipelined_prefill_matches(tiny_model, rpc3):
             gen_std = ctx.generate(5)
             after_std = ctx.logits()
             ctx.reset()
-            assert ctx.prefill(toks, pipeline=True).path == "pipelined"
+            assert ctx.prefill(toks, pipeline="force").path == "pipelined"
             gen_pipe = ctx.generate(5)
             after_pipe = ctx.logits()
     assert gen_pipe == gen_std
@@ -97,7 +97,7 @@ def test_timing_records_cover_every_ubatch_and_stage(tiny_model, rpc3):
     seen = []
     with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints, tensor_split="even") as model:
         with model.context(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
-            res = ctx.prefill(prompt(256), pipeline=True, on_ubatch=seen.append)
+            res = ctx.prefill(prompt(256), pipeline="force", on_ubatch=seen.append)
     tl = res.timeline
     layer = [r for r in tl if r.stage >= 0]
     assert {(r.ubatch, r.stage) for r in layer} == {(u, s) for u in range(8) for s in range(3)}
@@ -127,7 +127,7 @@ def test_prefill_continues_a_sequence(tiny_model, rpc3):
             kv_std = ctx.kv_state()
             ctx.reset()
             ctx.prefill(a, pipeline=False)
-            pipe = ctx.prefill(b, pipeline=True)
+            pipe = ctx.prefill(b, pipeline="force")
             assert ctx.n_past == 230
             kv_pipe = ctx.kv_state()
     assert_identical(std, pipe, kv_std, kv_pipe)
@@ -139,3 +139,21 @@ def test_cpu_stage_before_an_rpc_stage(tiny_model, rpc3):
         assert model.devices[0] == "CPU" and model.devices[1].startswith("RPC")
         res = standard_and_pipelined(model, prompt(256), n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1)
     assert_identical(*res)
+
+
+def test_auto_decides_from_its_own_measurements(tiny_model, rpc3):
+    """calibrate() measures both paths; auto then takes the faster one by those numbers and says so. Which one is
+    faster on this machine is not asserted (it is what is being measured); that the choice follows the numbers is."""
+    from pyturbo import policy
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints, tensor_split="even") as model:
+        with model.context(n_ctx=1024, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
+            toks = prompt(300)
+            measured = ctx.calibrate(toks)
+            assert len(measured["pipelined"]) == len(measured["standard"]) == policy.SAMPLES_PER_PATH
+            res = ctx.prefill(toks)
+    faster = ("pipelined" if np.median(measured["pipelined"]) >= np.median(measured["standard"]) else "standard")
+    assert res.path == faster and res.decision.startswith("calibrated"), res.decision
+    std_ref = prompt(300)  # the decision changes the path, never the numbers
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints, tensor_split="even") as model:
+        with model.context(n_ctx=1024, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
+            np.testing.assert_array_equal(ctx.prefill(std_ref, pipeline=False).logits, res.logits)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyturbo.policy import Layout, decide, env_override, normalize_mode
+from pyturbo.policy import (SAMPLES_PER_PATH, Calibration, Layout, calibration_key, decide, env_override,
+                            normalize_mode)
 
 RPC4 = Layout(stages=("RPC0", "RPC1", "RPC2", "RPC3"), stock_overlaps=True)
 GPUS_WITH_EVENTS = Layout(stages=("CUDA0", "CUDA1"), stock_overlaps=True)
@@ -29,14 +30,48 @@ def test_off_and_force_are_obeyed_on_every_layout():
         assert decide("force", layout)[0] is True
 
 
-def test_auto_pipelines_rpc_and_mixed_layouts_and_gpus_without_events():
-    for layout in (RPC4, GPUS_NO_PEER_COPY, GPU_AND_CPU):
-        assert decide("auto", layout)[0] is True
+def test_auto_pipelines_where_stock_cannot_overlap_until_measured_otherwise():
+    for layout in (GPUS_NO_PEER_COPY, GPU_AND_CPU):
+        on, why = decide("auto", layout, measured={})
+        assert on and "pipeline parallelism is off" in why
+        slower = {"pipelined": [90.0, 95.0], "standard": [100.0, 101.0]}
+        assert decide("auto", layout, measured=slower)[0] is False
 
 
-def test_auto_leaves_gpus_that_stock_overlaps_to_stock_and_says_how_to_force():
-    on, why = decide("auto", GPUS_WITH_EVENTS)
-    assert not on and "pipeline='force'" in why
+def test_auto_calibrates_where_stock_overlaps_by_alternating_paths():
+    measured = {"pipelined": [], "standard": []}
+    taken = []
+    for _ in range(2 * SAMPLES_PER_PATH):
+        on, why = decide("auto", RPC4, measured=measured)
+        assert why.startswith("calibrating")
+        taken.append(on)
+        measured["pipelined" if on else "standard"].append(100.0)
+    assert taken.count(True) == taken.count(False) == SAMPLES_PER_PATH
+    assert decide("auto", RPC4, measured=measured)[1].startswith("calibrated")
+
+
+@pytest.mark.parametrize("pipelined,standard,expect", [([120, 130], [100, 101], True), ([90, 95], [100, 101], False)])
+def test_auto_takes_the_faster_median_and_says_from_which_numbers(pipelined, standard, expect):
+    on, why = decide("auto", GPUS_WITH_EVENTS, measured={"pipelined": pipelined, "standard": standard})
+    assert on is expect
+    assert f"pipelined {sorted(pipelined)[0] / 2 + sorted(pipelined)[1] / 2:.0f}" in why and "standard 100" in why
+
+
+def test_calibration_persists_forgets_and_survives_a_corrupt_file(tmp_path):
+    path = tmp_path / "cal.json"
+    key = calibration_key("m:1:2:3", [("RPC", "10.0.0.1"), ("RPC", "10.0.0.2")], 2048, 128, "auto", 4000, 0)
+    cal = Calibration(path)
+    for tps in (1.0, 2.0, 3.0):
+        cal.record(key, "pipelined", tps)
+    assert Calibration(path).measured(key) == {"pipelined": [1.0, 2.0, 3.0]}
+    # the same setting at another length bucket or another host is another key
+    assert key != calibration_key("m:1:2:3", [("RPC", "10.0.0.1"), ("RPC", "10.0.0.2")], 2048, 128, "auto", 9000, 0)
+    assert key != calibration_key("m:1:2:3", [("RPC", "10.0.0.1"), ("RPC", "10.0.0.3")], 2048, 128, "auto", 4000, 0)
+    cal.clear()
+    assert not path.exists() and Calibration(path).measured(key) == {}
+    path.write_text("{not json")
+    assert Calibration(path).measured(key) == {}
+    assert Calibration(None).measured(key) == {}  # PYTURBO_CALIBRATION=off: memory only
 
 
 def test_environment_override_applies_to_auto_only():

@@ -26,16 +26,16 @@ def test_interrupt_during_pipelined_prefill_leaves_context_usable(tiny_model, rp
 
             t0 = time.monotonic()
             with pytest.raises(KeyboardInterrupt):
-                ctx.prefill(prompt(1500), pipeline=True, on_ubatch=stop_after_three)
+                ctx.prefill(prompt(1500), pipeline="force", on_ubatch=stop_after_three)
             assert time.monotonic() - t0 < 30
             assert ctx.n_past == 40, "positions of the interrupted prefill remain in the KV cache"
             assert ctx.kv_state() == kv_before
             # and the context still works, with the same results as an uninterrupted run (twice: every slot of the
             # interrupted replay must be usable again)
-            ctx.prefill(prompt(600, seed=9), pipeline=True)
+            ctx.prefill(prompt(600, seed=9), pipeline="force")
             ctx.reset()
             ctx.prefill(prompt(40, seed=5))
-            res = ctx.prefill(prompt(200), pipeline=True)
+            res = ctx.prefill(prompt(200), pipeline="force")
             assert res.path == "pipelined"
             kv_after = ctx.kv_state()
             ctx.reset()
@@ -53,13 +53,13 @@ def test_abort_from_another_thread(tiny_model, rpc3):
             timer = threading.Timer(0.3, lambda: _native.lib().pt_request_abort(ctx._ptr))
             timer.start()
             with pytest.raises(KeyboardInterrupt):
-                ctx.prefill(prompt(4000), pipeline=True)
+                ctx.prefill(prompt(4000), pipeline="force")
             timer.join()
             assert ctx.n_past == 0
-            assert ctx.prefill(prompt(100), pipeline=True).path == "pipelined"
+            assert ctx.prefill(prompt(100), pipeline="force").path == "pipelined"
 
 
-@pytest.mark.parametrize("pipeline,n_batch,victim", [(True, 8192, 1), (False, 256, 0)], ids=["pipelined", "standard"])
+@pytest.mark.parametrize("pipeline,n_batch,victim", [("force", 8192, 1), ("off", 256, 0)], ids=["pipelined", "standard"])
 def test_worker_killed_mid_prefill_raises_instead_of_aborting(pipeline, n_batch, victim):
     """In a subprocess: an abort of the interpreter would show as a signal exit instead of our message. The context
     is then clearly dead (every call says so) and can still be closed."""
@@ -73,7 +73,7 @@ def test_worker_killed_mid_prefill_raises_instead_of_aborting(pipeline, n_batch,
             threading.Timer(0.5, pool.kill, args=({victim},)).start()
             t0 = time.monotonic()
             try:
-                ctx.prefill(np.arange(8000) % 500, pipeline={pipeline})
+                ctx.prefill(np.arange(8000) % 500, pipeline={pipeline!r})
                 print("NO ERROR")
             except pyturbo.ContextDeadError as e:
                 print("DEAD", round(time.monotonic() - t0, 1), e)
@@ -96,10 +96,10 @@ def test_repeated_pipelined_prefills_do_not_grow_memory(tiny_model, rpc3):
             toks = prompt(300)
             for _ in range(5):  # warm up allocator pools
                 ctx.reset()
-                ctx.prefill(toks, pipeline=True)
+                ctx.prefill(toks, pipeline="force")
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             for _ in range(40):
                 ctx.reset()
-                ctx.prefill(toks, pipeline=True)
+                ctx.prefill(toks, pipeline="force")
             rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert rss1 - rss0 < 20 * 1024, f"peak RSS grew by {(rss1 - rss0) / 1024:.1f} MiB over 40 prefills"

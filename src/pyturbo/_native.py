@@ -115,6 +115,11 @@ class NativeHandle:
             pass
 
 
+def build_id() -> str:
+    """Changes whenever the native library is rebuilt."""
+    return str((LIB_DIR / "libpyturbo_native.so").stat().st_mtime_ns)
+
+
 def build_info() -> dict:
     """How the native part was built: CUDA or not, which llama.cpp tree, and the devices it sees now."""
     from .devices import list_devices

@@ -60,6 +60,8 @@ class Context(_native.NativeHandle):
         n_threads = n_threads or os.cpu_count() or 1
         self.model = model
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
+        self.flash_attn = flash_attn
+        self._warm_paths: set[str] = set()
         # environment switches, read once here
         self._pipeline_override = policy.env_override(os.environ)
         host_staging = os.environ.get("PYTURBO_PIPELINE_HOST_STAGING", "0") not in ("", "0")
@@ -97,7 +99,9 @@ class Context(_native.NativeHandle):
         """
         mode = policy.normalize_mode(pipeline)
         toks = self._check_tokens(tokens)
-        ask_pipeline, decision = policy.decide(mode, self.layout, self._pipeline_override)
+        key = self._calibration_key(len(toks), self.n_past)
+        measured = policy.calibration().measured(key) if mode == "auto" else None
+        ask_pipeline, decision = policy.decide(mode, self.layout, self._pipeline_override, measured)
         ffi, lib = _native.ffi(), _native.lib()
         ptr = self._live()
         result = ffi.new("struct llama_turbo_result *")
@@ -130,13 +134,39 @@ class Context(_native.NativeHandle):
                 raise ContextDeadError(msg)
             raise PrefillError(msg)
         seconds = (result.t_end_us - result.t_start_us) / 1e6
+        path = "pipelined" if result.path == lib.LLAMA_TURBO_PATH_PIPELINED else "standard"
+        self._measured(key, path, ask_pipeline, result.n_ubatches, len(toks) / seconds)
         timeline = Timeline.from_raw(raw, self.model.devices, result.t_start_us, seconds)
         return PrefillResult(
-            n_tokens=len(toks), seconds=seconds, logits=self.logits(),
-            path="pipelined" if result.path == lib.LLAMA_TURBO_PATH_PIPELINED else "standard",
+            n_tokens=len(toks), seconds=seconds, logits=self.logits(), path=path,
             fallback_reason=ffi.string(result.fallback_reason).decode(), decision=decision,
             n_ubatches=result.n_ubatches, n_stages=result.n_stages, n_in_flight=result.n_in_flight,
             slot_buffer_bytes=result.slot_buffer_bytes, timeline=timeline)
+
+    def _measured(self, key: str, path: str, asked_pipeline: bool, n_ubatches: int, tokens_per_second: float) -> None:
+        """Record a prefill's throughput for auto's decisions. Not when the executor fell back for safety (that says
+        nothing about the choice), nor a path's first run in this context (it allocates: slots, compute buffers)."""
+        if n_ubatches < 2 or (path == "standard" and asked_pipeline):
+            return
+        if path in self._warm_paths:
+            policy.calibration().record(key, path, tokens_per_second)
+        self._warm_paths.add(path)
+
+    def calibrate(self, tokens: str | Sequence[int] | np.ndarray, runs: int = policy.SAMPLES_PER_PATH) -> dict:
+        """Measure both paths on these tokens, interleaved, `runs` warm runs each (after one warm-up each), so that
+        pipeline='auto' decides for prompts of this length from then on. Needs and leaves an empty KV cache. Returns
+        the measurements for this setting ({"pipelined": [tok/s, ...], "standard": [...]})."""
+        if self.n_past != 0:
+            raise ValueError("calibrate() runs from an empty KV cache: call reset() first")
+        for _ in range(runs + 1):
+            for mode in ("force", "off"):
+                self.prefill(tokens, pipeline=mode)
+                self.reset()
+        return policy.calibration().measured(self._calibration_key(len(self._check_tokens(tokens)), 0))
+
+    def _calibration_key(self, n_tokens: int, n_past: int) -> str:
+        return policy.calibration_key(self.model.identity, self.model.stage_kinds, self.n_batch, self.n_ubatch,
+                                      self.flash_attn, n_tokens, n_past)
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token (standard path) and return its logits."""

@@ -116,7 +116,8 @@ class Model(_native.NativeHandle):
                 _native.drain_log()
                 raise WorkerError(_native.last_error())
             rpc_devices += [d.name for d in list_devices() if d.is_rpc and d.description == ep]
-        devices = choose_devices(None if devices is None else list(devices), rpc_devices, list_devices())
+        available = list_devices()
+        devices = choose_devices(None if devices is None else list(devices), rpc_devices, available)
         if isinstance(tensor_split, str):
             if tensor_split != "even":
                 raise ValueError(f"tensor_split must be proportions or 'even', not {tensor_split!r}")
@@ -142,6 +143,13 @@ class Model(_native.NativeHandle):
         lib.pt_model_stage_names(ptr, names, info.n_stages)
         #: the devices holding the model's layers, in chain order (the pipeline's stages)
         self.devices = [ffi.string(names[i]).decode() for i in range(info.n_stages)]
+        described = {d.name: d for d in available}
+        #: (device kind, RPC host or "") per stage: the layout as measurements are keyed (policy.calibration_key)
+        self.stage_kinds = [(name.rstrip("0123456789"), described[name].description.rpartition(":")[0]
+                             if name in described and described[name].is_rpc else "") for name in self.devices]
+        stat = self.path.stat()
+        #: this model file as loaded by this build (measurements of another file or build do not apply)
+        self.identity = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_native.build_id()}"
 
     # ---- tokens ---------------------------------------------------------------------------------------------------
 

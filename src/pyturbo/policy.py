@@ -1,12 +1,19 @@
 """Which prefill path to take: the one place that decides whether pipelining is *useful* (the executor in
 src/llama-turbo/ checks whether it is *safe*, and falls back to the standard path with its reason when it is not).
 
-`decide()` is a pure function of what the caller asked, the layout and what has been measured on it, so it is tested
-without devices (tests/test_policy.py).
+auto decides from measurement, not from a rule fitted to one machine: every prefill's throughput is recorded per
+setting (model, layout, batch sizes, prompt-length bucket) and path, and once both paths have been measured the faster
+one is taken (`Calibration`, persisted per machine). `decide()` is a pure function of what the caller asked, the
+layout and those measurements, so it is tested without devices (tests/test_policy.py).
 """
 from __future__ import annotations
 
+import json
+import os
+import statistics
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 MODES = ("auto", "force", "off")
 
@@ -38,25 +45,119 @@ class Layout:
     stages: tuple[str, ...]   # the layer devices in chain order ("CUDA0", "RPC1", "CPU", ...)
     stock_overlaps: bool      # llama.cpp's own pipeline parallelism is on (every device has events, async copies)
 
-    @property
-    def local_gpus_only(self) -> bool:
-        return all(s.startswith("CUDA") for s in self.stages)
 
-
-def decide(mode: str, layout: Layout, override: str | None = None) -> tuple[bool, str]:
-    """(ask the executor for the pipeline?, why). mode is normalize_mode()'s; override is env_override()'s."""
+def decide(mode: str, layout: Layout, override: str | None = None,
+           measured: dict[str, list[float]] | None = None) -> tuple[bool, str]:
+    """(ask the executor for the pipeline?, why). mode is normalize_mode()'s, override env_override()'s, measured
+    the Calibration's samples for this setting."""
     if mode == "auto" and override is not None:
-        mode = override
-        why = f"PYTURBO_PIPELINE={override}"
-    else:
-        why = ""
+        return override == "force", f"PYTURBO_PIPELINE={override}"
     if mode == "off":
-        return False, why or "pipeline not requested"
+        return False, "pipeline not requested"
     if mode == "force":
-        return True, why or "pipeline forced"
-    if layout.local_gpus_only and layout.stock_overlaps:
-        # llama.cpp overlaps GPUs of this process itself when they have events and async copies; on two GPUs and on
-        # stream devices of one GPU the pipeline was not faster (bench/results/*h100*)
-        return False, ("all stages are GPUs of this process and llama.cpp's pipeline parallelism already overlaps "
-                       "them (pipeline='force' pipelines anyway)")
-    return True, "pipelined: stages that stock llama.cpp serializes or overlaps poorly"
+        return True, "pipeline forced"
+    return decide_from_measurements(layout, measured or {})
+
+
+# ---- calibration: measured throughput per setting, what "auto" decides from ------------------------------------------
+
+SAMPLES_PER_PATH = 2   # warm runs of each path before auto trusts the comparison (stock varies by ±15% run to run)
+KEEP_SAMPLES = 8       # the newest samples kept per path and setting
+
+
+def length_bucket(n: int) -> int:
+    """Prompt lengths within a factor of two share a bucket (their per-token costs are close)."""
+    return max(int(n), 1).bit_length()
+
+
+def calibration_key(model_id: str, stages: Sequence[tuple[str, str]], n_batch: int, n_ubatch: int, flash_attn,
+                    n_tokens: int, n_past: int) -> str:
+    """What a measurement is valid for: the model file, the layout (device kinds and hosts, not ports: local workers
+    get new ones every run), the batch settings and the prompt's length bucket and starting position bucket."""
+    layout = ",".join(f"{kind}@{host}" if host else kind for kind, host in stages)
+    start = 0 if n_past == 0 else length_bucket(n_past)
+    return f"{model_id}|{layout}|b{n_batch}|ub{n_ubatch}|fa{flash_attn}|len{length_bucket(n_tokens)}|at{start}"
+
+
+class Calibration:
+    """Prefill throughput (tok/s) measured per calibration_key() and path, kept in a JSON file so that a setting is
+    calibrated once per machine. The file is $PYTURBO_CALIBRATION, or ~/.cache/pyturbo/calibration.json;
+    PYTURBO_CALIBRATION=off keeps it in memory only. Entries name the model file's size and mtime and the native
+    library's build, so a changed model or a rebuild starts afresh; `clear()` (or deleting the file) forgets all."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.samples: dict[str, dict[str, list[float]]] = {}
+        self._loaded = False
+
+    @classmethod
+    def from_env(cls, env: dict) -> "Calibration":
+        where = env.get("PYTURBO_CALIBRATION", "").strip()
+        if where.lower() == "off":
+            return cls(None)
+        return cls(Path(where).expanduser() if where else Path.home() / ".cache" / "pyturbo" / "calibration.json")
+
+    def measured(self, key: str) -> dict[str, list[float]]:
+        self._load()
+        return self.samples.get(key, {})
+
+    def record(self, key: str, path: str, tokens_per_second: float) -> None:
+        self._load()
+        runs = self.samples.setdefault(key, {}).setdefault(path, [])
+        runs.append(round(float(tokens_per_second), 1))
+        del runs[:-KEEP_SAMPLES]
+        self._save()
+
+    def clear(self) -> None:
+        self.samples = {}
+        self._loaded = True
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        if self.path is not None and self.path.exists():
+            try:
+                self.samples = json.loads(self.path.read_text()).get("samples", {})
+            except (OSError, ValueError):
+                self.samples = {}   # unreadable: calibrate again rather than fail a prefill
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"samples": self.samples}, indent=1))
+            tmp.replace(self.path)   # atomic: a concurrent reader sees the old file or the new one
+        except OSError:
+            pass   # a read-only home must not fail prefills; the measurements stay in memory
+
+
+_calibration: Calibration | None = None
+
+
+def calibration() -> Calibration:
+    """The process's Calibration (its file is chosen from the environment once, on first use)."""
+    global _calibration
+    if _calibration is None:
+        _calibration = Calibration.from_env(dict(os.environ))
+    return _calibration
+
+
+def decide_from_measurements(layout: Layout, measured: dict[str, list[float]]) -> tuple[bool, str]:
+    """auto's choice: the faster path by the medians of warm runs, once both paths have SAMPLES_PER_PATH of them;
+    before that, where stock llama.cpp cannot overlap the stages, the pipeline; elsewhere the path with fewer runs
+    (calibrating: each setting costs a few runs of the slower path once per machine)."""
+    p, s = measured.get("pipelined", []), measured.get("standard", [])
+    if len(p) >= SAMPLES_PER_PATH and len(s) >= SAMPLES_PER_PATH:
+        mp, ms = statistics.median(p), statistics.median(s)
+        return mp >= ms, (f"calibrated: pipelined {mp:.0f} vs standard {ms:.0f} tok/s "
+                          f"(medians of {len(p)} and {len(s)} runs)")
+    if not layout.stock_overlaps:
+        return True, "llama.cpp's own pipeline parallelism is off on this layout (it would serialize the stages)"
+    pipeline = len(p) <= len(s)
+    return pipeline, (f"calibrating: {'pipelined' if pipeline else 'standard'} run {min(len(p), len(s)) + 1} of "
+                      f"{SAMPLES_PER_PATH} (pipelined {len(p)}, standard {len(s)} runs so far)")
