@@ -78,6 +78,22 @@ const char * turbo_device_name(ggml_backend_t backend) {
 }
 
 llama_turbo::llama_turbo(llama_context & lctx, const llama_turbo_options & options) : lctx(lctx), options(options) {
+    for (ggml_backend_t backend : lctx.backend_ptrs) {
+        backend_traits t;
+        ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+        t.rpc = llama_turbo_dev_is_rpc(dev);
+        if (dev && !t.rpc) { // asking an RPC device for its properties is a round trip to its server
+            ggml_backend_dev_props props;
+            ggml_backend_dev_get_props(dev, &props);
+            t.gpu      = props.type == GGML_BACKEND_DEVICE_TYPE_GPU;
+            t.events   = props.caps.events;
+            t.async_io = props.caps.async && t.gpu;
+            if (t.gpu && props.caps.host_buffer && !pinned_buft) {
+                pinned_buft = ggml_backend_dev_host_buffer_type(dev);
+            }
+        }
+        traits.push_back(t);
+    }
     if (options.host_staging) {
         LLAMA_LOG_INFO("%s: every transfer between devices is staged through host memory (host_staging)\n", __func__);
     }

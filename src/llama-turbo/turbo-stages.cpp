@@ -20,6 +20,11 @@
 #include <cstring>
 #include <stdexcept>
 
+static bool in_host_memory(const ggml_tensor * t) {
+    ggml_backend_buffer_t buf = t->view_src ? t->view_src->buffer : t->buffer;
+    return buf && ggml_backend_buffer_is_host(buf);
+}
+
 void llama_turbo::start_stage_threads() {
     stopping = false;
     for (size_t t = 0; t < lctx.backend_ptrs.size(); ++t) {
@@ -153,8 +158,15 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
     clock.begin(rec);
 
     for (const auto & in : sp.inputs) {
-        if (in.staged >= 0) {
-            ggml_backend_tensor_set(in.dst, s.staging[in.staged].data(), 0, ggml_nbytes(in.dst));
+        if (in.staged >= 0 && traits[sp.thread].async_io) {
+            // queued on this device's stream ahead of the split's compute: the host does not wait for the transfer
+            ggml_backend_tensor_set_async(sp.backend, in.dst, s.staging[in.staged], 0, ggml_nbytes(in.dst));
+        } else if (in.staged >= 0) {
+            ggml_backend_tensor_set(in.dst, s.staging[in.staged], 0, ggml_nbytes(in.dst));
+        } else if (traits[sp.thread].async_io && in.src->data && in_host_memory(in.src)) {
+            // a graph input or CPU result of this slot (the embeddings, the mask): its memory stays untouched until
+            // the ubatch is done, and llama.cpp gives the CPU pinned memory when a GPU is present, so this is DMA
+            ggml_backend_tensor_set_async(sp.backend, in.dst, in.src->data, 0, ggml_nbytes(in.dst));
         } else {
             ggml_backend_tensor_copy(in.src, in.dst);
         }
@@ -167,14 +179,14 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
         // CUDA: the reads of staged outputs are ordered on the backend's stream; queue them before the end mark so
         // that the stage's time includes them
         for (int idx : sp.stage_out) {
-            ggml_backend_tensor_get_async(sp.backend, s.staging_src[idx], s.staging[idx].data(), 0, s.staging[idx].size());
+            ggml_backend_tensor_get_async(sp.backend, s.staging_src[idx], s.staging[idx], 0, ggml_nbytes(s.staging_src[idx]));
         }
         clock.mark_end();
         ggml_backend_synchronize(sp.backend);
     } else {
         ggml_backend_synchronize(sp.backend);
         for (int idx : sp.stage_out) {
-            ggml_backend_tensor_get(s.staging_src[idx], s.staging[idx].data(), 0, s.staging[idx].size());
+            ggml_backend_tensor_get(s.staging_src[idx], s.staging[idx], 0, ggml_nbytes(s.staging_src[idx]));
         }
         if (sp.stage_out.empty() && sp.fence) {
             // for an RPC backend, synchronize returns once the work is sent; a read returns once the server has done
@@ -219,13 +231,18 @@ void llama_turbo::plan_splits(slot & s) {
             ggml_tensor * src = ggml_backend_sched_get_split_input(sched, i, j);
             ggml_tensor * dst = ggml_backend_sched_get_split_input_copy(sched, i, j);
             int staged = -1;
-            ggml_backend_buffer_t buf = src->view_src ? src->view_src->buffer : src->buffer;
+            const bool src_in_host_memory = in_host_memory(src);
             ggml_backend_t src_backend = ggml_backend_sched_get_tensor_backend(sched, src);
-            const bool through_host = !src_backend || llama_turbo_dev_is_rpc(ggml_backend_get_device(src_backend)) ||
-                                      llama_turbo_dev_is_rpc(ggml_backend_get_device(sp.backend)) || options.host_staging;
-            // host memory, or two devices of this process (CUDA to CUDA: a device-to-device copy): the consumer copies
-            // directly, the producer has finished and the slot's memory stays untouched until it is done
-            if (!(buf && ggml_backend_buffer_is_host(buf)) && through_host) {
+            const int src_thread = (int) (std::find(lctx.backend_ptrs.begin(), lctx.backend_ptrs.end(), src_backend) - lctx.backend_ptrs.begin());
+            const backend_traits * from = src_thread < (int) traits.size() ? &traits[src_thread] : nullptr;
+            const backend_traits & to   = traits[sp.thread];
+            // GPUs without events are those of a build without peer copies: they cannot copy to each other
+            const bool gpus_without_peer_copy = from && from->gpu && to.gpu && src_backend != sp.backend &&
+                                                !(from->events && to.events);
+            const bool through_host = !from || from->rpc || to.rpc || gpus_without_peer_copy || options.host_staging;
+            // host memory, or two devices of this process that copy to each other (CUDA to CUDA with peer copies): the
+            // consumer copies directly, the producer has finished and the slot's memory stays untouched until it is done
+            if (!src_in_host_memory && through_host) {
                 // the last earlier split on the source's backend has computed it: that thread stages it
                 int producer = -1;
                 for (int p = i - 1; p >= 0; --p) {
@@ -249,9 +266,32 @@ void llama_turbo::plan_splits(slot & s) {
             sp.inputs.push_back({src, dst, staged});
         }
     }
-    s.staging.resize(s.staging_src.size());
-    for (size_t idx = 0; idx < s.staging_src.size(); ++idx) {
-        s.staging[idx].resize(ggml_nbytes(s.staging_src[idx]));
+    allocate_staging(s);
+}
+
+// Under no lock: the slot is not in flight (submit() waited for it), so nothing reads or writes its staging memory.
+void llama_turbo::allocate_staging(slot & s) {
+    const size_t align = 256;
+    std::vector<size_t> offsets;
+    size_t total = 0;
+    for (ggml_tensor * t : s.staging_src) {
+        offsets.push_back(total);
+        total += GGML_PAD(ggml_nbytes(t), align);
+    }
+    uint8_t * base = nullptr;
+    if (pinned_buft && total > 0) {
+        if (!s.staging_pinned || ggml_backend_buffer_get_size(s.staging_pinned.get()) < total) {
+            s.staging_pinned.reset(ggml_backend_buft_alloc_buffer(pinned_buft, total));
+        }
+        base = s.staging_pinned ? (uint8_t *) ggml_backend_buffer_get_base(s.staging_pinned.get()) : nullptr;
+    }
+    if (!base) { // no GPU here, or pinned memory ran out
+        s.staging_pageable.resize(std::max(total, s.staging_pageable.size()));
+        base = s.staging_pageable.data();
+    }
+    s.staging.clear();
+    for (size_t off : offsets) {
+        s.staging.push_back(base + off);
     }
 }
 

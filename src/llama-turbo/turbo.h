@@ -68,10 +68,24 @@ struct slot {
     int     n_done   = 0;      // splits completed
     bool    running  = false;  // a stage thread is running split n_done
 
-    std::vector<split_plan>           splits;
-    std::vector<ggml_tensor *>        staging_src;
-    std::vector<std::vector<uint8_t>> staging;
-    std::vector<deferred_output>      outputs;
+    std::vector<split_plan>      splits;
+    std::vector<deferred_output> outputs;
+
+    // Host copies of the tensors that cross between devices through host memory (split_input::staged): pinned memory
+    // where a GPU can provide it, so that the producer's read and the consumer's write are asynchronous DMA on their
+    // streams; else pageable memory. Sized for the largest ubatch seen, kept between ubatches.
+    std::vector<ggml_tensor *>  staging_src;
+    std::vector<uint8_t *>      staging;       // where staging_src[i] is kept
+    ggml_backend_buffer_ptr     staging_pinned;
+    std::vector<uint8_t>        staging_pageable;
+};
+
+// What the executor needs to know of each backend of the context (index = stage thread), asked once.
+struct backend_traits {
+    bool rpc      = false;  // a device of an RPC server: transfers go through host memory
+    bool gpu      = false;
+    bool events   = false;  // orders work with events; a CUDA build without peer copies has none (nor peer copies)
+    bool async_io = false;  // tensor_set_async/get_async are queued on the device's stream
 };
 
 // When a stage thread's splits ran: timing events on the device where it has them (CUDA), else the host clock.
@@ -136,6 +150,7 @@ struct llama_turbo : llama_ubatch_executor {
     void   finish(slot & s, std::unique_lock<std::mutex> & lock);
     ggml_status run_split(slot & s, int i, stage_clock & clock, llama_turbo_record & rec);
     void   plan_splits(slot & s);
+    void   allocate_staging(slot & s);
     bool   all_idle() const;
     template <typename Cond> bool wait_host(Cond cond, ggml_status & ret);
     void   flush_records();
@@ -160,6 +175,8 @@ struct llama_turbo : llama_ubatch_executor {
     llama_turbo_record_callback record_cb = nullptr; // set for the duration of one replay
     void * record_cb_data = nullptr;
 
+    std::vector<backend_traits>     traits;
+    ggml_backend_buffer_type_t      pinned_buft = nullptr; // a GPU's pinned host memory, for staging (nullptr: none)
     std::vector<slot>               slots;
     std::vector<ggml_backend_dev_t> stage_devices;
     std::vector<ggml_backend_t>     prev_split_backends;
