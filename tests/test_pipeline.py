@@ -157,3 +157,28 @@ def test_auto_decides_from_its_own_measurements(tiny_model, rpc3):
     with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints, tensor_split="even") as model:
         with model.context(n_ctx=1024, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
             np.testing.assert_array_equal(ctx.prefill(std_ref, pipeline=False).logits, res.logits)
+
+
+def test_layers_per_stage_follow_the_split_llama_cpp_makes(tiny_f16_model, rpc3):
+    """Model.layers_per_stage (used to balance stages) against llama.cpp's own assignment, read from its load log."""
+    import collections
+    import logging
+    from pyturbo.model import layer_split
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("pyturbo.llama")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        for layers in ([1, 4, 1], [2, 2, 2]):
+            lines.clear()
+            with pyturbo.Model(tiny_f16_model, rpc_servers=rpc3.endpoints, tensor_split=layer_split(layers)) as model:
+                assigned = collections.Counter(line.split("device")[1].split(",")[0].strip() for line in lines
+                                               if "assigned to device" in line and f"layer {model.n_layer:3d}" not in line)
+            assert model.layers_per_stage == layers
+            assert [assigned[d] for d in model.devices] == layers, lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)

@@ -32,18 +32,35 @@ def parse_endpoints(rpc_servers: str | Iterable[str] | None) -> list[str]:
 
 
 def even_layer_split(n_layer: int, n_devices: int) -> list[float]:
-    """tensor_split proportions that give each device n_layer/n_devices repeating layers (±1).
-
-    llama.cpp splits n_layer+1 slots (the output layer is the last) by cumulative proportion, so equal proportions
-    put one layer more on the first devices than on the last. Each boundary here falls half a slot before the
-    wanted layer boundary, which makes the split exact. A balanced split matters for any pipeline: the slowest
-    stage sets the pace.
-    """
+    """tensor_split proportions that give each device n_layer/n_devices repeating layers (±1)."""
     if n_devices < 1 or n_layer < n_devices:
         raise ValueError(f"cannot split {n_layer} layers evenly over {n_devices} devices")
     ends = [round((d + 1) * n_layer / n_devices) for d in range(n_devices)]
+    return layer_split([e - p for e, p in zip(ends, [0] + ends[:-1])])
+
+
+def layer_split(layers: Sequence[int]) -> list[float]:
+    """tensor_split proportions that put exactly layers[d] repeating layers on device d.
+
+    llama.cpp splits n_layer+1 slots (the output layer is the last) by cumulative proportion, so proportions equal
+    to the layer counts would put one layer more on the first devices. Each boundary here falls half a slot before the
+    wanted layer boundary, which makes the split exact. A balanced split matters for any pipeline: the slowest stage
+    sets the pace (policy.balance_layers proposes counts from measured stage times).
+    """
+    if not layers or min(layers) < 1:
+        raise ValueError(f"every device needs at least one layer, not {list(layers)}")
+    n_layer = sum(layers)
+    ends = list(np.cumsum(layers))
     cumulative = [(end - 0.5) / (n_layer + 1) for end in ends[:-1]] + [1.0]
     return [c - p for c, p in zip(cumulative, [0.0] + cumulative[:-1])]
+
+
+def layers_from_split(tensor_split: Sequence[float], n_layer: int) -> list[int]:
+    """Repeating layers per device for tensor_split proportions, by llama.cpp's rule: slot i of n_layer+1 (the output
+    layer is the last) goes to the first device whose cumulative share exceeds i/(n_layer+1)."""
+    cumulative = np.cumsum(tensor_split) / sum(tensor_split)
+    owners = [int(np.searchsorted(cumulative, i / (n_layer + 1), side="right")) for i in range(n_layer)]
+    return [owners.count(d) for d in range(len(tensor_split))]
 
 
 def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
@@ -147,6 +164,9 @@ class Model(_native.NativeHandle):
         #: (device kind, RPC host or "") per stage: the layout as measurements are keyed (policy.calibration_key)
         self.stage_kinds = [(name.rstrip("0123456789"), described[name].description.rpartition(":")[0]
                              if name in described and described[name].is_rpc else "") for name in self.devices]
+        #: repeating layers per stage, where the split is known (tensor_split given and the layers all offloaded)
+        self.layers_per_stage = (layers_from_split(tensor_split, self.n_layer)
+                                 if tensor_split and n_gpu_layers < 0 and len(tensor_split) == len(self.devices) else None)
         stat = self.path.stat()
         #: this model file as loaded by this build (measurements of another file or build do not apply)
         self.identity = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_native.build_id()}"

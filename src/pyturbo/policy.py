@@ -161,3 +161,22 @@ def decide_from_measurements(layout: Layout, measured: dict[str, list[float]]) -
     pipeline = len(p) <= len(s)
     return pipeline, (f"calibrating: {'pipelined' if pipeline else 'standard'} run {min(len(p), len(s)) + 1} of "
                       f"{SAMPLES_PER_PATH} (pipelined {len(p)}, standard {len(s)} runs so far)")
+
+
+# ---- balance: layers per stage from measured stage times ----------------------------------------------------------------
+
+def balance_layers(layers: Sequence[int], stage_seconds: Sequence[float]) -> list[int]:
+    """Layer counts per stage that equalize the stages' time, from a run with `layers` per stage that took
+    `stage_seconds` each (busy time over the same ubatches). A pipeline runs at the pace of its slowest stage, and
+    an even layer split is not an even time split (a stage also carries its device's transfers, the first the
+    embeddings, the last the output layer). Each stage's time is modelled as its layer count times its measured cost
+    per layer; layers are handed out one at a time to the stage that stays fastest with one more, which minimizes the
+    slowest stage for that model. Every stage keeps at least one layer."""
+    if len(layers) != len(stage_seconds) or not layers or min(layers) < 1:
+        raise ValueError("need a positive layer count and a time for every stage")
+    per_layer = [max(t, 1e-12) / n for t, n in zip(stage_seconds, layers)]
+    counts = [1] * len(layers)
+    for _ in range(sum(layers) - len(layers)):
+        best = min(range(len(counts)), key=lambda s: (counts[s] + 1) * per_layer[s])
+        counts[best] += 1
+    return counts
