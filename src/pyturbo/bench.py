@@ -1,4 +1,4 @@
-"""`python -m pyturbo.bench`: the command; the benchmark itself is `pyturbo.tools.bench`."""
+"""`python -m pyturbo.bench`: the command; the benchmark itself is the package `pyturbo.tools.bench`."""
 import sys
 
 from .tools.bench import main

@@ -1,0 +1,43 @@
+"""The default layout, chosen from the machine, and the reason printed for it; the size of a synthetic preset."""
+from __future__ import annotations
+
+import math
+import os
+
+from .. import synth
+
+# Measured (CONTEXT.md §7, bench/results/): stock llama.cpp already overlaps two RPC stages on a CPU (the host only
+# waits at the boundary copy), so a 2-stage split shows about 1.0x; from 3-4 stages stock keeps only about 1.5 stages
+# busy, while the pipeline keeps every stage busy. More stages make stock slower still, but also the run longer.
+DEFAULT_STAGES = 4
+LARGE_PRESET_BYTES = 2 << 30      # a preset bigger than this is written only after --yes (or a yes at the prompt)
+
+
+def default_setup(cores: int | None = None) -> dict:
+    """Workers, threads, model and prompt lengths for this machine, and why (the `why` text is printed)."""
+    cores = cores or os.cpu_count() or 2
+    stages = DEFAULT_STAGES if cores < 32 else 8
+    threads = max(1, cores // stages)
+    preset = "bench-16l" if cores >= 8 else "bench-8l"
+    lengths = [1024, 2048, 4096] + ([8192] if cores >= 8 else [])
+    why = (f"{stages} local RPC workers x {threads} thread{'s' if threads > 1 else ''} on {cores} cores: stock "
+           "llama.cpp already overlaps 2 RPC stages on a CPU (a 2-stage split shows about 1.0x), but keeps only about "
+           f"1.5 of {stages} stages busy, while the pipeline keeps all of them busy")
+    if stages > cores:
+        why += (f"; {stages} single-thread workers share {cores} cores, so the split can at best match one process "
+                "using every core (the ceiling column)")
+    return {"workers": stages, "threads": threads, "preset": preset, "lengths": lengths, "why": why,
+            "cores": cores}
+
+
+def preset_bytes(name: str) -> int:
+    """About how many bytes the synthetic preset's GGUF file takes."""
+    import gguf
+    shape = synth.PRESETS[name]
+    qtype = gguf.GGMLQuantizationType[synth.DTYPES[shape.dtype][0]]
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.ceil(shape.n_params * type_size / block)
+
+
+def describe_bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
