@@ -15,10 +15,14 @@
 #   gpu-default  what a user of one GPU gets: GPU_PRESET on the first GPU with pyturbo's defaults (PYTURBO_GPU_STREAMS
 #              auto, the dispatcher unforced), stock on one device vs the default layout, GPU_LENGTHS, GPU_UBATCH
 #   gpu-multi  several physical GPUs: GPU_PRESET over GPU_COUNTS (default: all of them) GPUs, peer access off
-#              (the pin's default) and on (GGML_CUDA_P2P=1) or as GPU_P2P says, GPU_LENGTHS, GPU_UBATCH; pipeline
-#              forced unless GPU_FORCE_PIPELINE=0. With CMAKE_ARGS=-DGGML_CUDA_NO_PEER_COPY=ON (a build without
-#              peer copies, like consumer GPUs without P2P) one mode, "nopeercopy"
-# BENCH_REPEAT (GPU steps): median of that many runs per mode. GPU_STOCK_BEST=1: also stock with n_batch = prompt.
+#              (the pin's default) and on (GGML_CUDA_P2P=1) or as GPU_P2P says, GPU_LENGTHS, GPU_UBATCH. With
+#              CMAKE_ARGS=-DGGML_CUDA_NO_PEER_COPY=ON (a build without peer copies, like consumer GPUs without P2P)
+#              one mode, "nopeercopy"
+#   cpu-rpc-layouts  CPU RPC stages on this host's cores: RPC_STAGES (default "2 4 8") x (16 / stages) threads,
+#              bench-16l, RPC_LENGTHS (default 4096)
+#   partial    partial offload: PARTIAL_CPU_LAYERS (default 8) layers on this process's CPU, the rest over the GPUs
+# Every bench step measures the default (auto, calibrated first), the forced pipeline and stock, interleaved.
+# BENCH_REPEAT: runs per setting (default 3, the median is shown). GPU_STOCK_BEST=1: stock's sweep of n_batch/n_ubatch.
 # PYTURBO_SKIP_BUILD=1: use the pyturbo this machine already installed (a second run.sh in one command, or a warm
 # machine), building only if there is none.
 set -uo pipefail
@@ -58,8 +62,8 @@ python3 -c "import pyturbo, json; print(json.dumps(pyturbo.build_info()))" | tee
 # (and NAME.log, without the progress bar's lines); the caller sets the environment that picks the layout
 gpu_bench() {
     local name=$1; shift
-    python3 -m pyturbo.bench --gpu --preset "${GPU_PRESET:-8b}" --flash-attn on --lengths "${GPU_LENGTHS:-4096,16384}" \
-        --ubatch "${GPU_UBATCH:-512}" --repeat "${BENCH_REPEAT:-1}" $([ "${GPU_STOCK_BEST:-0}" = 1 ] || echo --no-stock-best) \
+    python3 -m pyturbo.bench --gpu --yes --preset "${GPU_PRESET:-8b}" --flash-attn on --lengths "${GPU_LENGTHS:-4096,16384}" \
+        --ubatch "${GPU_UBATCH:-512}" --repeat "${BENCH_REPEAT:-3}" $([ "${GPU_STOCK_BEST:-0}" = 1 ] || echo --no-sweep) \
         "$@" --out "$OUT/$name" 2>&1 \
         | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/$name.log"
 }
@@ -84,9 +88,23 @@ for step in "$@"; do
         # one GPU split into N virtual CUDA devices (own stream each); N=1 is single-device stock
         for n in ${GPU_SPLITS:-1 2 4}; do
             echo "== GPU, GGML_CUDA_DEVICES=$n, ${GPU_PRESET:-8b}"
-            # the dispatcher leaves all-local-GPU layouts to the standard path; force the pipeline to measure it
-            CUDA_VISIBLE_DEVICES=0 PYTURBO_PIPELINE=force GGML_CUDA_DEVICES=$n gpu_bench "gpu-${GPU_PRESET:-8b}-$n" --no-one-device
+            CUDA_VISIBLE_DEVICES=0 GGML_CUDA_DEVICES=$n gpu_bench "gpu-${GPU_PRESET:-8b}-$n" --no-ceiling
         done ;;
+    cpu-rpc-layouts)
+        for w in ${RPC_STAGES:-2 4 8}; do
+            echo "== CPU RPC, $w stages x $((16 / w)) threads"
+            python3 -m pyturbo.bench --preset bench-16l --workers "$w" --threads $((16 / w)) --lengths "${RPC_LENGTHS:-4096}" \
+                --repeat "${BENCH_REPEAT:-3}" --no-sweep --out "$OUT/cpu-rpc-$w" 2>&1 | tr '\r' '\n' | grep -v "^bench:" \
+                | tee "$OUT/cpu-rpc-$w.log"
+        done ;;
+    partial)
+        n_gpus=$(nvidia-smi -L | grep -c '^GPU')
+        devs=CPU$(for i in $(seq 0 $((n_gpus - 1))); do printf ',CUDA%d' "$i"; done)
+        echo "== partial offload: ${PARTIAL_CPU_LAYERS:-8} layers on the CPU, the rest over $n_gpus GPUs ($devs)"
+        n_layer=32; rest=$(( (n_layer - ${PARTIAL_CPU_LAYERS:-8}) / n_gpus ))
+        split=${PARTIAL_CPU_LAYERS:-8}$(for i in $(seq 1 "$n_gpus"); do printf ',%d' "$rest"; done)
+        ( unset GGML_CUDA_DEVICES; gpu_bench "partial-${GPU_PRESET:-8b}-cpu${PARTIAL_CPU_LAYERS:-8}" --devices "$devs" \
+            --tensor-split "$split" --no-ceiling --client-threads "$(nproc)" ) ;;
     gpu-default)
         echo "== GPU, first GPU, pyturbo defaults, ${GPU_PRESET:-8b}"
         ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE
@@ -103,10 +121,9 @@ for step in "$@"; do
             for p2p in $p2p_modes; do
                 echo "== GPU, $n physical GPUs, peer access $p2p, ${GPU_PRESET:-8b}"
                 # the pin enables peer access only when GGML_CUDA_P2P is set; without it copies go through the host.
-                # GPU_FORCE_PIPELINE=0 leaves the choice to the dispatcher (what a user gets)
-                ( [ $p2p = on ] && export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES
-                  CUDA_VISIBLE_DEVICES=$visible PYTURBO_PIPELINE=$([ "${GPU_FORCE_PIPELINE:-1}" = 1 ] && echo force || echo auto) \
-                  gpu_bench "gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p" )
+                # the bench measures the default (auto) and the forced pipeline side by side
+                ( [ $p2p = on ] && export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES PYTURBO_PIPELINE
+                  CUDA_VISIBLE_DEVICES=$visible gpu_bench "gpu-multi-${GPU_PRESET:-8b}-$n-p2p-$p2p" )
             done
         done ;;
     *) echo "unknown step $step"; exit 2 ;;
