@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pyturbo.llama").setLevel(logging.WARNING)  # llama.cpp's load chatter: warnings and errors only
     if not is_loopback(settings.host):
         logging.getLogger("pyturbo.server").warning(
             "listening on %s: reachable from other machines%s", settings.host,
