@@ -209,14 +209,14 @@ class Generation:
                 token = sampler.sample(logits)
                 if self.t_first is None:
                     self.t_first = time.perf_counter()
-                if model.is_eog(token):
+                if model.has_vocab and model.is_eog(token):
                     self.finish_reason = "stop"
                     break
                 self.tokens.append(token)
-                text, hit = stops.push(decoder.decode(model.token_bytes(token)))
-                if text:
-                    self.text += text
-                    yield Piece(text, token)
+                # a model without a vocabulary (synthetic, token ids only) generates tokens without text
+                text, hit = stops.push(decoder.decode(model.token_bytes(token) if model.has_vocab else b""))
+                self.text += text
+                yield Piece(text, token)  # text may be "" (part of a character, or held back by a stop string)
                 if hit:
                     self.finish_reason = "stop"
                     return
