@@ -168,20 +168,36 @@ def test_pipeline_on_and_off_per_request(client):
     assert (on.model_extra["timings"]["prefill_path"], off.model_extra["timings"]["prefill_path"]) == ("pipelined", "standard")
 
 
-def test_requests_queue_in_order(client, endless):
+def two_long_requests(client, endless) -> tuple[dict, dict]:
+    """The timings of two 500-token answers, the second asked 0.3 s after the first."""
     results = {}
 
     def ask(name, delay):
         time.sleep(delay)
-        results[name] = chat(client, "a long answer please", max_tokens=300, seed=1, **endless)
+        results[name] = chat(client, "a long answer please", max_tokens=500, seed=1, **endless)
 
     threads = [threading.Thread(target=ask, args=("a", 0)), threading.Thread(target=ask, args=("b", 0.3))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    a, b = results["a"].model_extra["timings"], results["b"].model_extra["timings"]
-    assert a["predicted_n"] == 300 and b["queue_ms"] >= 0.5 * a["predicted_ms"] - 300
+    return results["a"].model_extra["timings"], results["b"].model_extra["timings"]
+
+
+def test_requests_queue_in_order(client, endless):
+    a, b = two_long_requests(client, endless)
+    assert a["predicted_n"] == b["predicted_n"] == 500
+    assert b["queue_ms"] >= 0.5 * a["predicted_ms"] - 300   # b waited for most of a's answer
+
+
+def test_parallel_slots_serve_requests_at_once(chat_model, endless, tmp_path):
+    with workers.local(2, threads=1) as pool, \
+            ServerProcess(server_args(chat_model, pool) + ["--parallel", "2"], tmp_path / "server.log") as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        a, b = two_long_requests(client, endless)
+        assert a["predicted_n"] == b["predicted_n"] == 500
+        assert b["queue_ms"] < 200 <= 0.5 * a["predicted_ms"]      # b had a slot of its own at once
+        assert httpx.get(srv.url + "/health", timeout=10).json()["slots"] == 2
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server, client, endless):

@@ -194,13 +194,13 @@ class Generation:
 
     def _run(self) -> Iterator[Piece]:
         ctx, model = self.ctx, self.ctx.model
-        res, self.n_cached = self._step(lambda: prefill_cached(ctx, self.prompt_tokens, self.pipeline,
-                                                               self.cache_prompt))
-        self.prefill = res
-        logits = res.logits
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStrings(self.stop)
-        with Sampler(model, self.settings) as sampler:
+        with Sampler(model, self.settings) as sampler:  # first: bad settings fail before the prefill
+            res, self.n_cached = self._step(lambda: prefill_cached(ctx, self.prompt_tokens, self.pipeline,
+                                                                   self.cache_prompt))
+            self.prefill = res
+            logits = res.logits
             sampler.accept(self.prompt_tokens[len(self.prompt_tokens) - self.settings.penalty_last_n:]
                            if self.settings.penalty_last_n else [])
             while True:

@@ -16,7 +16,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .. import _native
 from ..errors import ContextDeadError, PyturboError, WorkerError
 from ..generation import Completion, Generation, Piece, common_prefix
 from ..model import Model, check_reachable
@@ -109,8 +108,8 @@ class Engine:
         self._model_lock = threading.RLock()              # the model's lifetime vs tokenizing on the event loop
         self._free: list[Slot] = []
         self._waiters: deque[asyncio.Future] = deque()
-        self._running = 0                                 # generation threads alive
-        self._running_lock = threading.Lock()
+        self._runs: set[Run] = set()                      # generations running on their threads
+        self._runs_lock = threading.Lock()
         self._closed = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=settings.parallel, thread_name_prefix="pyturbo-slot")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -168,9 +167,9 @@ class Engine:
 
     def close(self) -> None:
         self._closed.set()
-        for slot in self.slots:
-            if slot.ctx is not None and slot.ctx._ptr is not None:
-                _native.lib().pt_request_abort(slot.ctx._ptr)
+        with self._runs_lock:
+            for run in self._runs:
+                run.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._unload()
         if self.pool is not None:
@@ -214,8 +213,8 @@ class Engine:
             gen = slot.ctx.stream(job.tokens, max_tokens=max_tokens, stop=job.stop, sampling=job.sampling,
                                   pipeline=_pipeline_arg(mode), cache_prompt=job.cache_prompt, lock=self.step_lock)
             run = Run(self._loop, gen, slot, t_arrival, mode)
-            with self._running_lock:
-                self._running += 1
+            with self._runs_lock:
+                self._runs.add(run)
             self._executor.submit(self._work, run)
             return run
         except BaseException:
@@ -234,8 +233,8 @@ class Engine:
         except BaseException as e:  # handed to the request, which reports it
             run.post(e)
         finally:
-            with self._running_lock:
-                self._running -= 1
+            with self._runs_lock:
+                self._runs.discard(run)
             self._loop.call_soon_threadsafe(self._release, run.slot)
 
     async def _acquire(self, tokens: list[int]) -> Slot:
@@ -307,7 +306,7 @@ class Engine:
     def _recover(self) -> None:
         # the other running requests end at their next step (their contexts are dead): wait before freeing the model
         deadline = time.monotonic() + 60
-        while self._running > 0 and time.monotonic() < deadline and not self._closed.is_set():
+        while self._runs and time.monotonic() < deadline and not self._closed.is_set():
             time.sleep(0.05)
         self._unload()
         while not self._closed.is_set():
