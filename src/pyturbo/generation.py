@@ -201,8 +201,8 @@ class Generation:
                                                                    self.cache_prompt))
             self.prefill = res
             logits = res.logits
-            sampler.accept(self.prompt_tokens[len(self.prompt_tokens) - self.settings.penalty_last_n:]
-                           if self.settings.penalty_last_n else [])
+            last_n = self.settings.penalty_last_n  # the penalties look back over the prompt too, as llama-server's
+            sampler.accept(self.prompt_tokens[max(0, len(self.prompt_tokens) - last_n):] if last_n else [])
             while True:
                 if self._cancelled.is_set():
                     raise _Cancelled

@@ -64,6 +64,10 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(e.body, status_code=e.status, headers=headers)
 
+    @app.exception_handler(Exception)
+    async def crashed(_request, e: Exception):  # a bug or an unexpected native failure (Starlette logs the traceback)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, e: RequestValidationError):
         errors = e.errors()
@@ -187,6 +191,9 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
             yield event(_unavailable(e).body)
         except ValueError as e:
             yield event(error_body(str(e)))
+        except Exception as e:  # the response has started: the error goes into the stream
+            log.exception("generation failed mid-stream")
+            yield event(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
         finally:  # also when the client left (sse-starlette cancels this generator)
             if not run.finished:
                 run.cancel()

@@ -57,10 +57,11 @@ class Outcome:
     pipeline: str
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
     id: int
     ctx: object = None
+    busy: bool = False
 
 
 class Run:
@@ -149,10 +150,10 @@ class Engine:
         log.info("model %s loaded on %s; chat template: %s", path, ", ".join(model.devices),
                  template.source if template else "none (the model has no vocabulary)")
 
-    def _reset_free(self) -> None:  # on the event loop, after a (re)load
-        self._free = []
+    def _reset_free(self) -> None:  # on the event loop, after a (re)load: every slot not in use is free
         for slot in self.slots:
-            self._give(slot)
+            if not slot.busy and slot not in self._free:
+                self._give(slot)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -250,12 +251,13 @@ class Engine:
                 slot = await fut
             except asyncio.CancelledError:  # the client left while waiting: pass on a slot it was just given
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    self._release(fut.result())
+                    self._give(fut.result())
                 raise
             finally:
                 if fut in self._waiters:
                     self._waiters.remove(fut)
                 self.metrics.queue.set(len(self._waiters))
+        slot.busy = True
         self.metrics.slots_busy.inc()
         if self.state != "up":
             self._release(slot)
@@ -267,12 +269,14 @@ class Engine:
         self._give(slot)
 
     def _give(self, slot: Slot) -> None:
-        """To the first request still waiting (it counts itself busy), else back to the free slots."""
+        """To the first request still waiting (reserved for it: busy), else back to the free slots."""
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
+                slot.busy = True
                 fut.set_result(slot)
                 return
+        slot.busy = False
         if slot not in self._free:
             self._free.append(slot)
 
