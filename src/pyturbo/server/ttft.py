@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="prompt lengths in tokens")
     ap.add_argument("--repeat", type=int, default=3, help="rounds (each measures every length and mode once)")
-    ap.add_argument("--preset", default="bench-small", help="synthetic model (pyturbo.synth PRESETS)")
+    ap.add_argument("--preset", default="ttft", help="synthetic model: 'ttft' (6 layers, 256 wide) or a "
+                                                     "pyturbo.synth preset")
     ap.add_argument("--workers", type=int, default=3, help="local RPC workers of the server (and of the reference)")
     ap.add_argument("--threads", type=int, default=1, help="threads per worker and of the server")
     ap.add_argument("--ubatch", type=int, default=256, help="n_ubatch of the server and the reference")
