@@ -251,4 +251,7 @@ def test_worker_killed_mid_request_gives_503_then_recovers(chat_model, endless, 
         finally:
             worker.kill()
             worker.wait()
-        assert "Traceback" not in srv.log_tail(10**6)
+        with pytest.raises(openai.InternalServerError) as e:   # a worker that died while the server was idle
+            chat(client, "and again", max_tokens=3, extra_body=NO_CACHE)
+        assert e.value.status_code == 503 and victim in e.value.message
+        assert srv.proc.poll() is None and "Traceback" not in srv.log_tail(10**6)

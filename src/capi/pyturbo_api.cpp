@@ -338,7 +338,13 @@ int32_t pt_context_n_past(pt_context * ctx) {
 int32_t pt_context_is_dead(pt_context * ctx) { return ctx->dead ? 1 : 0; }
 
 void pt_context_reset(pt_context * ctx) {
-    llama_memory_clear(llama_get_memory(ctx->ctx), true);
+    try {
+        llama_memory_clear(llama_get_memory(ctx->ctx), true);
+    } catch (const std::exception & e) {
+        // clearing writes to every device's KV buffer: a dead RPC server throws here; the next call reports it
+        ctx->dead = true;
+        ctx->dead_reason = std::string("the context is unusable after a device failure: ") + e.what();
+    }
 }
 
 void pt_request_abort(pt_context * ctx) { ctx->abort_requested = true; }
