@@ -518,3 +518,8 @@ size_t pt_state_get(pt_context * ctx, uint8_t * dst, size_t size) {
 }
 
 } // extern "C"
+
+// For the other files of this library (src/capi/pt_sampling.cpp), which cannot see the structs or the error slot.
+llama_model   * pt_internal_model(pt_model * model) { return model->model; }
+llama_context * pt_internal_context(pt_context * ctx) { return ctx->ctx; }
+void            pt_internal_set_error(const std::string & msg) { g_last_error = msg; }

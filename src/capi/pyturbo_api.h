@@ -93,6 +93,53 @@ int32_t pt_get_logits(pt_context * ctx, float * out);
 // The serialized KV cache of sequence 0 (llama_state_seq_get_data): size, then data.
 size_t  pt_state_size(pt_context * ctx);
 size_t  pt_state_get(pt_context * ctx, uint8_t * dst, size_t size);
+
+// ---- sampling and generation ----
+// A llama.cpp sampler chain (llama_sampler_chain_init) built from these settings, in llama.cpp's usual order:
+// logit bias, penalties, top-k, top-p, min-p, temperature, then a seeded draw; temperature <= 0 picks the most
+// likely token after bias and penalties (llama's greedy sampler: the first maximum, as numpy's argmax).
+typedef struct pt_sampler pt_sampler;
+
+typedef struct pt_sampler_params {
+    float    temperature;       // <= 0: greedy
+    int32_t  top_k;             // <= 0: off
+    float    top_p;             // >= 1: off
+    float    min_p;             // <= 0: off
+    uint32_t seed;
+    int32_t  penalty_last_n;    // tokens the penalties look back over; 0: no penalties
+    float    repeat_penalty;    // 1: off
+    float    frequency_penalty; // 0: off
+    float    presence_penalty;  // 0: off
+} pt_sampler_params;
+
+typedef struct pt_logit_bias {
+    int32_t token;
+    float   bias;
+} pt_logit_bias;
+
+pt_sampler * pt_sampler_new(pt_model * model, const pt_sampler_params * params, const pt_logit_bias * bias, int32_t n_bias);
+void         pt_sampler_free(pt_sampler * sampler);
+// Picks a token from n_vocab logits and records it in the sampler's history (penalties). Returns it, or -1.
+int32_t      pt_sampler_sample(pt_sampler * sampler, const float * logits, int32_t n_vocab);
+// Records tokens in the history without sampling (the prompt, for the penalties). Returns 0, or -1.
+int32_t      pt_sampler_accept(pt_sampler * sampler, const int32_t * tokens, int32_t n_tokens);
+
+// Drops every position >= n_keep from sequence 0 of the KV cache (reuse of a common prompt prefix). Returns 0, or
+// -1 when the cache cannot be cut there (then reset it).
+int32_t pt_context_truncate(pt_context * ctx, int32_t n_keep);
+
+// Tokenizes like pt_tokenize; parse_special: text such as "<s>" becomes the special token (chat templates need it).
+int32_t pt_tokenize_special(pt_model * model, const char * text, int32_t text_len, int32_t * tokens, int32_t capacity,
+                            int32_t add_special, int32_t parse_special);
+int32_t pt_token_is_eog(pt_model * model, int32_t token);   // 1: end of generation (EOS, EOT, ...), 0: not
+int32_t pt_token_bos(pt_model * model);                     // -1 when the vocabulary has none
+int32_t pt_token_eos(pt_model * model);
+// A token's text as the vocabulary stores it ("<s>" for BOS). Returns its length (more than capacity: call again
+// with that much), or -1.
+int32_t pt_token_text(pt_model * model, int32_t token, char * buf, int32_t capacity);
+// The GGUF's chat template (tokenizer.chat_template). Returns its length (more than capacity: call again with that
+// much), 0 when the model has none, or -1.
+int32_t pt_model_chat_template(pt_model * model, char * buf, int32_t capacity);
 // cffi-end
 
 #ifdef __cplusplus

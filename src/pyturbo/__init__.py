@@ -8,12 +8,15 @@
 from ._native import build_info
 from .context import Context, PrefillResult
 from .errors import ContextCreateError, ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
+from .generation import Completion, Generation, Piece
 from .model import Model
+from .sampling import Sampler, SamplerSettings
 from .timeline import Timeline, UbatchRecord
 
 __all__ = [
     "Model", "Context", "PrefillResult", "Timeline", "UbatchRecord", "build_info",
     "PyturboError", "ModelLoadError", "WorkerError", "ContextCreateError", "ContextDeadError", "PrefillError",
+    "SamplerSettings", "Sampler", "Generation", "Completion", "Piece",
 ]
 __version__ = "0.1.0"
 

@@ -213,6 +213,7 @@ class Context(_native.NativeHandle):
         """Clear the KV cache."""
         if _native.lib().pt_context_reset(self._live()) != 0:
             raise ContextDeadError(_native.last_error())
+        self._kv_tokens = None  # the prompt cache's record of the cache (see stream())
 
     # ---- plumbing -------------------------------------------------------------------------------------------------
 
@@ -267,3 +268,38 @@ class Context(_native.NativeHandle):
 
     def __enter__(self) -> "Context":
         return self
+
+    # ---- text generation and the prompt cache (pyturbo.generation) -------------------------------------------------
+
+    _kv_tokens: list[int] | None = None  # the tokens in the KV cache when the prompt cache knows them
+
+    def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 16, stop: str | Sequence[str] = (),
+               sampling: "SamplerSettings | None" = None, pipeline=True, cache_prompt: bool = True,
+               lock=None, **settings) -> "Generation":
+        """Generate from a prompt (text, tokenized with BOS and special tokens; or token ids), yielding `Piece`s of
+        text as they are decoded (a multi-byte character split over tokens comes out whole).
+
+        Stops at an end-of-generation token, at the first stop string (not included), or after max_tokens.
+        Sampling is llama.cpp's sampler chain: pass `sampling=SamplerSettings(...)` or its fields as keywords
+        (temperature=0 is greedy, the same tokens as generate()). With cache_prompt, the longest common prefix with
+        what the KV cache holds from the previous call is reused and only the rest is prefilled, through the
+        pipeline when it is long enough. The returned `Generation` has cancel() and, once iterated, result().
+        """
+        from .generation import Generation
+        from .sampling import SamplerSettings
+        if settings:
+            unknown = sorted(set(settings) - set(SamplerSettings.names()))
+            if unknown:
+                raise TypeError(f"unknown sampler setting(s) {unknown}; known: {list(SamplerSettings.names())}")
+            if sampling is not None:
+                raise TypeError("pass either sampling=SamplerSettings(...) or its fields as keywords, not both")
+            sampling = SamplerSettings(**settings)
+        return Generation(self, prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, pipeline=pipeline,
+                          cache_prompt=cache_prompt, lock=lock)
+
+    def complete(self, prompt: str | Sequence[int], **kwargs) -> "Completion":
+        """stream() run to the end: a `Completion` (text, tokens, finish_reason, n_prompt, n_cached, prefill, ...)."""
+        gen = self.stream(prompt, **kwargs)
+        for _ in gen:
+            pass
+        return gen.result()

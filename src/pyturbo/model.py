@@ -173,8 +173,9 @@ class Model(_native.NativeHandle):
 
     # ---- tokens ---------------------------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of text; add_special adds BOS (and EOS) as the model's vocabulary asks."""
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of text; add_special adds BOS (and EOS) as the model's vocabulary asks; parse_special reads
+        special-token text such as "<s>" as that token (chat templates need it)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
         ffi, lib = _native.ffi(), _native.lib()
@@ -182,11 +183,11 @@ class Model(_native.NativeHandle):
         data = text.encode()
         cap = len(data) + 8
         buf = ffi.new("int32_t[]", cap)
-        n = lib.pt_tokenize(ptr, data, len(data), buf, cap, int(add_special))
+        n = lib.pt_tokenize_special(ptr, data, len(data), buf, cap, int(add_special), int(parse_special))
         if n < 0:  # -n: the capacity needed
             cap = -n
             buf = ffi.new("int32_t[]", cap)
-            n = lib.pt_tokenize(ptr, data, len(data), buf, cap, int(add_special))
+            n = lib.pt_tokenize_special(ptr, data, len(data), buf, cap, int(add_special), int(parse_special))
         return list(buf[0:n])
 
     def token_bytes(self, token: int) -> bytes:
@@ -224,6 +225,47 @@ class Model(_native.NativeHandle):
         if not self.has_vocab:
             raise ValueError(f"{self.path.name} has no tokenizer vocabulary; pass token ids instead of text")
         return self._ptr
+
+    # ---- special tokens and chat template (src/capi/pt_sampling.cpp) ----------------------------------------------
+
+    def is_eog(self, token: int) -> bool:
+        """Whether token ends a generation (EOS, EOT and the like, as the vocabulary marks them)."""
+        return _native.lib().pt_token_is_eog(self._live_with_vocab(), int(token)) == 1
+
+    @property
+    def bos_id(self) -> int | None:
+        tok = _native.lib().pt_token_bos(self._live_with_vocab())
+        return tok if tok >= 0 else None
+
+    @property
+    def eos_id(self) -> int | None:
+        tok = _native.lib().pt_token_eos(self._live_with_vocab())
+        return tok if tok >= 0 else None
+
+    def token_text(self, token: int) -> str:
+        """A token's text as the vocabulary stores it ("<s>" for a BOS that token_bytes() renders as nothing)."""
+        return self._sized_string(lambda buf, cap: _native.lib().pt_token_text(self._live_with_vocab(), int(token), buf, cap))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The GGUF's tokenizer.chat_template (Jinja2 source), or None when it has none."""
+        text = self._sized_string(lambda buf, cap: _native.lib().pt_model_chat_template(self._live_with_vocab(), buf, cap))
+        return text or None
+
+    @staticmethod
+    def _sized_string(call) -> str:
+        """A string from a C function that returns its length and copies it only when it fits."""
+        ffi = _native.ffi()
+        cap = 256
+        for _ in range(2):
+            buf = ffi.new("char[]", cap)
+            n = call(buf, cap)
+            if n < 0:
+                raise ValueError(_native.last_error())
+            if n <= cap:
+                return ffi.buffer(buf, n)[:].decode(errors="replace")
+            cap = n
+        raise RuntimeError("the string changed size between two calls")
 
     def context(self, **kwargs) -> "Context":
         """A new inference context on this model; see `Context` for the parameters."""

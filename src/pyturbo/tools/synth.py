@@ -118,6 +118,12 @@ def _tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
+# A chat template for the tiny vocabulary (its only special tokens are <s> and </s>): each message ends with EOS,
+# so a model that learned it would stop there.
+TINY_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+                      "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def tiny_vocab_size() -> int:
     """n_vocab a shape needs for write_model(..., vocab='tiny')."""
     return len(_tiny_vocab()[0])
@@ -192,7 +198,7 @@ def _random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype) -> np.
     return out.reshape(rows, -1)
 
 
-def _start_writer(tmp: Path, shape: ModelShape, seed: int, vocab: str):
+def _start_writer(tmp: Path, shape: ModelShape, seed: int, vocab: str, chat_template: str | None = None):
     """A GGUFWriter on tmp with all metadata and tensor infos added, and the plan of the tensors to write."""
     import gguf
 
@@ -224,6 +230,8 @@ def _start_writer(tmp: Path, shape: ModelShape, seed: int, vocab: str):
         w.add_eos_token_id(2)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
 
     plan = []
     for name, shp in _tensor_plan(shape):
@@ -237,11 +245,12 @@ def _start_writer(tmp: Path, shape: ModelShape, seed: int, vocab: str):
 
 
 def write_model(path: str | os.PathLike, shape: ModelShape, *, seed: int = 0, vocab: str = "none",
-                progress: bool = False) -> Path:
+                progress: bool = False, chat_template: str | None = None) -> Path:
     """Write a llama GGUF with random weights to path and return it as a Path.
 
     vocab='none': no tokenizer (llama.cpp adds n_vocab dummy tokens; feed token ids). vocab='tiny': a small
     SentencePiece-style vocabulary with byte fallback, so any text tokenizes; needs shape.n_vocab == tiny_vocab_size().
+    chat_template (Jinja2 source, e.g. TINY_CHAT_TEMPLATE) goes to tokenizer.chat_template; it needs a vocabulary.
     Same arguments give the same bytes. progress=True shows a bar on stderr.
     """
     if not isinstance(shape, ModelShape):
@@ -253,6 +262,8 @@ def write_model(path: str | os.PathLike, shape: ModelShape, *, seed: int = 0, vo
                          f"use dataclasses.replace(shape, n_vocab={tiny_vocab_size()})")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, not {seed!r}")
+    if chat_template is not None and (vocab == "none" or not isinstance(chat_template, str)):
+        raise ValueError("chat_template must be a str and needs a vocabulary (vocab='tiny')")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # same directory, so the final rename is atomic; unique, so concurrent writers of one path do not collide
@@ -263,7 +274,7 @@ def write_model(path: str | os.PathLike, shape: ModelShape, *, seed: int = 0, vo
     w, bar = None, None
     pool = ThreadPoolExecutor(max_workers=max(1, min(32, os.cpu_count() or 1)))
     try:
-        w, plan = _start_writer(tmp, shape, seed, vocab)
+        w, plan = _start_writer(tmp, shape, seed, vocab, chat_template)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -306,7 +317,8 @@ def default_cache_dir() -> Path:
 
 
 def cached_model(name_or_shape: str | ModelShape, *, seed: int = 0, vocab: str = "none",
-                 cache_dir: str | os.PathLike | None = None, progress: bool = False) -> Path:
+                 cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                 chat_template: str | None = None) -> Path:
     """A synthetic model (PRESETS name or ModelShape) in the cache directory, written the first time it is asked for.
 
     The file name spells out every field of the shape, the seed, the vocabulary and FORMAT_VERSION, so a change to
@@ -325,13 +337,18 @@ def cached_model(name_or_shape: str | ModelShape, *, seed: int = 0, vocab: str =
     s = shape
     name = (f"llama-L{s.n_layer}-E{s.n_embd}-F{s.n_ff}-H{s.n_head}-KV{s.n_head_kv}-V{s.n_vocab}-C{s.n_ctx_train}"
             f"-{s.dtype}-rope{float(s.rope_freq_base)!r}-eps{float(s.rms_eps)!r}-seed{seed}-vocab_{vocab}"
-            f"-v{FORMAT_VERSION}.gguf")
+            f"{_template_tag(chat_template)}-v{FORMAT_VERSION}.gguf")
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = path / name
     if not path.is_file():
-        write_model(path, shape, seed=seed, vocab=vocab, progress=progress)
+        write_model(path, shape, seed=seed, vocab=vocab, progress=progress, chat_template=chat_template)
     return path
 
 
+def _template_tag(chat_template: str | None) -> str:
+    import hashlib
+    return "" if chat_template is None else "-tmpl_" + hashlib.sha256(chat_template.encode()).hexdigest()[:12]
+
+
 __all__ = ["ModelShape", "PRESETS", "DTYPES", "FORMAT_VERSION", "write_model", "cached_model", "default_cache_dir",
-           "tiny_vocab_size"]
+           "tiny_vocab_size", "TINY_CHAT_TEMPLATE"]

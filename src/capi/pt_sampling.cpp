@@ -1,0 +1,199 @@
+// Sampling and generation helpers of pyturbo_api.h ("sampling and generation"): llama.cpp's own sampler chain, the
+// vocabulary's special tokens and chat template, and cutting the KV cache back to a reusable prompt prefix.
+// Every entry point catches all C++ exceptions and reports through pt_last_error(), as pyturbo_api.cpp does.
+
+#include "pyturbo_api.h"
+
+#include "llama.h"
+
+#include <climits>
+#include <cstring>
+#include <memory>
+#include <exception>
+#include <string>
+#include <vector>
+
+// defined in pyturbo_api.cpp, next to the structs and the error slot they reach
+llama_model   * pt_internal_model(pt_model * model);
+llama_context * pt_internal_context(pt_context * ctx);
+void            pt_internal_set_error(const std::string & msg);
+
+struct pt_sampler {
+    llama_sampler * chain = nullptr;
+    int32_t n_vocab = 0;
+    std::vector<llama_token_data> candidates; // reused by every sample: no allocation per token
+};
+
+namespace {
+
+// Runs fn(); an exception becomes `failed` and a message in pt_last_error() (what says which call failed).
+template <typename T, typename F>
+T guarded(const char * what, T failed, F && fn) {
+    try {
+        return fn();
+    } catch (const std::exception & e) {
+        pt_internal_set_error(std::string(what) + " failed: " + e.what());
+    } catch (...) {
+        pt_internal_set_error(std::string(what) + " failed with an unknown C++ exception");
+    }
+    return failed;
+}
+
+template <typename T>
+T fail_with(const std::string & msg, T failed) {
+    pt_internal_set_error(msg);
+    return failed;
+}
+
+const llama_vocab * vocab_of(pt_model * model) {
+    return llama_model_get_vocab(pt_internal_model(model));
+}
+
+// Copies text into buf when it fits; returns its length either way (the caller retries with that capacity).
+int32_t copy_out(const char * text, char * buf, int32_t capacity) {
+    const size_t n = std::strlen(text);
+    if (n <= (size_t) capacity && buf) {
+        std::memcpy(buf, text, n);
+    }
+    return (int32_t) n;
+}
+
+} // namespace
+
+extern "C" {
+
+pt_sampler * pt_sampler_new(pt_model * model, const pt_sampler_params * params, const pt_logit_bias * bias, int32_t n_bias) {
+    return guarded<pt_sampler *>("creating the sampler", nullptr, [&]() -> pt_sampler * {
+        const int32_t n_vocab = llama_vocab_n_tokens(vocab_of(model));
+        std::vector<llama_logit_bias> biases;
+        for (int32_t i = 0; i < n_bias; ++i) {
+            if (bias[i].token < 0 || bias[i].token >= n_vocab) {
+                return fail_with<pt_sampler *>("logit_bias names token " + std::to_string(bias[i].token) +
+                                               ", outside the vocabulary [0, " + std::to_string(n_vocab) + ")", nullptr);
+            }
+            biases.push_back({bias[i].token, bias[i].bias});
+        }
+        const pt_sampler_params & p = *params;
+        llama_sampler_chain_params cp = llama_sampler_chain_default_params();
+        cp.no_perf = true;
+        std::unique_ptr<pt_sampler, void (*)(pt_sampler *)> s(new pt_sampler, pt_sampler_free);
+        s->chain = llama_sampler_chain_init(cp);
+        s->n_vocab = n_vocab;
+        if (!biases.empty()) {
+            llama_sampler_chain_add(s->chain, llama_sampler_init_logit_bias(n_vocab, (int32_t) biases.size(), biases.data()));
+        }
+        const bool penalized = p.repeat_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
+        if (p.penalty_last_n != 0 && penalized) {
+            llama_sampler_chain_add(s->chain, llama_sampler_init_penalties(
+                n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty));
+        }
+        if (p.temperature <= 0.0f) {
+            llama_sampler_chain_add(s->chain, llama_sampler_init_greedy());
+            return s.release();
+        }
+        if (p.top_k > 0) {
+            llama_sampler_chain_add(s->chain, llama_sampler_init_top_k(p.top_k));
+        }
+        if (p.top_p < 1.0f) {
+            llama_sampler_chain_add(s->chain, llama_sampler_init_top_p(p.top_p, 1));
+        }
+        if (p.min_p > 0.0f) {
+            llama_sampler_chain_add(s->chain, llama_sampler_init_min_p(p.min_p, 1));
+        }
+        llama_sampler_chain_add(s->chain, llama_sampler_init_temp(p.temperature));
+        llama_sampler_chain_add(s->chain, llama_sampler_init_dist(p.seed));
+        return s.release();
+    });
+}
+
+void pt_sampler_free(pt_sampler * sampler) {
+    if (sampler) {
+        llama_sampler_free(sampler->chain);
+        delete sampler;
+    }
+}
+
+int32_t pt_sampler_sample(pt_sampler * sampler, const float * logits, int32_t n_vocab) {
+    return guarded<int32_t>("sampling", -1, [&]() -> int32_t {
+        if (n_vocab != sampler->n_vocab) {
+            return fail_with<int32_t>("sampling needs " + std::to_string(sampler->n_vocab) + " logits, got " +
+                                      std::to_string(n_vocab), -1);
+        }
+        auto & cur = sampler->candidates;
+        cur.resize(n_vocab);
+        for (int32_t i = 0; i < n_vocab; ++i) {
+            cur[i] = llama_token_data{i, logits[i], 0.0f};
+        }
+        llama_token_data_array arr = {cur.data(), cur.size(), -1, false};
+        llama_sampler_apply(sampler->chain, &arr);
+        if (arr.selected < 0 || (size_t) arr.selected >= arr.size) {
+            return fail_with<int32_t>("the sampler chain selected no token", -1);
+        }
+        const llama_token token = arr.data[arr.selected].id;
+        llama_sampler_accept(sampler->chain, token);
+        return token;
+    });
+}
+
+int32_t pt_sampler_accept(pt_sampler * sampler, const int32_t * tokens, int32_t n_tokens) {
+    return guarded<int32_t>("recording tokens in the sampler", -1, [&]() -> int32_t {
+        for (int32_t i = 0; i < n_tokens; ++i) {
+            llama_sampler_accept(sampler->chain, tokens[i]);
+        }
+        return 0;
+    });
+}
+
+int32_t pt_context_truncate(pt_context * ctx, int32_t n_keep) {
+    return guarded<int32_t>("truncating the KV cache", -1, [&]() -> int32_t {
+        if (n_keep < 0) {
+            return fail_with<int32_t>("n_keep must be >= 0, not " + std::to_string(n_keep), -1);
+        }
+        if (!llama_memory_seq_rm(llama_get_memory(pt_internal_context(ctx)), 0, n_keep, -1)) {
+            return fail_with<int32_t>("this model's memory cannot drop positions from " + std::to_string(n_keep) +
+                                      " on (a recurrent model?); reset the context instead", -1);
+        }
+        return 0;
+    });
+}
+
+int32_t pt_tokenize_special(pt_model * model, const char * text, int32_t text_len, int32_t * tokens, int32_t capacity,
+                            int32_t add_special, int32_t parse_special) {
+    // llama_tokenize returns -(tokens needed) when capacity is too small; INT32_MIN only on overflow
+    return guarded<int32_t>("tokenizing", INT32_MIN, [&]() {
+        return llama_tokenize(vocab_of(model), text, text_len, tokens, capacity, add_special != 0, parse_special != 0);
+    });
+}
+
+int32_t pt_token_is_eog(pt_model * model, int32_t token) {
+    return guarded<int32_t>("checking for end of generation", -1, [&]() {
+        return llama_vocab_is_eog(vocab_of(model), token) ? 1 : 0;
+    });
+}
+
+int32_t pt_token_bos(pt_model * model) {
+    return guarded<int32_t>("reading the BOS token", -1, [&]() { return (int32_t) llama_vocab_bos(vocab_of(model)); });
+}
+
+int32_t pt_token_eos(pt_model * model) {
+    return guarded<int32_t>("reading the EOS token", -1, [&]() { return (int32_t) llama_vocab_eos(vocab_of(model)); });
+}
+
+int32_t pt_token_text(pt_model * model, int32_t token, char * buf, int32_t capacity) {
+    return guarded<int32_t>("reading a token's text", -1, [&]() -> int32_t {
+        const llama_vocab * vocab = vocab_of(model);
+        if (token < 0 || token >= llama_vocab_n_tokens(vocab)) {
+            return fail_with<int32_t>("token " + std::to_string(token) + " is outside the vocabulary", -1);
+        }
+        return copy_out(llama_vocab_get_text(vocab, token), buf, capacity);
+    });
+}
+
+int32_t pt_model_chat_template(pt_model * model, char * buf, int32_t capacity) {
+    return guarded<int32_t>("reading the chat template", -1, [&]() -> int32_t {
+        const char * tmpl = llama_model_chat_template(pt_internal_model(model), nullptr);
+        return tmpl ? copy_out(tmpl, buf, capacity) : 0;
+    });
+}
+
+} // extern "C"

@@ -1,0 +1,239 @@
+"""The HTTP routes, kept thin: parse and check a request, hand it to the engine, shape the answer the OpenAI way.
+
+A generation's response starts when its first token exists: until then every failure (a bad parameter, a prompt
+too long, a dead worker) is an HTTP status with an OpenAI-shaped error body, not an error inside a 200 stream.
+A client that leaves (while queued, in the prefill or mid-stream) cancels its generation.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from .engine import Engine, Job, Outcome, PromptTooLong, Unavailable
+from .limits import RequestLimits
+from .metrics import Metrics
+from .schemas import ChatRequest, CompletionRequest, completion_response, error_body, model_list, new_id
+from .settings import ServerSettings
+
+log = logging.getLogger("pyturbo.server")
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, **extra):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type, code, param, **extra)
+
+
+class ClientGone(Exception):
+    pass
+
+
+def _unavailable(e: Unavailable) -> ApiError:
+    return ApiError(503, str(e), type="server_error", code="model_unavailable", endpoints=e.endpoints)
+
+
+def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
+    metrics = engine.metrics if engine is not None else Metrics()
+    engine = engine or Engine(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.attach(asyncio.get_running_loop())
+        await asyncio.to_thread(engine.load)
+        yield
+        await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="pyturbo server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request, e: ApiError):
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(e.body, status_code=e.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(_request, e: Exception):  # a bug or an unexpected native failure (Starlette logs the traceback)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"), status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, e: RequestValidationError):
+        errors = e.errors()
+        if any(err.get("type") == "json_invalid" or tuple(err.get("loc", ())) == ("body",) for err in errors):
+            return JSONResponse(error_body("the request body must be a JSON object (Content-Type: application/json)",
+                                           code="invalid_json"), status_code=400)
+        first = errors[0] if errors else {}
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        msg = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}"
+                        for err in errors)
+        return JSONResponse(error_body(msg, code="invalid_value", param=param), status_code=400)
+
+    def require_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY' with the server's "
+                                "--api-key", code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in (settings.model_id, settings.model_id + ".gguf"):
+            raise ApiError(404, f"the model {name!r} does not exist here; this server serves {settings.model_id!r} "
+                                f"(GET /v1/models)", code="model_not_found", param="model")
+
+    # ---- pages and status -----------------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        body = {"status": {"up": "ok"}.get(engine.state, engine.state), "model": settings.model_id,
+                "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints,
+                "slots": len(engine.slots), "slots_free": len(engine._free), "queue": len(engine._waiters),
+                "pipeline": settings.pipeline, "n_ctx": settings.n_ctx,
+                "chat_template": engine.template.source if engine.template else None}
+        if engine.state != "up":
+            body |= {"reason": engine.reason, "endpoints": engine.failed_endpoints}
+        return JSONResponse(body, status_code=200 if engine.state == "up" else 503)
+
+    @app.get("/metrics", dependencies=[Depends(require_key)])
+    async def prometheus():
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def models():
+        meta = {"n_ctx": settings.n_ctx}
+        if engine.model is not None:
+            meta |= {"n_vocab": engine.model.n_vocab, "n_layer": engine.model.n_layer,
+                     "n_ctx_train": engine.model.n_ctx_train, "devices": engine.model.devices}
+        return model_list(settings.model_id, engine.created, meta)
+
+    # ---- generation -----------------------------------------------------------------------------------------------
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(request: Request, req: CompletionRequest):
+        check_model(req.model)
+        tokens = _checked(lambda: engine.tokens_for(req.prompt))
+        return await _generate(request, req, tokens, [], chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(request: Request, req: ChatRequest):
+        check_model(req.model)
+        tokens, stops = _checked(lambda: engine.chat_tokens([m.for_template() for m in req.messages]))
+        return await _generate(request, req, tokens, stops, chat=True)
+
+    async def _generate(request: Request, req, tokens: list[int], extra_stop: list[str], chat: bool):
+        job = Job(tokens=tokens, max_tokens=req.max_tokens, stop=req.stop + extra_stop,
+                  sampling=_checked(req.sampler_settings), cache_prompt=req.cache_prompt, pipeline=req.pipeline)
+        t_arrival = request.scope.get("state", {}).get("t_arrival", time.perf_counter())
+        gone = asyncio.ensure_future(_until_disconnected(request))
+        run = None
+        try:
+            run = await _unless_gone(_checked_async(engine.submit(job, t_arrival)), gone)
+            first = await _unless_gone(_checked_async(run.next()), gone)
+            if not req.stream:
+                text, item = [], first
+                while not isinstance(item, Outcome):
+                    text.append(item.text)
+                    item = await _unless_gone(_checked_async(run.next()), gone)
+                return completion_response(new_id("chatcmpl" if chat else "cmpl"), settings.model_id, "".join(text),
+                                           item.completion.finish_reason, item, chat=chat)
+        except ClientGone:
+            if run is not None:
+                run.cancel()
+            return Response(status_code=499)  # nobody reads it: the client has left
+        except BaseException:
+            if run is not None and not run.finished:
+                run.cancel()
+            raise
+        finally:
+            gone.cancel()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return EventSourceResponse(_stream(run, first, chat, include_usage), ping=10)
+
+    async def _stream(run, first, chat: bool, include_usage: bool):
+        rid = new_id("chatcmpl" if chat else "cmpl")
+
+        def event(obj) -> dict:
+            return {"data": json.dumps(obj)}
+
+        try:
+            if chat:
+                yield event(completion_response(rid, settings.model_id, "", None, chat=True, chunk=True, role=True))
+            item = first
+            while not isinstance(item, Outcome):
+                yield event(completion_response(rid, settings.model_id, item.text, None, chat=chat, chunk=True))
+                item = await run.next()
+            final = completion_response(rid, settings.model_id, "", item.completion.finish_reason, item, chat=chat,
+                                        chunk=True)
+            usage = final.pop("usage")
+            yield event(final)
+            if include_usage:
+                yield event(completion_response(rid, settings.model_id, "", None, chat=chat, chunk=True)
+                            | {"choices": [], "usage": usage})
+            yield {"data": "[DONE]"}
+        except Unavailable as e:
+            yield event(_unavailable(e).body)
+        except ValueError as e:
+            yield event(error_body(str(e)))
+        except Exception as e:  # the response has started: the error goes into the stream
+            log.exception("generation failed mid-stream")
+            yield event(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
+        finally:  # also when the client left (sse-starlette cancels this generator)
+            if not run.finished:
+                run.cancel()
+
+    return app
+
+
+@contextmanager
+def _api_errors():
+    """The engine's refusals as API errors."""
+    try:
+        yield
+    except Unavailable as e:
+        raise _unavailable(e) from None
+    except PromptTooLong as e:
+        raise ApiError(400, str(e), code="context_length_exceeded") from None
+    except ValueError as e:
+        raise ApiError(400, str(e), code="invalid_value") from None
+
+
+def _checked(fn):
+    with _api_errors():
+        return fn()
+
+
+async def _checked_async(awaitable):
+    with _api_errors():
+        return await awaitable
+
+
+async def _until_disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.1)
+
+
+async def _unless_gone(awaitable, gone: asyncio.Future):
+    """The awaitable's result, or ClientGone as soon as the client disconnects (the awaitable is then cancelled)."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientGone

@@ -1,0 +1,167 @@
+"""Request and response shapes of the OpenAI API, declared once: requests as pydantic models (their validation
+errors become 400s), responses as the dicts they serialize to. Sampling fields llama-server adds (top_k, min_p,
+repeat_penalty, cache_prompt) are accepted too, and `pipeline` is pyturbo's own per-request override."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..sampling import SamplerSettings
+
+MAX_STOP = 16
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Generation(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # like the OpenAI API and llama-server: unknown fields are ignored
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=0xFFFFFFFF)
+    stop: str | list[str] | None = Field(None, validate_default=True)
+    repeat_penalty: float | None = Field(None, gt=0, le=10)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, validate_default=True)
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    cache_prompt: bool = True
+    pipeline: Literal["auto", "on", "off"] | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        out = {}
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], not {bias}")
+            out[int(key)] = bias
+        return out
+
+    def sampler_settings(self) -> SamplerSettings:
+        given = {name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "min_p", "seed",
+                                                        "repeat_penalty", "frequency_penalty", "presence_penalty")}
+        return SamplerSettings(**{k: v for k, v in given.items() if v is not None}, logit_bias=dict(self.logit_bias))
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            if len(self.prompt) != 1:
+                raise ValueError("only one prompt per request is supported")
+            self.prompt = self.prompt[0]
+        used = [name for name, on in (("echo", self.echo), ("suffix", bool(self.suffix)),
+                                      ("best_of", self.best_of not in (None, 1)), ("logprobs", self.logprobs is not None))
+                if on]
+        if used:
+            raise ValueError(f"{', '.join(used)}: not supported by this server")
+        return self
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def for_template(self) -> dict:
+        msg = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            msg["content"] = "".join(part.text for part in self.content)
+        msg.setdefault("content", "")
+        return msg
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _max(self):
+        self.max_tokens = self.max_tokens or self.max_completion_tokens
+        return self
+
+
+# ---- responses -------------------------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None, **extra) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code, **extra}}
+
+
+def usage(n_prompt: int, n_completion: int, n_cached: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion,
+            "prompt_tokens_details": {"cached_tokens": n_cached}}
+
+
+def timings(outcome) -> dict:
+    """llama-server's `timings` fields, plus pyturbo's: time to first token, which prefill path ran and why."""
+    c, p = outcome.completion, outcome.completion.prefill
+    gen_s = max(c.seconds - c.ttft_seconds, 1e-9)
+    return {"cache_n": c.n_cached, "prompt_n": p.n_tokens if p else 0,
+            "prompt_ms": p.seconds * 1e3 if p else 0.0, "prompt_per_second": p.tokens_per_second if p else 0.0,
+            "predicted_n": len(c.tokens), "predicted_ms": gen_s * 1e3,
+            "predicted_per_second": max(len(c.tokens) - 1, 0) / gen_s,
+            "ttft_ms": outcome.ttft_seconds * 1e3, "queue_ms": outcome.queue_seconds * 1e3,
+            "prefill_path": p.path if p else "", "fallback_reason": p.fallback_reason if p else "",
+            "prefill_decision": p.decision if p else "", "pipeline": outcome.pipeline}
+
+
+def completion_response(rid: str, model: str, text: str, finish_reason: str | None, outcome=None, chat: bool = False,
+                        chunk: bool = False, role: bool = False) -> dict:
+    """A (chat) completion or one streamed chunk of it; with outcome, the usage and timings too."""
+    if chat:
+        body = {"delta": ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})} \
+            if chunk else {"message": {"role": "assistant", "content": text}}
+        kind = "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        body, kind = {"text": text, "logprobs": None}, "text_completion"
+    out = {"id": rid, "object": kind, "created": int(time.time()), "model": model,
+           "choices": [{"index": 0, **body, "finish_reason": finish_reason}]}
+    if outcome is not None:
+        c = outcome.completion
+        out["usage"] = usage(c.n_prompt, len(c.tokens), c.n_cached)
+        out["timings"] = timings(outcome)
+    return out
+
+
+def model_list(model_id: str, created: int, meta: dict) -> dict:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "pyturbo",
+                                        "meta": meta}]}

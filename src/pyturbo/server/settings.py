@@ -1,0 +1,132 @@
+"""The server's settings: the command line of `python -m pyturbo.server`, parsed once into `ServerSettings`."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..model import parse_endpoints
+
+PIPELINE_MODES = ("auto", "on", "off")
+DEFAULTS = {"n_ctx": 32768, "n_batch": 8192, "n_ubatch": 512, "threads": None, "max_tokens": None}
+# --demo: small enough for a 2-core box (one thread here, the workers take the rest; answers of a few hundred tokens)
+DEMO_DEFAULTS = {"n_ctx": 8192, "n_batch": 2048, "n_ubatch": 128, "threads": 1, "max_tokens": 200}
+
+
+def _pipeline_arg(mode: str):
+    """What a --pipeline mode passes to Context.prefill(pipeline=...). The one place that maps them: "auto" pipelines
+    where pyturbo measured it faster (pyturbo.policy), "on" wherever it is safe, "off" never; where it is unsafe or
+    impossible the standard path runs and its fallback_reason says why."""
+    if mode not in PIPELINE_MODES:
+        raise ValueError(f"pipeline must be one of {PIPELINE_MODES}, not {mode!r}")
+    return {"auto": "auto", "on": "force", "off": "off"}[mode]
+
+
+@dataclass
+class ServerSettings:
+    model: Path | None = None
+    rpc: list[str] = field(default_factory=list)
+    devices: list[str] | None = None
+    tensor_split: list[float] | str | None = None
+    n_ctx: int = 32768
+    n_batch: int = 8192
+    n_ubatch: int = 512
+    threads: int | None = None          # CPU threads of this process (None: all cores)
+    pipeline: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    chat_template: Path | None = None
+    parallel: int = 1
+    max_tokens: int | None = None       # default max_tokens of a request that gives none (None: until the context ends)
+    max_request_bytes: int = 8 << 20
+    model_alias: str | None = None      # the id /v1/models lists (default: the file name without .gguf)
+    demo: bool = False
+    demo_workers: int = 2
+
+    @property
+    def model_id(self) -> str:
+        if self.model_alias:
+            return self.model_alias
+        name = self.model.name if self.model else "pyturbo-demo"
+        return name[:-5] if name.endswith(".gguf") else name
+
+
+def _positive(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, not {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, not {value}")
+        return value
+    return parse
+
+
+def _split(text: str):
+    if text == "even":
+        return "even"
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tensor-split must be proportions like 1,1 or 'even', not {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m pyturbo.server",
+        description="An OpenAI-compatible server (completions, chat, a chat page at /) whose long prompts prefill "
+                    "pipelined over the model's layer devices.")
+    ap.add_argument("--model", type=Path, help="the GGUF model file")
+    ap.add_argument("--rpc", default="", help="llama.cpp RPC workers host:port,... to split the model over")
+    ap.add_argument("--devices", default=None, help="devices to split over, e.g. CUDA0,CUDA1 (default: the RPC "
+                                                    "workers if given, else the local GPUs)")
+    ap.add_argument("--tensor-split", type=_split, default=None, help="proportions per device, e.g. 1,1, or 'even'")
+    ap.add_argument("--n-ctx", type=_positive("--n-ctx"), help="context size per slot (default 32768; demo 8192)")
+    ap.add_argument("--n-batch", type=_positive("--n-batch"), help="tokens per llama_decode call (default 8192)")
+    ap.add_argument("--n-ubatch", type=_positive("--n-ubatch"), help="tokens per ubatch (default 512; demo 128)")
+    ap.add_argument("--threads", type=_positive("--threads"), help="CPU threads here (default: all cores; demo 1)")
+    ap.add_argument("--pipeline", choices=PIPELINE_MODES, default="auto",
+                    help="prefill through the pipeline: auto (where the dispatcher finds it safe), on, off")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    ap.add_argument("--chat-template", type=Path, default=None,
+                    help="a Jinja2 chat template file, instead of the model's tokenizer.chat_template")
+    ap.add_argument("--parallel", type=_positive("--parallel"), default=1,
+                    help="independent slots (each its own KV cache of --n-ctx); further requests queue in order")
+    ap.add_argument("--max-tokens", type=_positive("--max-tokens"),
+                    help="max_tokens of a request that gives none (default: until the context is full; demo 200)")
+    ap.add_argument("--max-request-bytes", type=_positive("--max-request-bytes"), default=8 << 20,
+                    help="largest request body accepted (default 8 MiB)")
+    ap.add_argument("--alias", dest="model_alias", default=None, help="the model id clients use (default: file name)")
+    ap.add_argument("--demo", action="store_true",
+                    help="no model needed: a small synthetic model with a real vocabulary and chat template, split "
+                         "over local RPC workers")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> ServerSettings:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.demo == (a.model is not None):
+        ap.error("give either --model PATH.gguf or --demo")
+    if a.demo and a.rpc:
+        ap.error("--demo starts its own local workers; leave out --rpc")
+    if not 0 < a.port < 65536:
+        ap.error(f"--port must be in 1..65535, not {a.port}")
+    try:
+        rpc = parse_endpoints(a.rpc or None)
+    except ValueError as e:
+        ap.error(f"--rpc: {e}")
+    if a.chat_template is not None and not a.chat_template.is_file():
+        ap.error(f"--chat-template: no such file: {a.chat_template}")
+    sized = {k: getattr(a, k) if getattr(a, k) is not None else v
+             for k, v in (DEMO_DEFAULTS if a.demo else DEFAULTS).items()}
+    if sized["n_ubatch"] > sized["n_batch"]:
+        ap.error(f"--n-ubatch ({sized['n_ubatch']}) must not exceed --n-batch ({sized['n_batch']})")
+    return ServerSettings(
+        model=a.model, rpc=rpc, devices=a.devices.split(",") if a.devices else None, tensor_split=a.tensor_split,
+        pipeline=a.pipeline, host=a.host, port=a.port, api_key=a.api_key, chat_template=a.chat_template,
+        parallel=a.parallel, max_request_bytes=a.max_request_bytes, model_alias=a.model_alias, demo=a.demo, **sized)
