@@ -41,7 +41,7 @@ def test_bad_command_lines_say_what_to_fix(argv, message, capsys):
 
 
 def test_pipeline_modes_map_in_one_place():
-    assert [_pipeline_arg(m) for m in ("auto", "on", "off")] == [True, True, False]
+    assert [_pipeline_arg(m) for m in ("auto", "on", "off")] == ["auto", "force", "off"]
     with pytest.raises(ValueError):
         _pipeline_arg("sometimes")
 
