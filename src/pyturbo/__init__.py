@@ -7,13 +7,13 @@
 """
 from ._native import build_info
 from .context import Context, PrefillResult
-from .errors import ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
+from .errors import ContextBusyError, ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
 from .model import Model
 from .timeline import Timeline, UbatchRecord
 
 __all__ = [
     "Model", "Context", "PrefillResult", "Timeline", "UbatchRecord", "build_info",
-    "PyturboError", "ModelLoadError", "WorkerError", "ContextDeadError", "PrefillError",
+    "PyturboError", "ModelLoadError", "WorkerError", "ContextDeadError", "ContextBusyError", "PrefillError",
 ]
 __version__ = "0.1.0"
 

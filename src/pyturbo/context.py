@@ -95,14 +95,15 @@ class Context(_native.NativeHandle):
         self._needs = None if model._plan is None else _memory.check_context(
             model._plan, n_ctx, n_batch, n_ubatch, FLASH_ATTN[flash_attn])
         ffi, lib = _native.ffi(), _native.lib()
-        ptr = _calls.run_or_undo(
-            lambda: lib.pt_context_new(model._ptr, n_ctx, n_batch, n_ubatch, n_threads, FLASH_ATTN[flash_attn],
-                                       max_in_flight),
-            undo=lib.pt_context_free, disconnect=lambda: model._disconnect("creating a context was interrupted"))
+        ptr, error = _calls.run_or_undo(
+            lambda: _native.with_error(lib.pt_context_new, model._ptr, n_ctx, n_batch, n_ubatch, n_threads,
+                                       FLASH_ATTN[flash_attn], max_in_flight),
+            undo=lambda r: lib.pt_context_free(r[0]),
+            disconnect=lambda: model._disconnect("creating a context was interrupted"))
         _native.drain_log()
         if ptr == ffi.NULL:
             model._check_workers()  # a worker that died (or was OOM-killed) meanwhile: ContextDeadError
-            raise PrefillError(_native.last_error())
+            raise PrefillError(error)
         self._ptr = ptr
         model._contexts.add(self)
 
@@ -199,12 +200,13 @@ class Context(_native.NativeHandle):
         def read():  # from the workers: interruptible
             size = lib.pt_state_size(ptr)
             buf = ffi.new("uint8_t[]", size)
-            return size, lib.pt_state_get(ptr, buf, size), buf
+            got, error = _native.with_error(lib.pt_state_get, ptr, buf, size)
+            return size, got, buf, error
 
-        size, got, buf = self._run_interruptible(read, rolled_back=lambda _: False)
+        size, got, buf, error = self._run_interruptible(read, rolled_back=lambda _: False)
         if got != size:
             self._raise_if_dead()
-            raise PrefillError(f"reading the KV cache failed: {_native.last_error()}")
+            raise PrefillError(f"reading the KV cache failed: {error}")
         return bytes(ffi.buffer(buf, size))
 
     @_exclusive()

@@ -171,14 +171,15 @@ class Model(_native.NativeHandle):
         load_args = (n_gpu_layers, SPLIT_MODES[split_mode], main_gpu, c_split, len(tensor_split or []), c_dev_array,
                      len(c_devices))
         self._plan_memory(load_args, use_mmap)
-        ptr = _calls.run_or_undo(lambda: lib.pt_model_load(str(self.path).encode(), *load_args, int(use_mmap)),
-                                 undo=lib.pt_model_free, disconnect=lambda: self._disconnect("loading was interrupted"))
+        ptr, error = _calls.run_or_undo(
+            lambda: _native.with_error(lib.pt_model_load, str(self.path).encode(), *load_args, int(use_mmap)),
+            undo=lambda r: lib.pt_model_free(r[0]), disconnect=lambda: self._disconnect("loading was interrupted"))
         _native.drain_log()
         if ptr == ffi.NULL:
             broken = self._broken_worker()
             if broken:
-                raise WorkerError(f"{broken}: loading failed: {_native.last_error()}")
-            raise ModelLoadError(_native.last_error())
+                raise WorkerError(f"{broken}: loading failed: {error}")
+            raise ModelLoadError(error)
         self._ptr = ptr
         info = ffi.new("pt_model_info *")
         lib.pt_model_get_info(ptr, info)
@@ -195,11 +196,11 @@ class Model(_native.NativeHandle):
         check_reachable(endpoint)
         io_s = rpc_timeout or 0.0
         lib.pt_rpc_set_timeouts(endpoint.encode(), min(RPC_CONNECT_TIMEOUT, io_s or RPC_CONNECT_TIMEOUT), io_s)
-        n = _calls.run_or_undo(lambda: lib.pt_rpc_add_server(endpoint.encode()), undo=lambda _: None,
-                               disconnect=lambda: lib.pt_rpc_disconnect(endpoint.encode()))
+        n, error = _calls.run_or_undo(lambda: _native.with_error(lib.pt_rpc_add_server, endpoint.encode()),
+                                      undo=lambda _: None, disconnect=lambda: lib.pt_rpc_disconnect(endpoint.encode()))
+        _native.drain_log()
         if n < 0:
-            _native.drain_log()
-            raise WorkerError(_native.last_error())
+            raise WorkerError(error)
         return [d["name"] for d in self._all_devices() if d["description"] == endpoint and d["name"].startswith("RPC")]
 
     def _plan_memory(self, load_args: tuple, use_mmap: bool) -> None:
