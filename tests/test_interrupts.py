@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -116,6 +117,33 @@ def test_interrupt_after_completion_returns_and_is_raised_by_the_next_call(ctx, 
         ctx.prefill(prompt(10))
     assert ctx.n_past == 104 and ctx.kv_state() == kv
     assert ctx.prefill(prompt(10)).n_tokens == 10  # and only once
+
+
+def test_sigint_while_the_result_is_built_is_kept_for_the_next_call(ctx, monkeypatch):
+    """The last window: a real SIGINT handled after the C call returned, while prefill builds its result (found by the
+    fault injection: KeyboardInterrupt raised from logits() with the tokens in the cache). The call returns its
+    result; the next call raises the interrupt."""
+    from pyturbo import _native
+    prefix, toks = prompt(40, seed=1), prompt(300)
+    ref = reference_logits(ctx, prefix, toks)
+    ctx.prefill(prefix)
+    real_drain, sent = _native.drain_log, []
+
+    def drain_then_interrupt():  # prefill calls it right after the C call returned
+        real_drain()
+        if not sent:
+            sent.append(True)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, inside prefill
+
+    monkeypatch.setattr(_native, "drain_log", drain_then_interrupt)
+    res = ctx.prefill(toks)
+    monkeypatch.undo()
+    assert sent
+    np.testing.assert_array_equal(res.logits, ref)
+    with pytest.raises(KeyboardInterrupt, match="previous call on this context completed"):
+        ctx.prefill([1])
+    assert ctx.n_past == 340
 
 
 def test_real_sigint_mid_prefill_rolls_back(ctx):

@@ -9,6 +9,7 @@ it returns (`when_done`).
 """
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any, Callable
@@ -116,17 +117,55 @@ class BackgroundCall:
                 continue
 
 
+class InterruptGuard:
+    """Ctrl-C around one call on a context, on the main thread (where Python raises KeyboardInterrupt).
+
+    Until the call's work has settled, Ctrl-C raises as usual (the handler that was installed runs). From the moment
+    the C call has returned, or the first Ctrl-C is being handled, until the call returns to its caller, a Ctrl-C is
+    only recorded: raised there, it would report as interrupted a call that completed (or leave a call running while
+    it is being stopped). The caller turns a recorded Ctrl-C into one raised by the next call (Context._claim)."""
+
+    def __init__(self):
+        self.settled = False
+        self.recorded = False
+        self._prev = None
+
+    def __enter__(self) -> "InterruptGuard":
+        if threading.current_thread() is threading.main_thread():
+            prev = signal.getsignal(signal.SIGINT)
+            if callable(prev):
+                self._prev = prev
+                signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.settled:
+            self.recorded = True
+        else:
+            self._prev(signum, frame)
+
+    def __exit__(self, *exc) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+
+
 def run_guarded(call: BackgroundCall, abort: Callable[[], None], disconnect: Callable[[], None],
-                stop_when: Callable[[], bool] | None = None) -> tuple[str, KeyboardInterrupt | None]:
+                stop_when: Callable[[], bool] | None = None,
+                guard: InterruptGuard | None = None) -> tuple[str, KeyboardInterrupt | None]:
     """Start call and wait for it. Returns (how, interrupt): how is 'finished' when it returned, 'not-started' (fn
-    never ran), or what stop() said when a Ctrl-C (then interrupt is it) or stop_when() made the caller stop it."""
+    never ran), or what stop() said when a Ctrl-C (then interrupt is it) or stop_when() made the caller stop it.
+    guard: settled once the outcome no longer depends on a Ctrl-C."""
+    guard = guard or InterruptGuard()
+    guard.settled = False
     try:
         _hook("start")
         call.start()  # inside the try: a Ctrl-C during start() must not leave the call running unnoticed
         _hook("started")
         finished = call.wait(stop_when)
+        guard.settled = True
         _hook("finished")
     except KeyboardInterrupt as ki:
+        guard.settled = True
         return _stop(call, abort, disconnect), ki
     if finished:
         return "finished", None

@@ -18,15 +18,25 @@ MAX_N_CTX = 2**31 - 1  # llama.cpp counts positions in int32
 
 
 def _exclusive(check: bool = True):
-    """A method that runs while this thread holds the context (see Context._claim); check: refuse a dead context and
-    raise a Ctrl-C that the previous call left pending."""
+    """A method that runs while this thread holds the context (see Context._claim), with Ctrl-C guarded (see
+    _calls.InterruptGuard); check: refuse a dead context and raise a Ctrl-C that the previous call left pending."""
     def wrap(method):
         @functools.wraps(method)
         def claimed(self, *args, **kwargs):
             self._claim(method.__name__, check)
+            outermost = guarded = False
             try:
-                return method(self, *args, **kwargs)
+                outermost = self._depth == 1
+                if outermost:
+                    self._guard = _calls.InterruptGuard().__enter__()
+                    guarded = True
+                value = method(self, *args, **kwargs)
+                # a Ctrl-C recorded after the work settled: the call completed, so the next call raises it
+                self._pending_interrupt = self._pending_interrupt or (outermost and self._guard.recorded)
+                return value
             finally:
+                if guarded:
+                    self._guard.__exit__()
                 self._depth -= 1
                 self._lock.release()
         return claimed
@@ -64,6 +74,7 @@ class Context(_native.NativeHandle):
 
     _lock = None  # a failed __init__ leaves nothing to close
     _call: _calls.BackgroundCall | None = None
+    _guard: _calls.InterruptGuard | None = None
     _owner: str | None = None
 
     def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
@@ -245,7 +256,7 @@ class Context(_native.NativeHandle):
         self._call = call = _calls.BackgroundCall(fn, "pyturbo-call")
         how, interrupt = _calls.run_guarded(call, abort=lambda: lib.pt_request_abort(ptr),
                                             disconnect=lambda: self.model._disconnect("a call was stopped"),
-                                            stop_when=self._closing.is_set)
+                                            stop_when=self._closing.is_set, guard=self._guard)
         if how == "finished" and interrupt is None and not self._closing.is_set():
             return call.result()
         why = "interrupted (Ctrl-C)" if interrupt is not None else "the context was closed by another thread"
@@ -325,12 +336,15 @@ class Context(_native.NativeHandle):
         if call is not None and threading.current_thread() is call.thread:
             raise RuntimeError("close() cannot be called from inside this context's own call (an on_ubatch "
                                "callback); raise an exception there to stop the prefill, then close")
-        if not self._lock.acquire(blocking=False):
-            self._closing.set()  # the running call's thread stops it and returns
+        acquired = self._lock.acquire(blocking=False)
+        if not acquired:
+            self._closing.set()  # the running call's thread stops it and returns: within 2 * STOP_GRACE_S
             ptr = self._ptr
             if ptr is not None:
                 _native.lib().pt_request_abort(ptr)
-            self._lock.acquire()
+            # bounded: should the holder never release (an interrupt that landed between its lock and its try), close
+            # anyway, deferring the free if a call is still running
+            acquired = self._lock.acquire(timeout=4 * _calls.STOP_GRACE_S + 3)
         try:
             self._closing.clear()
             ptr, self._ptr = self._ptr, None
@@ -345,7 +359,8 @@ class Context(_native.NativeHandle):
                 self._free(ptr)
                 _native.drain_log()
         finally:
-            self._lock.release()
+            if acquired:
+                self._lock.release()
 
     def _free(self, ptr) -> None:
         _native.lib().pt_context_free(ptr)
