@@ -103,14 +103,15 @@ class Context(_native.NativeHandle):
         self._pending_interrupt = False    # a Ctrl-C came as a call completed: the next call raises it
         self._pipeline_checked = False     # the pipeline's buffers were found to fit (they stay allocated)
         model._check_usable()
-        self._needs = None if model._plan is None else _memory.check_context(
-            model._plan, n_ctx, n_batch, n_ubatch, FLASH_ATTN[flash_attn])
+        interrupted = lambda: model._disconnect("creating a context was interrupted")  # noqa: E731
+        self._needs = None if model._plan is None else _calls.run_or_undo(  # asks the workers: interruptible
+            lambda: _memory.check_context(model._plan, n_ctx, n_batch, n_ubatch, FLASH_ATTN[flash_attn]),
+            undo=lambda _: None, disconnect=interrupted)
         ffi, lib = _native.ffi(), _native.lib()
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_context_new, model._ptr, n_ctx, n_batch, n_ubatch, n_threads,
                                        FLASH_ATTN[flash_attn], max_in_flight),
-            undo=lambda r: lib.pt_context_free(r[0]),
-            disconnect=lambda: model._disconnect("creating a context was interrupted"))
+            undo=lambda r: lib.pt_context_free(r[0]), disconnect=interrupted)
         _native.drain_log()
         if ptr == ffi.NULL:
             model._check_workers()  # a worker that died (or was OOM-killed) meanwhile: ContextDeadError
@@ -321,7 +322,9 @@ class Context(_native.NativeHandle):
                 or 0 < n <= self.n_ubatch):
             return pipeline, ""
         n_in_flight = self.max_in_flight or len(self.model.devices) + 1
-        refused = _memory.pipeline_refusal(self._needs, self.model._plan.endpoints, n_in_flight)
+        refused = _calls.run_or_undo(  # asks the workers: interruptible (a Ctrl-C here: nothing changed)
+            lambda: _memory.pipeline_refusal(self._needs, self.model._plan.endpoints, n_in_flight), undo=lambda _: None,
+            disconnect=lambda: self.model._disconnect("a prefill was interrupted"))
         self._pipeline_checked = not refused
         return not refused, refused
 

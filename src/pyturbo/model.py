@@ -207,11 +207,21 @@ class Model(_native.NativeHandle):
         """The memory plan (kept for contexts), and MemoryError if the weights cannot fit. Without a plan (llama.cpp
         cannot make one of this file) the load itself says what is wrong."""
         rpc = {d["name"]: d["description"] for d in self._all_devices() if d["name"].startswith("RPC")}
-        try:
-            self._plan = _memory.Plan(str(self.path), load_args, rpc)
-        except ValueError:
-            return
-        _memory.check_model(self._plan, use_mmap)
+
+        def plan():  # asks the workers: on a helper thread, like every wait
+            try:
+                p = _memory.Plan(str(self.path), load_args, rpc)
+            except ValueError:
+                return None
+            try:
+                _memory.check_model(p, use_mmap)
+            except BaseException:
+                p.close()
+                raise
+            return p
+
+        self._plan = _calls.run_or_undo(plan, undo=lambda p: p.close(),
+                                        disconnect=lambda: self._disconnect("loading was interrupted"))
 
     # ---- failures -------------------------------------------------------------------------------------------------
 
