@@ -212,13 +212,17 @@ int32_t pt_plan_needs(pt_plan * plan, uint32_t n_ctx, uint32_t n_batch, uint32_t
 }
 
 int64_t pt_plan_kv_bytes_per_token(pt_plan * plan) {
-    const llama_model * m = plan->model;
-    const int64_t n_head = llama_model_n_head(m);
-    if (n_head <= 0 || llama_model_n_swa(m) > 0 || llama_model_is_recurrent(m) || llama_model_is_hybrid(m)) {
-        return 0; // sliding-window or recurrent memory does not grow with n_ctx alone: no simple bound
+    try {
+        const llama_model * m = plan->model;
+        const int64_t n_head = llama_model_n_head(m);
+        if (n_head <= 0 || llama_model_n_swa(m) > 0 || llama_model_is_recurrent(m) || llama_model_is_hybrid(m)) {
+            return 0; // sliding-window or recurrent memory does not grow with n_ctx alone: no simple bound
+        }
+        // K and V of every layer, F16 (pt_context_new leaves llama.cpp's default cache type)
+        return (int64_t) llama_model_n_layer(m) * 2 * llama_model_n_head_kv(m) * (llama_model_n_embd(m) / n_head) * 2;
+    } catch (...) {
+        return 0; // no bound: the plan itself is checked
     }
-    // K and V of every layer, F16 (pt_context_new leaves llama.cpp's default cache type)
-    return (int64_t) llama_model_n_layer(m) * 2 * llama_model_n_head_kv(m) * (llama_model_n_embd(m) / n_head) * 2;
 }
 
 } // extern "C"

@@ -95,19 +95,26 @@ def _is_loopback(endpoint: str) -> bool:
 
 def pools(devices: list[str], endpoints: dict[str, str]) -> dict[str, Pool]:
     """The memory pool of each device: this host's RAM for HOST and for CPU workers on loopback (they report this
-    host's total), else the device's own."""
+    host's total); the one GPU for its stream devices (_native.decide_gpu_streams, GGML_CUDA_DEVICES); else the
+    device's own."""
     host_free, host_total = device_memory(HOST)
     host = Pool("this host's RAM", [HOST], host_free)
     by_device = {HOST: host}
+    # several CUDA devices on one physical GPU (stream devices): one memory
+    one_gpu = sum(d.startswith("CUDA") for d in devices) > 1 and _native._physical_gpu_count() == 1
+    gpu: Pool | None = None
     for dev in devices:
         if dev == HOST:
             continue
         free, total = device_memory(dev)
         ep = endpoints.get(dev, "")
-        if ep and _is_loopback(ep) and total == host_total:
-            host.devices.append(dev)
-            host.free = min(host.free, free)
-            by_device[dev] = host
+        shared = host if ep and _is_loopback(ep) and total == host_total else None
+        if one_gpu and not ep and dev.startswith("CUDA"):
+            gpu = shared = gpu or Pool("the GPU (its stream devices)", [], free)
+        if shared is not None:
+            shared.devices.append(dev)
+            shared.free = min(shared.free, free)
+            by_device[dev] = shared
         else:
             by_device[dev] = Pool(f"{dev}" + (f" ({ep})" if ep else ""), [dev], free)
     return by_device
