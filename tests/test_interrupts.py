@@ -28,12 +28,13 @@ def ctx(tiny_model, rpc3):
 
 @pytest.fixture
 def interrupt_at(monkeypatch):
-    """interrupt_at(point): the next call's helper raises KeyboardInterrupt on the calling thread at that point."""
+    """interrupt_at(point): the next C call on a context (not a wait before it, such as a memory check) gets a
+    KeyboardInterrupt on its calling thread at that point."""
     def arm(point: str):
         fired = []
 
-        def hook(p):
-            if p == point and not fired:
+        def hook(p, call):
+            if p == point and call.thread.name == "pyturbo-call" and not fired:
                 fired.append(p)
                 raise KeyboardInterrupt(f"test interrupt at {p}")
         monkeypatch.setattr(_calls, "test_hook", hook)

@@ -17,14 +17,14 @@ from typing import Any, Callable
 # How long each step of stop() waits for the call: abort, then disconnect. Ctrl-C returns within about twice this.
 STOP_GRACE_S = 0.5
 
-# Test hook: called with a point name ("start", "started", "finished") on the calling thread of run(); a test makes
-# it raise KeyboardInterrupt to land an interrupt exactly there (tests/test_interrupts.py).
-test_hook: Callable[[str], None] | None = None
+# Test hook: called with a point name ("start", "started", "finished") and the call, on the thread that waits for it
+# in run_guarded; a test makes it raise KeyboardInterrupt to land an interrupt exactly there (tests/test_interrupts.py).
+test_hook: Callable[[str, "BackgroundCall"], None] | None = None
 
 
-def _hook(point: str) -> None:
+def _hook(point: str, call: "BackgroundCall") -> None:
     if test_hook is not None:
-        test_hook(point)
+        test_hook(point, call)
 
 
 class BackgroundCall:
@@ -158,12 +158,12 @@ def run_guarded(call: BackgroundCall, abort: Callable[[], None], disconnect: Cal
     guard = guard or InterruptGuard()
     guard.settled = False
     try:
-        _hook("start")
+        _hook("start", call)
         call.start()  # inside the try: a Ctrl-C during start() must not leave the call running unnoticed
-        _hook("started")
+        _hook("started", call)
         finished = call.wait(stop_when)
         guard.settled = True
-        _hook("finished")
+        _hook("finished", call)
     except KeyboardInterrupt as ki:
         guard.settled = True
         return _stop(call, abort, disconnect), ki
@@ -183,7 +183,7 @@ def _stop(call: BackgroundCall, abort, disconnect) -> str:
 def run_or_undo(fn: Callable[[], Any], undo: Callable[[Any], None], disconnect: Callable[[], None]) -> Any:
     """fn() makes something (loads a model, creates a context, connects). A Ctrl-C meanwhile leaves nothing behind:
     undo(what fn returned) runs (now, or when an abandoned fn returns) and KeyboardInterrupt is raised."""
-    call = BackgroundCall(fn, "pyturbo-create")
+    call = BackgroundCall(fn, "pyturbo-wait")
     how, interrupt = run_guarded(call, abort=lambda: None, disconnect=disconnect)
     if interrupt is None:
         return call.result()
