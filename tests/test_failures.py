@@ -344,6 +344,8 @@ def test_minor_api_errors(tiny_model, tmp_path):
         with pytest.raises(ValueError, match="rpc_timeout"):
             pyturbo.Model(tiny_model, rpc_timeout=bad)
     model = pyturbo.Model(tiny_model, devices=[])
+    with pytest.raises(ValueError, match="n_ctx must be at most"):
+        model.context(n_ctx=2**32 + 512)  # would wrap around in C
     model.close()
     with pytest.raises(ValueError, match="the model is closed"):
         model.tokenize("hello")
