@@ -206,7 +206,8 @@ def test_workers_stop_even_when_the_block_raises():
 
 
 def test_worker_refuses_bad_port_and_warns_for_non_loopback():
-    bad = subprocess.run([sys.executable, "-m", "pyturbo.worker", "--port", "0"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "pyturbo.worker", "--port", "70000"], capture_output=True, text=True,
+                         timeout=60)
     assert bad.returncode != 0 and "--port" in bad.stderr
     port = workers.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pyturbo.worker", "--port", str(port), "--host", "0.0.0.0"],

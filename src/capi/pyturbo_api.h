@@ -140,6 +140,47 @@ int32_t pt_token_text(pt_model * model, int32_t token, char * buf, int32_t capac
 // The GGUF's chat template (tokenizer.chat_template). Returns its length (more than capacity: call again with that
 // much), 0 when the model has none, or -1.
 int32_t pt_model_chat_template(pt_model * model, char * buf, int32_t capacity);
+
+// ---- timeouts, memory and workers ----
+// (src/capi/pt_faults.cpp) These functions catch everything; on failure they return -1 (or NULL) and leave a message
+// in pt_faults_last_error() (per thread).
+const char * pt_faults_last_error(void);
+
+// RPC timeouts in seconds for the connection to endpoint (NULL: every endpoint without its own); <= 0 waits forever.
+// connect_s bounds connecting and the handshake, io_s every later reply (a graph computation included). A worker that
+// does not answer in time breaks the connection: the call fails as for a dead worker, naming it.
+int32_t pt_rpc_set_timeouts(const char * endpoint, double connect_s, double io_s);
+// 1: connected, 0: no connection, -1: broken (the worker closed it or did not answer in time, or it was disconnected).
+// Sends nothing.
+int32_t pt_rpc_connection_state(const char * endpoint);
+// From any thread: closes this process's connection to endpoint; whatever waits on that worker fails at once.
+int32_t pt_rpc_disconnect(const char * endpoint);
+// Serves llama.cpp RPC with the named local device ("" = CPU) on a TCP socket the caller bound and made listen (so
+// its port is known first); takes the socket. Returns -1 when serving fails, and does not return otherwise.
+int32_t pt_rpc_serve_socket(int32_t listen_fd, int32_t n_threads, const char * device);
+
+// Free and total bytes of a device as its backend reports them (an RPC device asks its worker). 0 or -1.
+int32_t pt_device_memory(const char * device, uint64_t * free, uint64_t * total);
+
+// Memory plans: a model loaded with llama.cpp's no_alloc (metadata only; no device allocates anything), with
+// pt_model_load's arguments, tells what a context would allocate on each device before it is created.
+typedef struct pt_plan pt_plan;
+typedef struct pt_memory_need {
+    char     device[64];   // a device name; "CPU" stands for every host buffer
+    uint64_t model;        // bytes of weights
+    uint64_t context;      // KV cache
+    uint64_t compute;      // compute buffers
+} pt_memory_need;
+pt_plan * pt_plan_new(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
+                      const float * tensor_split, int32_t n_tensor_split, const char * const * devices, int32_t n_devices);
+void      pt_plan_free(pt_plan * plan);
+// Fills up to capacity needs for a context with these parameters (pt_context_new's) and returns how many devices
+// there are, or -1.
+int32_t   pt_plan_needs(pt_plan * plan, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t flash_attn,
+                        pt_memory_need * needs, int32_t capacity);
+// A lower bound of the KV cache's bytes per token of context, all devices (0 when there is no simple one): checked
+// before planning, since a plan for a huge n_ctx would itself take host memory in proportion.
+int64_t   pt_plan_kv_bytes_per_token(pt_plan * plan);
 // cffi-end
 
 #ifdef __cplusplus

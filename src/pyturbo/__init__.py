@@ -7,7 +7,7 @@
 """
 from ._native import build_info
 from .context import Context, PrefillResult
-from .errors import ContextCreateError, ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
+from .errors import ContextBusyError, ContextCreateError, ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
 from .generation import Completion, Generation, Piece
 from .model import Model
 from .sampling import Sampler, SamplerSettings
@@ -15,7 +15,7 @@ from .timeline import Timeline, UbatchRecord
 
 __all__ = [
     "Model", "Context", "PrefillResult", "Timeline", "UbatchRecord", "build_info",
-    "PyturboError", "ModelLoadError", "WorkerError", "ContextCreateError", "ContextDeadError", "PrefillError",
+    "PyturboError", "ModelLoadError", "WorkerError", "ContextCreateError", "ContextDeadError", "ContextBusyError", "PrefillError",
     "SamplerSettings", "Sampler", "Generation", "Completion", "Piece",
 ]
 __version__ = "0.1.0"

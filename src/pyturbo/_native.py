@@ -72,6 +72,13 @@ def last_error() -> str:
     return ffi().string(lib().pt_last_error()).decode(errors="replace")
 
 
+def with_error(fn, *args):
+    """(fn(*args), pt_last_error() of this thread): for C calls made on a helper thread, whose error message is
+    per thread."""
+    value = fn(*args)
+    return value, last_error()
+
+
 def drain_log() -> None:
     """Move llama.cpp's queued log lines into the `pyturbo.llama` logger (quiet unless configured)."""
     f, l = _load()

@@ -1,6 +1,7 @@
 """`Context`: a llama.cpp context on a `Model`, with standard and pipelined prefill."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -9,13 +10,40 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import _native, policy
-from .errors import ContextCreateError, ContextDeadError, PrefillError
+from . import _calls, _memory, _native, policy
+from .errors import ContextBusyError, ContextCreateError, ContextDeadError, PrefillError
 from .timeline import Timeline, UbatchRecord
 
 log = logging.getLogger("pyturbo")
 
 FLASH_ATTN = {None: -1, "auto": -1, False: 0, True: 1}
+MAX_N_CTX = 2**31 - 1  # llama.cpp counts positions in int32
+
+
+def _exclusive(check: bool = True):
+    """A method that runs while this thread holds the context (see Context._claim), with Ctrl-C guarded (see
+    _calls.InterruptGuard); check: refuse a dead context and raise a Ctrl-C that the previous call left pending."""
+    def wrap(method):
+        @functools.wraps(method)
+        def claimed(self, *args, **kwargs):
+            self._claim(method.__name__, check)
+            outermost = guarded = False
+            try:
+                outermost = self._depth == 1
+                if outermost:
+                    self._guard = _calls.InterruptGuard().__enter__()
+                    guarded = True
+                value = method(self, *args, **kwargs)
+                # a Ctrl-C recorded after the work settled: the call completed, so the next call raises it
+                self._pending_interrupt = self._pending_interrupt or (outermost and self._guard.recorded)
+                return value
+            finally:
+                if guarded:
+                    self._guard.__exit__()
+                self._depth -= 1
+                self._lock.release()
+        return claimed
+    return wrap
 
 
 @dataclass
@@ -42,7 +70,16 @@ class Context(_native.NativeHandle):
 
     n_batch is the size of each llama_decode call a prefill makes (as llama-server feeds a prompt); n_ubatch the
     size of the physical batches those are cut into (the units the pipeline keeps in flight).
+
+    Before anything is allocated, the KV cache and compute buffers are checked against each device's free memory:
+    MemoryError says what does not fit and what to lower. One call at a time: a call from a second thread while one
+    runs raises ContextBusyError; close() from another thread stops the running call first (see close()).
     """
+
+    _lock = None  # a failed __init__ leaves nothing to close
+    _call: _calls.BackgroundCall | None = None
+    _guard: _calls.InterruptGuard | None = None
+    _owner: str | None = None
 
     def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
                  n_threads: int | None = None, flash_attn: bool | str | None = None, max_in_flight: int = 0):
@@ -51,6 +88,8 @@ class Context(_native.NativeHandle):
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, not {value!r}")
+        if n_ctx > MAX_N_CTX:
+            raise ValueError(f"n_ctx must be at most {MAX_N_CTX}, not {n_ctx}")
         if n_ubatch > n_batch:
             raise ValueError(f"n_ubatch ({n_ubatch}) must not exceed n_batch ({n_batch})")
         if flash_attn not in FLASH_ATTN:
@@ -61,19 +100,34 @@ class Context(_native.NativeHandle):
         self.model = model
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
         self.flash_attn = flash_attn
-        self._warm_paths: set[str] = set()
+        self.max_in_flight = max_in_flight
+        self._warm_paths: set[str] = set()  # paths that ran here once already (their first run allocates)
+        self._lock = threading.RLock()     # held by the thread running a call on this context
+        self._depth = 0                    # nested calls of that thread (prefill reads n_past)
+        self._closing = threading.Event()  # close() from another thread: stop the running call
+        self._dead: str | None = None      # why the context is unusable, when Python knows better than C
+        self._pending_interrupt = False    # a Ctrl-C came as a call completed: the next call raises it
+        self._pipeline_checked = False     # the pipeline's buffers were found to fit (they stay allocated)
         # environment switches, read once here
         self._pipeline_override = policy.env_override(os.environ)
         host_staging = os.environ.get("PYTURBO_PIPELINE_HOST_STAGING", "0") not in ("", "0")
         for name, on in (("PYTURBO_PIPELINE", self._pipeline_override), ("PYTURBO_PIPELINE_HOST_STAGING", host_staging)):
             if on:
                 log.warning("%s is set: %s", name, os.environ[name])
+        model._check_usable()
+        interrupted = lambda: model._disconnect("creating a context was interrupted")  # noqa: E731
+        self._needs = None if model._plan is None else _calls.run_or_undo(  # asks the workers: interruptible
+            lambda: _memory.check_context(model._plan, n_ctx, n_batch, n_ubatch, FLASH_ATTN[flash_attn]),
+            undo=lambda _: None, disconnect=interrupted)
         ffi, lib = _native.ffi(), _native.lib()
-        ptr = lib.pt_context_new(model._ptr, n_ctx, n_batch, n_ubatch, n_threads, FLASH_ATTN[flash_attn], max_in_flight,
-                                 int(host_staging))
+        ptr, error = _calls.run_or_undo(
+            lambda: _native.with_error(lib.pt_context_new, model._ptr, n_ctx, n_batch, n_ubatch, n_threads,
+                                       FLASH_ATTN[flash_attn], max_in_flight, int(host_staging)),
+            undo=lambda r: lib.pt_context_free(r[0]), disconnect=interrupted)
         _native.drain_log()
         if ptr == ffi.NULL:
-            raise ContextCreateError(_native.last_error())
+            model._check_workers()  # a worker that died (or was OOM-killed) meanwhile: ContextDeadError
+            raise ContextCreateError(error)
         self._ptr = ptr
         self.layout = policy.Layout(stages=tuple(model.devices), stock_overlaps=bool(lib.pt_context_stock_overlaps(ptr)))
         model._contexts.add(self)
@@ -81,10 +135,12 @@ class Context(_native.NativeHandle):
     # ---- prefill and decode ---------------------------------------------------------------------------------------
 
     @property
+    @_exclusive(check=False)
     def n_past(self) -> int:
         """Tokens already in the KV cache."""
         return _native.lib().pt_context_n_past(self._live())
 
+    @_exclusive()
     def prefill(self, tokens: str | Sequence[int] | np.ndarray, pipeline: bool | str = "auto",
                 on_ubatch: Callable[[UbatchRecord], None] | None = None) -> PrefillResult:
         """Append tokens (token ids, or text, tokenized with BOS when the cache is empty) to the sequence and return
@@ -93,15 +149,19 @@ class Context(_native.NativeHandle):
         pipeline: "auto" (or True, the default) keeps several ubatches in flight over the model's layer devices where
         that is faster than llama.cpp's standard path (`decision` says why); "force" wherever it is safe; "off" (or
         False) takes the standard path. Where pipelining is not safe or not possible (one device, fewer than two
-        ubatches, ...) the standard path runs and `fallback_reason` says why. on_ubatch(record) is called for every
-        (ubatch, stage) of a pipelined prefill as it completes. Ctrl-C interrupts it and leaves the context as it was
-        before the call.
+        ubatches, its buffers do not fit, ...) the standard path runs and `fallback_reason` says why.
+        on_ubatch(record) is called for every (ubatch, stage) of a pipelined prefill as it completes. Ctrl-C:
+        KeyboardInterrupt means the context is as it was before the call; see README, "Failure behaviour", for the
+        other outcomes.
         """
         mode = policy.normalize_mode(pipeline)
         toks = self._check_tokens(tokens)
         key = self._calibration_key(len(toks), self.n_past)
         measured = policy.calibration().measured(key) if mode == "auto" else None
         ask_pipeline, decision = policy.decide(mode, self.layout, self._pipeline_override, measured)
+        refused = ""
+        if ask_pipeline:  # its buffers must fit before its first use
+            ask_pipeline, refused = self._pipeline_fits(True, toks)
         ffi, lib = _native.ffi(), _native.lib()
         ptr = self._live()
         result = ffi.new("struct llama_turbo_result *")
@@ -139,7 +199,7 @@ class Context(_native.NativeHandle):
         timeline = Timeline.from_raw(raw, self.model.devices, result.t_start_us, seconds)
         return PrefillResult(
             n_tokens=len(toks), seconds=seconds, logits=self.logits(), path=path,
-            fallback_reason=ffi.string(result.fallback_reason).decode(), decision=decision,
+            fallback_reason=refused or ffi.string(result.fallback_reason).decode(), decision=decision,
             n_ubatches=result.n_ubatches, n_stages=result.n_stages, n_in_flight=result.n_in_flight,
             slot_buffer_bytes=result.slot_buffer_bytes, timeline=timeline)
 
@@ -190,6 +250,7 @@ class Context(_native.NativeHandle):
             logits = self.decode(tok)
         return out
 
+    @_exclusive()
     def logits(self) -> np.ndarray:
         """Logits of the last computed token (float32 [n_vocab])."""
         ffi, lib = _native.ffi(), _native.lib()
@@ -198,22 +259,31 @@ class Context(_native.NativeHandle):
             self._raise_native_error("reading the logits failed")
         return out
 
+    @_exclusive()
     def kv_state(self) -> bytes:
         """The serialized KV cache of the sequence (llama_state_seq_get_data): for exact comparisons."""
         ffi, lib = _native.ffi(), _native.lib()
         ptr = self._live()
-        size = lib.pt_state_size(ptr)
-        buf = ffi.new("uint8_t[]", size)
-        got = lib.pt_state_get(ptr, buf, size)
+
+        def read():  # from the workers: interruptible
+            size = lib.pt_state_size(ptr)
+            buf = ffi.new("uint8_t[]", size)
+            got, error = _native.with_error(lib.pt_state_get, ptr, buf, size)
+            return size, got, buf, error
+
+        size, got, buf, error = self._run_interruptible(read, rolled_back=lambda _: False)
         if got != size:
-            self._raise_native_error("reading the KV cache failed")
+            self._raise_if_dead()
+            raise PrefillError(f"reading the KV cache failed: {error}")
         return bytes(ffi.buffer(buf, size))
 
+    @_exclusive()
     def reset(self) -> None:
         """Clear the KV cache."""
-        if _native.lib().pt_context_reset(self._live()) != 0:
-            raise ContextDeadError(_native.last_error())
+        ptr = self._live()
+        self._run_interruptible(lambda: _native.lib().pt_context_reset(ptr), rolled_back=lambda _: False)
         self._kv_tokens = None  # the prompt cache's record of the cache (see stream())
+        self._raise_if_dead()  # a worker that died during the reset
 
     # ---- plumbing -------------------------------------------------------------------------------------------------
 
@@ -236,32 +306,128 @@ class Context(_native.NativeHandle):
             raise ValueError("the context is closed")
         return self._ptr
 
-    def _run_interruptible(self, fn) -> None:
-        """Run a long C call on a helper thread so that Ctrl-C reaches the main thread; then abort it cleanly."""
-        done = threading.Event()
-        errors: list[BaseException] = []
+    def _run_interruptible(self, fn, rolled_back: Callable[[object], bool] | None = None):
+        """fn() (a C call on this context) on a helper thread, so that Ctrl-C and close() from another thread reach
+        it; returns its value. rolled_back(value): the call was aborted and undid its work.
 
-        def target():
-            try:
-                fn()
-            except BaseException as e:
-                errors.append(e)
-            finally:
-                done.set()
+        A Ctrl-C (or close()) stops it with _calls.BackgroundCall.stop: if the call returns rolled back,
+        KeyboardInterrupt (ValueError after a close()); if it completed anyway, its value is returned and the Ctrl-C
+        is kept for the next call (raised there before anything changes); if it only returned once the workers were
+        disconnected, or not at all, a device may be mid-operation: the context is dead (ContextDeadError)."""
+        ptr = self._ptr
+        lib = _native.lib()
+        if rolled_back is None:  # pt_prefill's status
+            rolled_back = lambda status: status == lib.LLAMA_TURBO_ABORTED  # noqa: E731
+        self._call = call = _calls.BackgroundCall(fn, "pyturbo-call")
+        how, interrupt = _calls.run_guarded(call, abort=lambda: lib.pt_request_abort(ptr),
+                                            disconnect=lambda: self.model._disconnect("a call was stopped"),
+                                            stop_when=self._closing.is_set, guard=self._guard)
+        if how == "finished" and interrupt is None and not self._closing.is_set():
+            return call.result()
+        why = "interrupted (Ctrl-C)" if interrupt is not None else "the context was closed by another thread"
+        if how == "not-started":
+            raise self._stopped(why, interrupt, "before it started: nothing changed")
+        if how == "finished":
+            value = call.result()
+            if not rolled_back(value):
+                self._pending_interrupt = interrupt is not None
+                return value
+            raise self._stopped(why, interrupt, "the context is as it was before the call")
+        self._dead = (f"{why} while a device was busy with this context; it did not stop within "
+                      f"{2 * _calls.STOP_GRACE_S:.1f} s" + (", so its workers were disconnected" if how == "disconnected"
+                                                             else " and is still running in the background"))
+        raise ContextDeadError(f"{self._dead}: the context cannot be used any more") from interrupt
 
-        thread = threading.Thread(target=target, name="pyturbo-prefill", daemon=True)
-        thread.start()
+    @staticmethod
+    def _stopped(why: str, interrupt: KeyboardInterrupt | None, state: str) -> BaseException:
+        if interrupt is not None:
+            return KeyboardInterrupt(f"{why}; {state}")
+        return ValueError(f"{why} during this call; {state}")
+
+    def _claim(self, what: str, check: bool) -> None:
+        """This thread holds the context for one call (released by _exclusive): ContextBusyError if another thread
+        does, ValueError if it is closed; with check, ContextDeadError if it is dead and KeyboardInterrupt for a
+        Ctrl-C that the previous call left pending."""
+        if self._lock is None:
+            raise ValueError("the context is closed")
+        if not self._lock.acquire(blocking=False):
+            raise ContextBusyError(f"{what}(): another thread ({self._owner}) is running a call on this context; a "
+                                   f"context runs one call at a time: use one context per thread, or wait for the "
+                                   f"call to return")
         try:
-            while not done.wait(0.05):
-                pass
-        except KeyboardInterrupt:
-            _native.lib().pt_request_abort(self._ptr)
-            done.wait()
+            if self._ptr is None or (self._depth == 0 and self._closing.is_set()):
+                raise ValueError("the context is closed")
+            if check and self._depth == 0:
+                self._raise_if_dead()
+                if self._pending_interrupt:
+                    self._pending_interrupt = False
+                    raise KeyboardInterrupt("interrupted: the Ctrl-C came as the previous call on this context "
+                                            "completed (its work is kept); raised here, before this call changed anything")
+        except BaseException:
+            self._lock.release()
             raise
+        if self._depth == 0:
+            self._owner = threading.current_thread().name
+        self._depth += 1
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is None and _native.lib().pt_context_is_dead(self._ptr):
+            self._dead = "a device failed during an earlier call (its error said which)"
+        if self._dead is not None:
+            raise ContextDeadError(f"{self._dead}: the context cannot be used any more; create a new context (and "
+                                   f"model, if a worker failed)")
+        self.model._check_workers()
+
+    def _pipeline_fits(self, pipeline: bool, tokens) -> tuple[bool, str]:
+        """(pipeline, why not): the pipeline's compute buffers (one set per ubatch in flight, kept once allocated)
+        must fit in the memory free now, checked before its first use."""
+        n = len(tokens) if hasattr(tokens, "__len__") and not isinstance(tokens, str) else 0
+        if (not pipeline or self._pipeline_checked or self._needs is None or len(self.model.devices) < 2
+                or 0 < n <= self.n_ubatch):
+            return pipeline, ""
+        n_in_flight = self.max_in_flight or len(self.model.devices) + 1
+        refused = _calls.run_or_undo(  # asks the workers: interruptible (a Ctrl-C here: nothing changed)
+            lambda: _memory.pipeline_refusal(self._needs, self.model._plan.endpoints, n_in_flight), undo=lambda _: None,
+            disconnect=lambda: self.model._disconnect("a prefill was interrupted"))
+        self._pipeline_checked = not refused
+        return not refused, refused
+
+    def close(self) -> None:
+        """Free the context; safe to call twice and from any thread. A call running in another thread is stopped
+        first (as by Ctrl-C: it raises ValueError there, or ContextDeadError if a device had to be abandoned) and
+        this waits for it, about a second at most; a call that could not be stopped frees the context when it
+        returns. Not from inside the context's own call (an on_ubatch callback): raise an exception there."""
+        if self._lock is None:
+            return
+        call = self._call
+        if call is not None and threading.current_thread() is call.thread:
+            raise RuntimeError("close() cannot be called from inside this context's own call (an on_ubatch "
+                               "callback); raise an exception there to stop the prefill, then close")
+        acquired = self._lock.acquire(blocking=False)
+        if not acquired:
+            self._closing.set()  # the running call's thread stops it and returns: within 2 * STOP_GRACE_S
+            ptr = self._ptr
+            if ptr is not None:
+                _native.lib().pt_request_abort(ptr)
+            # bounded: should the holder never release (an interrupt that landed between its lock and its try), close
+            # anyway, deferring the free if a call is still running
+            acquired = self._lock.acquire(timeout=4 * _calls.STOP_GRACE_S + 3)
+        try:
+            self._closing.clear()
+            ptr, self._ptr = self._ptr, None
+            call = self._call
+            if ptr is None:
+                return
+            if call is not None and not call.done:  # an abandoned call still uses the context (and the model)
+                model, key = self.model, id(self)
+                model._hold(key)
+                call.when_done(lambda: (self._free(ptr), model._release(key)))
+            else:
+                self._free(ptr)
+                _native.drain_log()
         finally:
-            thread.join()
-        if errors:
-            raise errors[0]
+            if acquired:
+                self._lock.release()
 
     def _free(self, ptr) -> None:
         _native.lib().pt_context_free(ptr)

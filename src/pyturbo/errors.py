@@ -23,3 +23,7 @@ class ContextDeadError(PyturboError):
 
 class PrefillError(PyturboError):
     """llama.cpp could not decode the tokens (the message carries its reason)."""
+
+
+class ContextBusyError(PyturboError):
+    """Another thread is running a call on this context: a context runs one call at a time (use one per thread)."""

@@ -3,17 +3,25 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import _native
+from . import _calls, _memory, _native
 from .devices import choose_devices, list_devices
-from .errors import ModelLoadError, WorkerError
+from .errors import ContextDeadError, ModelLoadError, WorkerError
 
 SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+
+# How long one RPC worker may take to answer (seconds): a graph computation of one ubatch on one stage, or a transfer,
+# must finish within it. Generous for a slow CPU stage; a worker that is stopped or hung is declared dead after it.
+DEFAULT_RPC_TIMEOUT = 300.0
+# Connecting and the handshake take milliseconds on a live worker: a silent one fails after this (or rpc_timeout, if
+# smaller)
+RPC_CONNECT_TIMEOUT = 10.0
 
 
 def parse_endpoints(rpc_servers: str | Iterable[str] | None) -> list[str]:
@@ -23,10 +31,16 @@ def parse_endpoints(rpc_servers: str | Iterable[str] | None) -> list[str]:
     items = rpc_servers.split(",") if isinstance(rpc_servers, str) else list(rpc_servers)
     endpoints = []
     for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"RPC server {item!r} must be a 'host:port' string, not {type(item).__name__}")
         item = item.strip()
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"RPC server {item!r} is not of the form host:port")
+        if item in endpoints:
+            # llama.cpp would register it once: one stage where two were meant
+            raise ValueError(f"RPC server {item} is listed twice; each worker can be one stage only (start another "
+                             f"worker for another stage)")
         endpoints.append(item)
     return endpoints
 
@@ -78,10 +92,14 @@ def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
 def gguf_block_count(path: Path) -> int:
     """The model's layer count, read from the GGUF header without loading it."""
     from gguf import GGUFReader
-    reader = GGUFReader(path)
-    for name, field in reader.fields.items():
-        if name.endswith(".block_count"):
-            return int(field.parts[field.data[0]][0])
+    try:
+        reader = GGUFReader(path)
+        for name, field in reader.fields.items():
+            if name.endswith(".block_count"):
+                return int(field.parts[field.data[0]][0])
+    except Exception as e:  # the reader fails in many ways on a damaged file
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); the file is damaged or "
+                             f"truncated: download or convert it again") from None
     raise ModelLoadError(f"{path} has no block_count in its metadata")
 
 
@@ -105,12 +123,26 @@ class Model(_native.NativeHandle):
     Parameter names follow llama-cpp-python's `Llama(...)`. `rpc_servers` ('host:port' list or comma string) adds
     llama.cpp RPC workers as devices; unless `devices` says otherwise, the model is then split over exactly those
     workers, in the given order. `devices` names devices to split over ('CUDA0', 'RPC0', 'CPU', ...).
+
+    `rpc_timeout` (seconds, default DEFAULT_RPC_TIMEOUT; None waits forever) is how long a worker may take to answer:
+    one stage's computation of one ubatch, or one transfer. A worker that does not answer in time (stopped, hung) is
+    declared dead: the call raises ContextDeadError naming it. Connecting and the handshake get
+    min(RPC_CONNECT_TIMEOUT, rpc_timeout). Models sharing a worker share its connection, and so its timeout.
+    Before the weights are loaded, they are checked against each device's free memory (MemoryError if they cannot
+    fit), and so is every context (see `Context`).
     """
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | str = "all", split_mode: str = "layer",
                  main_gpu: int = 0, tensor_split: Sequence[float] | str | None = None, devices: Sequence[str] | None = None,
-                 rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True):
+                 rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True,
+                 rpc_timeout: float | None = DEFAULT_RPC_TIMEOUT):
         self._contexts: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.RLock()       # C calls on the model pointer, and freeing it
+        self._holds: set[int] = set()        # contexts whose freeing waits for an abandoned call: free the model after
+        self._orphan = None                  # the pointer of a closed model that waits for those
+        self._plan: _memory.Plan | None = None
+        self._dead: str | None = None
+        self.rpc_servers: list[str] = []
         self.path = Path(path)
         check_gguf(self.path)
         if split_mode not in SPLIT_MODES:
@@ -123,17 +155,18 @@ class Model(_native.NativeHandle):
             tensor_split = [float(x) for x in tensor_split]
             if not tensor_split or any(x < 0 for x in tensor_split) or sum(tensor_split) <= 0:
                 raise ValueError(f"tensor_split must be non-negative proportions with a positive sum, not {tensor_split}")
+        if rpc_timeout is not None and (isinstance(rpc_timeout, bool) or not isinstance(rpc_timeout, (int, float))
+                                        or not rpc_timeout > 0):
+            raise ValueError(f"rpc_timeout must be a number of seconds > 0 (or None: wait forever), not {rpc_timeout!r}")
+        self.rpc_timeout = rpc_timeout
 
         ffi, lib = _native.ffi(), _native.lib()
         endpoints = parse_endpoints(rpc_servers)
-        rpc_devices = []
-        for ep in endpoints:
-            check_reachable(ep)
-            if lib.pt_rpc_add_server(ep.encode()) < 0:
-                _native.drain_log()
-                raise WorkerError(_native.last_error())
-            rpc_devices += [d.name for d in list_devices() if d.is_rpc and d.description == ep]
+        rpc_devices = [dev for ep in endpoints for dev in self._connect(ep, rpc_timeout)]
+        self.rpc_servers = endpoints
         available = list_devices()
+        if devices is not None and len(set(devices)) != len(list(devices)):
+            raise ValueError(f"devices lists a device twice ({list(devices)}); each device can be one stage only")
         devices = choose_devices(None if devices is None else list(devices), rpc_devices, available)
         if isinstance(tensor_split, str):
             if tensor_split != "even":
@@ -145,13 +178,19 @@ class Model(_native.NativeHandle):
         c_devices = [ffi.new("char[]", d.encode()) for d in devices]
         c_dev_array = ffi.new("const char *[]", c_devices or 1)
         c_split = ffi.new("float[]", tensor_split) if tensor_split else ffi.NULL
-        ptr = lib.pt_model_load(str(self.path).encode(), n_gpu_layers, SPLIT_MODES[split_mode], main_gpu,
-                                c_split, len(tensor_split or []), c_dev_array, len(c_devices), int(use_mmap))
+        load_args = (n_gpu_layers, SPLIT_MODES[split_mode], main_gpu, c_split, len(tensor_split or []), c_dev_array,
+                     len(c_devices))
+        self._plan_memory(load_args, use_mmap)
+        ptr, error = _calls.run_or_undo(
+            lambda: _native.with_error(lib.pt_model_load, str(self.path).encode(), *load_args, int(use_mmap)),
+            undo=lambda r: lib.pt_model_free(r[0]), disconnect=lambda: self._disconnect("loading was interrupted"))
         _native.drain_log()
         if ptr == ffi.NULL:
-            raise ModelLoadError(_native.last_error())
+            broken = self._broken_worker()
+            if broken:
+                raise WorkerError(f"{broken}: loading failed: {error}")
+            raise ModelLoadError(error)
         self._ptr = ptr
-        self.rpc_servers = endpoints
         info = ffi.new("pt_model_info *")
         lib.pt_model_get_info(ptr, info)
         self.n_layer, self.n_vocab, self.n_embd = info.n_layer, info.n_vocab, info.n_embd
@@ -171,6 +210,68 @@ class Model(_native.NativeHandle):
         #: this model file as loaded by this build (measurements of another file or build do not apply)
         self.identity = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_native.build_id()}"
 
+    def _connect(self, endpoint: str, rpc_timeout: float | None) -> list[str]:
+        """Register a worker's devices (their names), with this model's timeouts."""
+        ffi, lib = _native.ffi(), _native.lib()
+        check_reachable(endpoint)
+        io_s = rpc_timeout or 0.0
+        lib.pt_rpc_set_timeouts(endpoint.encode(), min(RPC_CONNECT_TIMEOUT, io_s or RPC_CONNECT_TIMEOUT), io_s)
+        n, error = _calls.run_or_undo(lambda: _native.with_error(lib.pt_rpc_add_server, endpoint.encode()),
+                                      undo=lambda _: None, disconnect=lambda: lib.pt_rpc_disconnect(endpoint.encode()))
+        _native.drain_log()
+        if n < 0:
+            raise WorkerError(error)
+        return [d.name for d in list_devices() if d.is_rpc and d.description == endpoint]
+
+    def _plan_memory(self, load_args: tuple, use_mmap: bool) -> None:
+        """The memory plan (kept for contexts), and MemoryError if the weights cannot fit. Without a plan (llama.cpp
+        cannot make one of this file) the load itself says what is wrong."""
+        rpc = {d.name: d.description for d in list_devices() if d.is_rpc}
+
+        def plan():  # asks the workers: on a helper thread, like every wait
+            try:
+                p = _memory.Plan(str(self.path), load_args, rpc)
+            except ValueError:
+                return None
+            try:
+                _memory.check_model(p, use_mmap)
+            except BaseException:
+                p.close()
+                raise
+            return p
+
+        self._plan = _calls.run_or_undo(plan, undo=lambda p: p.close(),
+                                        disconnect=lambda: self._disconnect("loading was interrupted"))
+
+    # ---- failures -------------------------------------------------------------------------------------------------
+
+    def _broken_worker(self) -> str | None:
+        """Why the model cannot be used any more (a worker's connection is broken), or None."""
+        lib = _native.lib()
+        for ep in self.rpc_servers:
+            if self._dead is None and lib.pt_rpc_connection_state(ep.encode()) < 0:
+                self._dead = (f"the connection to the RPC worker at {ep} is broken (the worker died or was restarted, "
+                              f"did not answer within rpc_timeout, or was disconnected after an interrupt)")
+        return self._dead
+
+    def _check_workers(self) -> None:
+        """ContextDeadError if the connection to one of the model's workers is broken: the model is unusable."""
+        if self._broken_worker() is not None:
+            raise ContextDeadError(f"{self._dead}: this model and its contexts cannot be used any more; create a new "
+                                   f"Model on live workers")
+
+    def _check_usable(self) -> None:
+        if self._ptr is None:
+            raise ValueError("the model is closed")
+        self._check_workers()
+
+    def _disconnect(self, why: str) -> None:
+        """Close the connections to this model's workers (from any thread): whatever waits on them fails at once."""
+        if self._dead is None:
+            self._dead = f"its workers were disconnected: {why} while a device was busy"
+        for ep in self.rpc_servers:
+            _native.lib().pt_rpc_disconnect(ep.encode())
+
     # ---- tokens ---------------------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -179,23 +280,24 @@ class Model(_native.NativeHandle):
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, not {type(text).__name__}")
         ffi, lib = _native.ffi(), _native.lib()
-        ptr = self._live_with_vocab()
-        data = text.encode()
-        cap = len(data) + 8
-        buf = ffi.new("int32_t[]", cap)
-        n = lib.pt_tokenize_special(ptr, data, len(data), buf, cap, int(add_special), int(parse_special))
-        if n < 0:  # -n: the capacity needed
-            cap = -n
+        with self._lock:  # close() from another thread waits
+            ptr = self._live_with_vocab()
+            data = text.encode()
+            cap = len(data) + 8
             buf = ffi.new("int32_t[]", cap)
             n = lib.pt_tokenize_special(ptr, data, len(data), buf, cap, int(add_special), int(parse_special))
+            if n < 0:  # -n: the capacity needed
+                cap = -n
+                buf = ffi.new("int32_t[]", cap)
+                n = lib.pt_tokenize_special(ptr, data, len(data), buf, cap, int(add_special), int(parse_special))
         return list(buf[0:n])
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for (a piece of a UTF-8 character for some tokens)."""
         ffi, lib = _native.ffi(), _native.lib()
-        ptr = self._live_with_vocab()
         buf = ffi.new("char[]", 256)
-        n = lib.pt_token_to_piece(ptr, int(token), buf, 256)
+        with self._lock:
+            n = lib.pt_token_to_piece(self._live_with_vocab(), int(token), buf, 256)
         return ffi.buffer(buf, max(n, 0))[:]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
@@ -273,10 +375,33 @@ class Model(_native.NativeHandle):
         return Context(self, **kwargs)
 
     def close(self) -> None:
-        """Free the model, closing its contexts first. Safe to call twice or after a failed __init__."""
+        """Free the model, closing its contexts first (a call running on one in another thread is stopped: see
+        Context.close). Safe to call twice, from any thread, or after a failed __init__."""
         for ctx in list(self._contexts):
             ctx.close()
-        super().close()
+        with self._lock:
+            ptr, self._ptr = self._ptr, None
+            if ptr is not None and self._holds:
+                self._orphan, ptr = ptr, None  # freed by _release() when the last abandoned call has returned
+        if ptr is not None:
+            self._free(ptr)
+            _native.drain_log()
+        if self._plan is not None:
+            self._plan.close()
+
+    def _hold(self, key: int) -> None:
+        """A context's freeing waits for an abandoned call: the model must outlive it."""
+        with self._lock:
+            self._holds.add(key)
+
+    def _release(self, key: int) -> None:
+        with self._lock:
+            self._holds.discard(key)
+            ptr = self._orphan if not self._holds else None
+            if ptr is not None:
+                self._orphan = None
+        if ptr is not None:
+            self._free(ptr)
 
     def _free(self, ptr) -> None:
         _native.lib().pt_model_free(ptr)

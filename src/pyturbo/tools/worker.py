@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 import threading
 import time
@@ -32,7 +33,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyturbo.worker", description=__doc__.splitlines()[0])
-    ap.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    ap.add_argument("--port", type=int, required=True,
+                    help="TCP port to listen on; 0: any free port. Once listening, the worker prints "
+                         "'listening on HOST:PORT' as the first line of its output")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1); anything else exposes an unauthenticated service")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for the computation")
@@ -40,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exit-with-parent", type=int, default=0, metavar="PID", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if not 0 < args.port < 65536:
-        ap.error(f"--port must be in 1..65535, not {args.port}")
+    if not 0 <= args.port < 65536:
+        ap.error(f"--port must be in 0..65535 (0: any free port), not {args.port}")
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, not {args.threads}")
     if not is_loopback(args.host):
@@ -51,15 +54,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_with_parent:
         threading.Thread(target=_exit_with_parent, args=(args.exit_with_parent,), daemon=True).start()
 
-    endpoint = f"{args.host}:{args.port}"
     os.environ.setdefault("PYTURBO_GPU_STREAMS", "1")  # a worker serves its GPU as the one device it is
-    lib = _native.lib()
-    rc = lib.pt_rpc_serve(endpoint.encode(), args.threads, args.device.encode())
-    _native.drain_log()
-    if rc != 0:
-        print(f"error: {_native.last_error()}", file=sys.stderr)
+    lib, ffi = _native.lib(), _native.ffi()
+    if args.device:
+        names = [ffi.string(lib.pt_device_name(i)).decode() for i in range(lib.pt_device_count())]
+        if args.device not in names:
+            ap.error(f"--device {args.device!r} is not a device of this host; there are: {', '.join(names)}")
+    # bind here, before serving: a failure is reported (and the exit code says so), and --port 0 learns its port
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        sock.listen(8)
+    except OSError as e:
+        sock.close()
+        hint = {98: "another program listens there: pick another --port, or 0 for any free one"}.get(e.errno, "")
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}" + (f" ({hint})" if hint else ""),
+              file=sys.stderr)
         return 1
-    return 0
+    host, port = sock.getsockname()[:2]
+    print(f"listening on {host}:{port}", flush=True)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # llama.cpp's own lines go to stderr: stdout said it all
+    rc = lib.pt_rpc_serve_socket(sock.detach(), args.threads, args.device.encode())  # returns only on failure
+    _native.drain_log()
+    print(f"error: {ffi.string(lib.pt_faults_last_error()).decode(errors='replace')} (code {rc})", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
