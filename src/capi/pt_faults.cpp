@@ -2,8 +2,7 @@
 // socket the caller bound (patches/0007), device memory, and memory plans: what a model or a context would allocate
 // on each device, learned from llama.cpp's own no_alloc mode without allocating it. Every function catches everything.
 
-#include "pyturbo_api.h"
-#include "pt_params.h"
+#include "pt_internal.h"
 
 #include "llama-ext.h"
 #include "llama.h"
@@ -22,29 +21,8 @@
 
 namespace {
 
-// the message of this file's last failure in the calling thread (pt_faults_last_error; pt_last_error is
-// pyturbo_api.cpp's)
-thread_local std::string g_fault_error;
-
-int32_t fail(const std::string & msg) {
-    g_fault_error = msg;
-    return -1;
-}
-
 int to_ms(double seconds) {
     return seconds > 0 ? (int) std::lround(std::min(seconds, 2e6) * 1000.0) : 0;
-}
-
-// Guards an entry point: any C++ exception (ggml-rpc throws for a dead or silent server) becomes -1 and a message.
-template <typename F>
-int32_t guarded(const char * what, F && fn) {
-    try {
-        return fn();
-    } catch (const std::exception & e) {
-        return fail(std::string(what) + ": " + e.what());
-    } catch (...) {
-        return fail(std::string(what) + ": unknown exception");
-    }
 }
 
 } // namespace
@@ -53,90 +31,44 @@ struct pt_plan {
     llama_model * model = nullptr;
 };
 
-std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
-                            const float * tensor_split, int32_t n_tensor_split, const char * const * devices,
-                            int32_t n_devices, int32_t use_mmap, std::vector<ggml_backend_dev_t> & devs,
-                            std::vector<float> & split) {
-    mp->n_gpu_layers = n_gpu_layers;
-    mp->split_mode   = (llama_split_mode) split_mode;
-    mp->main_gpu     = main_gpu;
-    mp->load_mode    = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
-    devs.clear();
-    for (int32_t i = 0; devices && i < n_devices; ++i) { // NULL: llama.cpp's default; an empty list: CPU only
-        devs.push_back(ggml_backend_dev_by_name(devices[i]));
-        if (!devs.back()) {
-            return std::string("no device named '") + devices[i] + "'";
-        }
-    }
-    if (devices) {
-        devs.push_back(nullptr);
-        mp->devices = devs.data();
-    }
-    split.assign(llama_max_devices(), 0.0f);
-    if (tensor_split && n_tensor_split > (int32_t) split.size()) {
-        return "tensor_split has more entries than llama.cpp supports devices";
-    }
-    if (tensor_split && n_tensor_split > 0) {
-        std::copy(tensor_split, tensor_split + n_tensor_split, split.begin());
-        mp->tensor_split = split.data();
-    }
-    return "";
-}
-
-llama_context_params pt_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
-                                       int32_t flash_attn) {
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = n_ctx;
-    cp.n_batch         = n_batch;
-    cp.n_ubatch        = n_ubatch;
-    cp.n_seq_max       = 1;
-    cp.n_threads       = n_threads;
-    cp.n_threads_batch = n_threads;
-    cp.flash_attn_type = (llama_flash_attn_type) flash_attn;
-    cp.no_perf         = true;
-    return cp;
-}
-
 extern "C" {
 
-const char * pt_faults_last_error(void) { return g_fault_error.c_str(); }
-
 int32_t pt_rpc_set_timeouts(const char * endpoint, double connect_s, double io_s) {
-    return guarded("setting RPC timeouts", [&] {
+    return guarded<int32_t>(-1, "setting RPC timeouts", [&] {
         ggml_backend_rpc_set_timeouts(endpoint, to_ms(connect_s), to_ms(io_s));
         return 0;
     });
 }
 
 int32_t pt_rpc_connection_state(const char * endpoint) {
-    return guarded("checking the RPC connection", [&] { return (int32_t) ggml_backend_rpc_connection_state(endpoint); });
+    return guarded<int32_t>(-1, "checking the RPC connection", [&] { return (int32_t) ggml_backend_rpc_connection_state(endpoint); });
 }
 
 int32_t pt_rpc_disconnect(const char * endpoint) {
-    return guarded("closing the RPC connection", [&] {
+    return guarded<int32_t>(-1, "closing the RPC connection", [&] {
         ggml_backend_rpc_disconnect(endpoint);
         return 0;
     });
 }
 
 int32_t pt_rpc_serve_socket(int32_t listen_fd, int32_t n_threads, const char * device) {
-    return guarded("serving RPC", [&] {
+    return guarded<int32_t>(-1, "serving RPC", [&] {
         pt_device_count(); // initializes the backends and the log capture
         ggml_backend_dev_t dev = device && device[0] ? ggml_backend_dev_by_name(device)
                                                      : ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
         if (!dev) {
-            return fail(std::string("no local device named '") + (device ? device : "") + "'");
+            return pt_fail(std::string("no local device named '") + (device ? device : "") + "'");
         }
         ggml_backend_rpc_start_server_on_socket(listen_fd, nullptr, (size_t) std::max(1, n_threads), 1, &dev);
-        return fail("the RPC server stopped (see its output above)"); // it returns only when it fails
+        return pt_fail("the RPC server stopped (see its output above)"); // it returns only when it fails
     });
 }
 
 int32_t pt_device_memory(const char * device, uint64_t * free, uint64_t * total) {
-    return guarded(device, [&] {
+    return guarded<int32_t>(-1, device, [&] {
         ggml_backend_dev_t dev = ggml_backend_dev_by_name(device);
         if (!dev) {
-            return fail(std::string("no device named '") + device + "'");
+            return pt_fail(std::string("no device named '") + device + "'");
         }
         size_t f = 0, t = 0;
         ggml_backend_dev_memory(dev, &f, &t);
@@ -149,7 +81,7 @@ int32_t pt_device_memory(const char * device, uint64_t * free, uint64_t * total)
 pt_plan * pt_plan_new(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                       const float * tensor_split, int32_t n_tensor_split, const char * const * devices, int32_t n_devices) {
     pt_plan * plan = nullptr;
-    guarded("planning the model's memory", [&] {
+    guarded<int32_t>(-1, "planning the model's memory", [&] {
         pt_device_count(); // initializes the backends and the log capture
         std::vector<ggml_backend_dev_t> devs;
         std::vector<float> split;
@@ -157,12 +89,12 @@ pt_plan * pt_plan_new(const char * path, int32_t n_gpu_layers, int32_t split_mod
         const std::string bad = pt_model_params(&mp, n_gpu_layers, split_mode, main_gpu, tensor_split, n_tensor_split,
                                                 devices, n_devices, /*use_mmap=*/0, devs, split);
         if (!bad.empty()) {
-            return fail(bad);
+            return pt_fail(bad);
         }
         mp.no_alloc = true; // metadata only: llama.cpp computes every buffer's size and allocates none
         llama_model * m = llama_model_load_from_file(path, mp);
         if (!m) {
-            return fail(std::string("llama.cpp could not read ") + path);
+            return pt_fail(std::string("llama.cpp could not read ") + path);
         }
         plan = new pt_plan{m};
         return 0;
@@ -171,7 +103,7 @@ pt_plan * pt_plan_new(const char * path, int32_t n_gpu_layers, int32_t split_mod
 }
 
 void pt_plan_free(pt_plan * plan) {
-    guarded("freeing a memory plan", [&] {
+    guarded<int32_t>(-1, "freeing a memory plan", [&] {
         if (plan) {
             llama_model_free(plan->model);
             delete plan;
@@ -182,10 +114,10 @@ void pt_plan_free(pt_plan * plan) {
 
 int32_t pt_plan_needs(pt_plan * plan, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t flash_attn,
                       pt_memory_need * needs, int32_t capacity) {
-    return guarded("planning the context's memory", [&] {
+    return guarded<int32_t>(-1, "planning the context's memory", [&] {
         llama_context * c = llama_init_from_model(plan->model, pt_context_params(n_ctx, n_batch, n_ubatch, 1, flash_attn));
         if (!c) {
-            return fail("llama.cpp could not plan a context with these parameters");
+            return pt_fail("llama.cpp could not plan a context with these parameters");
         }
         // per device ("CPU" for every host buffer type: they all take host memory)
         std::map<std::string, llama_memory_breakdown_data> by_device;

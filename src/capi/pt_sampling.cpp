@@ -2,7 +2,7 @@
 // vocabulary's special tokens and chat template, and cutting the KV cache back to a reusable prompt prefix.
 // Every entry point catches all C++ exceptions and reports through pt_last_error(), as pyturbo_api.cpp does.
 
-#include "pyturbo_api.h"
+#include "pt_internal.h"
 
 #include "llama.h"
 
@@ -13,11 +13,6 @@
 #include <string>
 #include <vector>
 
-// defined in pyturbo_api.cpp, next to the structs and the error slot they reach
-llama_model   * pt_internal_model(pt_model * model);
-llama_context * pt_internal_context(pt_context * ctx);
-void            pt_internal_set_error(const std::string & msg);
-
 struct pt_sampler {
     llama_sampler * chain = nullptr;
     int32_t n_vocab = 0;
@@ -26,27 +21,14 @@ struct pt_sampler {
 
 namespace {
 
-// Runs fn(); an exception becomes `failed` and a message in pt_last_error() (what says which call failed).
-template <typename T, typename F>
-T guarded(const char * what, T failed, F && fn) {
-    try {
-        return fn();
-    } catch (const std::exception & e) {
-        pt_internal_set_error(std::string(what) + " failed: " + e.what());
-    } catch (...) {
-        pt_internal_set_error(std::string(what) + " failed with an unknown C++ exception");
-    }
-    return failed;
-}
-
 template <typename T>
 T fail_with(const std::string & msg, T failed) {
-    pt_internal_set_error(msg);
+    pt_set_error(msg);
     return failed;
 }
 
 const llama_vocab * vocab_of(pt_model * model) {
-    return llama_model_get_vocab(pt_internal_model(model));
+    return llama_model_get_vocab(model->model);
 }
 
 // Copies text into buf when it fits; returns its length either way (the caller retries with that capacity).
@@ -63,7 +45,7 @@ int32_t copy_out(const char * text, char * buf, int32_t capacity) {
 extern "C" {
 
 pt_sampler * pt_sampler_new(pt_model * model, const pt_sampler_params * params, const pt_logit_bias * bias, int32_t n_bias) {
-    return guarded<pt_sampler *>("creating the sampler", nullptr, [&]() -> pt_sampler * {
+    return guarded<pt_sampler *>(nullptr, "creating the sampler", [&]() -> pt_sampler * {
         const int32_t n_vocab = llama_vocab_n_tokens(vocab_of(model));
         std::vector<llama_logit_bias> biases;
         for (int32_t i = 0; i < n_bias; ++i) {
@@ -114,7 +96,7 @@ void pt_sampler_free(pt_sampler * sampler) {
 }
 
 int32_t pt_sampler_sample(pt_sampler * sampler, const float * logits, int32_t n_vocab) {
-    return guarded<int32_t>("sampling", -1, [&]() -> int32_t {
+    return guarded<int32_t>(-1, "sampling", [&]() -> int32_t {
         if (n_vocab != sampler->n_vocab) {
             return fail_with<int32_t>("sampling needs " + std::to_string(sampler->n_vocab) + " logits, got " +
                                       std::to_string(n_vocab), -1);
@@ -136,7 +118,7 @@ int32_t pt_sampler_sample(pt_sampler * sampler, const float * logits, int32_t n_
 }
 
 int32_t pt_sampler_accept(pt_sampler * sampler, const int32_t * tokens, int32_t n_tokens) {
-    return guarded<int32_t>("recording tokens in the sampler", -1, [&]() -> int32_t {
+    return guarded<int32_t>(-1, "recording tokens in the sampler", [&]() -> int32_t {
         for (int32_t i = 0; i < n_tokens; ++i) {
             llama_sampler_accept(sampler->chain, tokens[i]);
         }
@@ -145,11 +127,11 @@ int32_t pt_sampler_accept(pt_sampler * sampler, const int32_t * tokens, int32_t 
 }
 
 int32_t pt_context_truncate(pt_context * ctx, int32_t n_keep) {
-    return guarded<int32_t>("truncating the KV cache", -1, [&]() -> int32_t {
+    return guarded<int32_t>(-1, "truncating the KV cache", [&]() -> int32_t {
         if (n_keep < 0) {
             return fail_with<int32_t>("n_keep must be >= 0, not " + std::to_string(n_keep), -1);
         }
-        if (!llama_memory_seq_rm(llama_get_memory(pt_internal_context(ctx)), 0, n_keep, -1)) {
+        if (!llama_memory_seq_rm(llama_get_memory(ctx->ctx), 0, n_keep, -1)) {
             return fail_with<int32_t>("this model's memory cannot drop positions from " + std::to_string(n_keep) +
                                       " on (a recurrent model?); reset the context instead", -1);
         }
@@ -160,27 +142,27 @@ int32_t pt_context_truncate(pt_context * ctx, int32_t n_keep) {
 int32_t pt_tokenize_special(pt_model * model, const char * text, int32_t text_len, int32_t * tokens, int32_t capacity,
                             int32_t add_special, int32_t parse_special) {
     // llama_tokenize returns -(tokens needed) when capacity is too small; INT32_MIN only on overflow
-    return guarded<int32_t>("tokenizing", INT32_MIN, [&]() {
+    return guarded<int32_t>(INT32_MIN, "tokenizing", [&]() {
         return llama_tokenize(vocab_of(model), text, text_len, tokens, capacity, add_special != 0, parse_special != 0);
     });
 }
 
 int32_t pt_token_is_eog(pt_model * model, int32_t token) {
-    return guarded<int32_t>("checking for end of generation", -1, [&]() {
+    return guarded<int32_t>(-1, "checking for end of generation", [&]() {
         return llama_vocab_is_eog(vocab_of(model), token) ? 1 : 0;
     });
 }
 
 int32_t pt_token_bos(pt_model * model) {
-    return guarded<int32_t>("reading the BOS token", -1, [&]() { return (int32_t) llama_vocab_bos(vocab_of(model)); });
+    return guarded<int32_t>(-1, "reading the BOS token", [&]() { return (int32_t) llama_vocab_bos(vocab_of(model)); });
 }
 
 int32_t pt_token_eos(pt_model * model) {
-    return guarded<int32_t>("reading the EOS token", -1, [&]() { return (int32_t) llama_vocab_eos(vocab_of(model)); });
+    return guarded<int32_t>(-1, "reading the EOS token", [&]() { return (int32_t) llama_vocab_eos(vocab_of(model)); });
 }
 
 int32_t pt_token_text(pt_model * model, int32_t token, char * buf, int32_t capacity) {
-    return guarded<int32_t>("reading a token's text", -1, [&]() -> int32_t {
+    return guarded<int32_t>(-1, "reading a token's text", [&]() -> int32_t {
         const llama_vocab * vocab = vocab_of(model);
         if (token < 0 || token >= llama_vocab_n_tokens(vocab)) {
             return fail_with<int32_t>("token " + std::to_string(token) + " is outside the vocabulary", -1);
@@ -190,8 +172,8 @@ int32_t pt_token_text(pt_model * model, int32_t token, char * buf, int32_t capac
 }
 
 int32_t pt_model_chat_template(pt_model * model, char * buf, int32_t capacity) {
-    return guarded<int32_t>("reading the chat template", -1, [&]() -> int32_t {
-        const char * tmpl = llama_model_chat_template(pt_internal_model(model), nullptr);
+    return guarded<int32_t>(-1, "reading the chat template", [&]() -> int32_t {
+        const char * tmpl = llama_model_chat_template(model->model, nullptr);
         return tmpl ? copy_out(tmpl, buf, capacity) : 0;
     });
 }

@@ -1,7 +1,7 @@
 // Implementation of pyturbo_api.h. Every entry point runs its body through guarded(), which turns any C++ exception
 // (ggml-rpc throws for a dead server, patches/0002) into the function's error value and pt_last_error().
 
-#include "pyturbo_api.h"
+#include "pt_internal.h"
 
 #include "llama-turbo.h"
 #include "llama.h"
@@ -86,19 +86,6 @@ void init_once(int32_t cuda_devices_per_gpu = 0) {
     });
 }
 
-// Runs body; any exception becomes on_error, with "<what>: <message>" in pt_last_error().
-template <typename T, typename F>
-T guarded(T on_error, const char * what, F && body) {
-    try {
-        return body();
-    } catch (const std::exception & e) {
-        g_last_error = std::string(what) + ": " + e.what();
-    } catch (...) {
-        g_last_error = std::string(what) + ": unknown C++ exception";
-    }
-    return on_error;
-}
-
 // Frees llama.cpp's object behind handle, then the handle. With a dead RPC server the free may throw: what lived there
 // is gone anyway, and the rest is freed.
 template <typename H, typename F>
@@ -113,35 +100,53 @@ void free_handle(H * handle, const char * what, F && free_llama_object) {
     delete handle;
 }
 
-int32_t fail(const std::string & msg) {
-    g_last_error = msg;
-    return -1;
-}
-
-template <typename T>
-T * fail_null(const std::string & msg) {
-    g_last_error = msg;
-    return nullptr;
-}
-
 } // namespace
 
-struct pt_model {
-    llama_model * model = nullptr;
-};
+void pt_set_error(const std::string & msg) { g_last_error = msg; }
 
-struct pt_context {
-    pt_model      * owner = nullptr;
-    llama_context * ctx   = nullptr;
-    std::atomic<bool> abort_requested{false};
-    bool dead = false;
-    std::string dead_reason;
-
-    void mark_dead(const std::string & why) {
-        dead = true;
-        dead_reason = "the context is unusable after a device failure: " + why;
+std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
+                            const float * tensor_split, int32_t n_tensor_split, const char * const * devices,
+                            int32_t n_devices, int32_t use_mmap, std::vector<ggml_backend_dev_t> & devs,
+                            std::vector<float> & split) {
+    mp->n_gpu_layers = n_gpu_layers;
+    mp->split_mode   = (llama_split_mode) split_mode;
+    mp->main_gpu     = main_gpu;
+    mp->load_mode    = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    devs.clear();
+    for (int32_t i = 0; devices && i < n_devices; ++i) { // NULL: llama.cpp's default; an empty list: CPU only
+        devs.push_back(ggml_backend_dev_by_name(devices[i]));
+        if (!devs.back()) {
+            return std::string("no device named '") + devices[i] + "'";
+        }
     }
-};
+    if (devices) {
+        devs.push_back(nullptr);
+        mp->devices = devs.data();
+    }
+    split.assign(llama_max_devices(), 0.0f);
+    if (tensor_split && n_tensor_split > (int32_t) split.size()) {
+        return "tensor_split has more entries than llama.cpp supports devices";
+    }
+    if (tensor_split && n_tensor_split > 0) {
+        std::copy(tensor_split, tensor_split + n_tensor_split, split.begin());
+        mp->tensor_split = split.data();
+    }
+    return "";
+}
+
+llama_context_params pt_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
+                                       int32_t flash_attn) {
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx           = n_ctx;
+    cp.n_batch         = n_batch;
+    cp.n_ubatch        = n_ubatch;
+    cp.n_seq_max       = 1;
+    cp.n_threads       = n_threads;
+    cp.n_threads_batch = n_threads;
+    cp.flash_attn_type = (llama_flash_attn_type) flash_attn;
+    cp.no_perf         = true;
+    return cp;
+}
 
 static bool abort_callback(void * data) {
     return static_cast<pt_context *>(data)->abort_requested.load();
@@ -232,7 +237,7 @@ int32_t pt_rpc_add_server(const char * endpoint) {
         init_once();
         ggml_backend_reg_t reg = ggml_backend_rpc_add_server(endpoint);
         if (!reg) {
-            return fail(std::string("RPC server ") + endpoint + " reports no devices");
+            return pt_fail(std::string("RPC server ") + endpoint + " reports no devices");
         }
         // registering twice would list the devices twice
         bool known = false;
@@ -246,21 +251,6 @@ int32_t pt_rpc_add_server(const char * endpoint) {
     });
 }
 
-int32_t pt_rpc_serve(const char * endpoint, int32_t n_threads, const char * device) {
-    return guarded<int32_t>(-1, (std::string("RPC server on ") + endpoint + " failed").c_str(), [&] {
-        init_once();
-        ggml_backend_dev_t dev = device && device[0] ? ggml_backend_dev_by_name(device)
-                                                     : ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-        if (!dev) {
-            return fail(std::string("no local device named '") + (device ? device : "") + "'");
-        }
-        ggml_backend_rpc_start_server(endpoint, nullptr, (size_t) std::max(1, n_threads), 1, &dev);
-        // it serves until the process ends, and returns only when it could not start (it logged why)
-        const std::string why = take_recent_errors();
-        return fail("could not serve on " + std::string(endpoint) + (why.empty() ? " (is the port in use?)" : ": " + why));
-    });
-}
-
 // ---- models ---------------------------------------------------------------------------------------------------------
 
 pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
@@ -270,35 +260,17 @@ pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_
         init_once();
         clear_recent_errors();
         llama_model_params mp = llama_model_default_params();
-        mp.n_gpu_layers = n_gpu_layers;
-        mp.split_mode   = (llama_split_mode) split_mode;
-        mp.main_gpu     = main_gpu;
-        mp.load_mode    = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
-
         std::vector<ggml_backend_dev_t> devs;
-        if (devices) { // an empty list means: no offload devices (CPU only)
-            for (int32_t i = 0; i < n_devices; ++i) {
-                ggml_backend_dev_t d = ggml_backend_dev_by_name(devices[i]);
-                if (!d) {
-                    return fail_null<pt_model>(std::string("no device named '") + devices[i] + "'");
-                }
-                devs.push_back(d);
-            }
-            devs.push_back(nullptr);
-            mp.devices = devs.data();
-        }
-        std::vector<float> split(llama_max_devices(), 0.0f);
-        if (tensor_split && n_tensor_split > 0) {
-            if ((size_t) n_tensor_split > split.size()) {
-                return fail_null<pt_model>("tensor_split has more entries than llama.cpp supports devices");
-            }
-            std::copy(tensor_split, tensor_split + n_tensor_split, split.begin());
-            mp.tensor_split = split.data();
+        std::vector<float> split;
+        const std::string bad = pt_model_params(&mp, n_gpu_layers, split_mode, main_gpu, tensor_split, n_tensor_split,
+                                                devices, n_devices, use_mmap, devs, split);
+        if (!bad.empty()) {
+            return pt_fail_null<pt_model>(bad);
         }
         llama_model * m = llama_model_load_from_file(path, mp);
         if (!m) {
             const std::string why = take_recent_errors();
-            return fail_null<pt_model>(std::string("llama.cpp could not load ") + path + (why.empty() ? "" : ": " + why));
+            return pt_fail_null<pt_model>(std::string("llama.cpp could not load ") + path + (why.empty() ? "" : ": " + why));
         }
         return new pt_model{m};
     });
@@ -345,19 +317,11 @@ pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, 
     return guarded<pt_context *>(nullptr, "creating the context failed", [&]() -> pt_context * {
         init_once();
         clear_recent_errors();
-        llama_context_params cp = llama_context_default_params();
-        cp.n_ctx           = n_ctx;
-        cp.n_batch         = n_batch;
-        cp.n_ubatch        = n_ubatch;
-        cp.n_seq_max       = 1;
-        cp.n_threads       = n_threads;
-        cp.n_threads_batch = n_threads;
-        cp.flash_attn_type = (llama_flash_attn_type) flash_attn;
-        cp.no_perf         = true;
+        const llama_context_params cp = pt_context_params(n_ctx, n_batch, n_ubatch, n_threads, flash_attn);
         llama_context * c = llama_init_from_model(model->model, cp);
         if (!c) {
             const std::string why = take_recent_errors();
-            return fail_null<pt_context>("llama.cpp could not create the context" + (why.empty() ? "" : ": " + why));
+            return pt_fail_null<pt_context>("llama.cpp could not create the context" + (why.empty() ? "" : ": " + why));
         }
         auto * ctx = new pt_context;
         ctx->owner = model;
@@ -385,7 +349,7 @@ int32_t pt_context_stock_overlaps(pt_context * ctx) { return llama_turbo_stock_o
 
 int32_t pt_context_reset(pt_context * ctx) {
     if (ctx->dead) {
-        return fail(ctx->dead_reason);
+        return pt_fail(ctx->dead_reason);
     }
     const int32_t rc = guarded<int32_t>(-1, "clearing the KV cache", [&] {
         llama_memory_clear(llama_get_memory(ctx->ctx), true);
@@ -488,12 +452,12 @@ int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, i
 
 int32_t pt_get_logits(pt_context * ctx, float * out) {
     if (ctx->dead) {
-        return fail(ctx->dead_reason);
+        return pt_fail(ctx->dead_reason);
     }
     return guarded<int32_t>(-1, "reading logits failed", [&] {
         const float * logits = llama_get_logits_ith(ctx->ctx, -1);
         if (!logits) {
-            return fail("no logits are available");
+            return pt_fail("no logits are available");
         }
         const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx->ctx)));
         std::memcpy(out, logits, sizeof(float) * n_vocab);
@@ -503,7 +467,7 @@ int32_t pt_get_logits(pt_context * ctx, float * out) {
 
 size_t pt_state_size(pt_context * ctx) {
     if (ctx->dead) {
-        fail(ctx->dead_reason);
+        pt_fail(ctx->dead_reason);
         return 0;
     }
     return guarded<size_t>(0, "sizing the KV cache", [&] { return llama_state_seq_get_size(ctx->ctx, 0); });
@@ -511,7 +475,7 @@ size_t pt_state_size(pt_context * ctx) {
 
 size_t pt_state_get(pt_context * ctx, uint8_t * dst, size_t size) {
     if (ctx->dead) {
-        fail(ctx->dead_reason);
+        pt_fail(ctx->dead_reason);
         return 0;
     }
     return guarded<size_t>(0, "reading the KV cache", [&] { return llama_state_seq_get_data(ctx->ctx, dst, size, 0); });
@@ -519,7 +483,3 @@ size_t pt_state_get(pt_context * ctx, uint8_t * dst, size_t size) {
 
 } // extern "C"
 
-// For the other files of this library (src/capi/pt_sampling.cpp), which cannot see the structs or the error slot.
-llama_model   * pt_internal_model(pt_model * model) { return model->model; }
-llama_context * pt_internal_context(pt_context * ctx) { return ctx->ctx; }
-void            pt_internal_set_error(const std::string & msg) { g_last_error = msg; }

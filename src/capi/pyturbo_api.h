@@ -55,8 +55,6 @@ int32_t      pt_device_has_events(int32_t i); // 1: the device orders work with 
 
 // Registers the devices of a llama.cpp RPC server ("host:port"). Returns how many it has, or -1.
 int32_t pt_rpc_add_server(const char * endpoint);
-// Serves llama.cpp RPC on endpoint with the named local device ("" = CPU) until the process ends. Returns -1 on error.
-int32_t pt_rpc_serve(const char * endpoint, int32_t n_threads, const char * device);
 
 // devices: names of the devices to split the model over, in order; NULL: llama.cpp's default (every registered
 // device), an empty list: none (CPU only).
@@ -142,9 +140,7 @@ int32_t pt_token_text(pt_model * model, int32_t token, char * buf, int32_t capac
 int32_t pt_model_chat_template(pt_model * model, char * buf, int32_t capacity);
 
 // ---- timeouts, memory and workers ----
-// (src/capi/pt_faults.cpp) These functions catch everything; on failure they return -1 (or NULL) and leave a message
-// in pt_faults_last_error() (per thread).
-const char * pt_faults_last_error(void);
+// (src/capi/pt_faults.cpp) On failure these return -1 (or NULL) and leave a message in pt_last_error().
 
 // RPC timeouts in seconds for the connection to endpoint (NULL: every endpoint without its own); <= 0 waits forever.
 // connect_s bounds connecting and the handshake, io_s every later reply (a graph computation included). A worker that

@@ -53,7 +53,7 @@ class Plan(_native.NativeHandle):
         ptr = lib.pt_plan_new(path.encode(), *load_args)
         _native.drain_log()
         if ptr == ffi.NULL:
-            raise ValueError(ffi.string(lib.pt_faults_last_error()).decode(errors="replace"))
+            raise ValueError(ffi.string(lib.pt_last_error()).decode(errors="replace"))
         self._ptr = ptr
         self.endpoints = endpoints  # RPC device name -> its worker's endpoint
 
@@ -65,7 +65,7 @@ class Plan(_native.NativeHandle):
         n = lib.pt_plan_needs(self._ptr, n_ctx, n_batch, n_ubatch, flash_attn, out, cap)
         _native.drain_log()
         if n < 0:
-            raise ValueError(ffi.string(lib.pt_faults_last_error()).decode(errors="replace"))
+            raise ValueError(ffi.string(lib.pt_last_error()).decode(errors="replace"))
         return {ffi.string(out[i].device).decode(): {"model": out[i].model, "context": out[i].context,
                                                       "compute": out[i].compute} for i in range(min(n, cap))}
 

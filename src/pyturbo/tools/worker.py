@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # llama.cpp's own lines go to stderr: stdout said it all
     rc = lib.pt_rpc_serve_socket(sock.detach(), args.threads, args.device.encode())  # returns only on failure
     _native.drain_log()
-    print(f"error: {ffi.string(lib.pt_faults_last_error()).decode(errors='replace')} (code {rc})", file=sys.stderr)
+    print(f"error: {ffi.string(lib.pt_last_error()).decode(errors='replace')} (code {rc})", file=sys.stderr)
     return 1
 
 

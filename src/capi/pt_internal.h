@@ -1,0 +1,69 @@
+// Shared by the files of src/capi (C++ only, not part of the cffi cdef): the handles behind pyturbo_api.h's opaque
+// types, the per-thread error slot that pt_last_error() reads, guarded() that every entry point runs its body
+// through, and llama.cpp's parameter structs built from our flat arguments (a memory plan must load a model exactly
+// as pt_model_load does).
+#pragma once
+
+#include "pyturbo_api.h"
+#include "llama.h"
+
+#include <atomic>
+#include <exception>
+#include <string>
+#include <vector>
+
+struct pt_model {
+    llama_model * model = nullptr;
+};
+
+struct pt_context {
+    pt_model      * owner = nullptr;
+    llama_context * ctx   = nullptr;
+    std::atomic<bool> abort_requested{false};
+    bool dead = false;
+    std::string dead_reason;
+
+    void mark_dead(const std::string & why) {
+        dead = true;
+        dead_reason = "the context is unusable after a device failure: " + why;
+    }
+};
+
+// The calling thread's last error (pt_last_error). Defined in pyturbo_api.cpp.
+void pt_set_error(const std::string & msg);
+
+inline int32_t pt_fail(const std::string & msg) {
+    pt_set_error(msg);
+    return -1;
+}
+
+template <typename T>
+T * pt_fail_null(const std::string & msg) {
+    pt_set_error(msg);
+    return nullptr;
+}
+
+// Runs body; any exception (ggml-rpc throws for a dead or silent server, patches/0002 and 0006) becomes on_error, with
+// "<what>: <message>" in pt_last_error().
+template <typename T, typename F>
+T guarded(T on_error, const char * what, F && body) {
+    try {
+        return body();
+    } catch (const std::exception & e) {
+        pt_set_error(std::string(what) + ": " + e.what());
+    } catch (...) {
+        pt_set_error(std::string(what) + ": unknown C++ exception");
+    }
+    return on_error;
+}
+
+// Fills *mp (from llama_model_default_params()) as pt_model_load documents its arguments; devs and split keep the
+// arrays mp points to. Returns "" or what is wrong with the arguments.
+std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
+                            const float * tensor_split, int32_t n_tensor_split, const char * const * devices,
+                            int32_t n_devices, int32_t use_mmap, std::vector<ggml_backend_dev_t> & devs,
+                            std::vector<float> & split);
+
+// llama_context_params as pt_context_new documents its arguments (one sequence, no performance counters).
+llama_context_params pt_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
+                                       int32_t flash_attn);
