@@ -16,6 +16,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from . import _native
+from .devices import physical_gpu_count
 
 HOST = "CPU"  # the plan's name for host memory (every host buffer type)
 # Host bytes per token of n_ctx that llama.cpp keeps besides the KV tensors (per cell: position, shift, sequence
@@ -101,7 +102,7 @@ def pools(devices: list[str], endpoints: dict[str, str]) -> dict[str, Pool]:
     host = Pool("this host's RAM", [HOST], host_free)
     by_device = {HOST: host}
     # several CUDA devices on one physical GPU (stream devices): one memory
-    one_gpu = sum(d.startswith("CUDA") for d in devices) > 1 and _native._physical_gpu_count() == 1
+    one_gpu = sum(d.startswith("CUDA") for d in devices) > 1 and physical_gpu_count() == 1
     gpu: Pool | None = None
     for dev in devices:
         if dev == HOST:
