@@ -285,6 +285,12 @@ class Context(_native.NativeHandle):
         self._kv_tokens = None  # the prompt cache's record of the cache (see stream())
         self._raise_if_dead()  # a worker that died during the reset
 
+    @_exclusive()
+    def truncate(self, n_keep: int) -> bool:
+        """Drop every position >= n_keep from the KV cache (a prompt prefix to reuse); False when the cache cannot
+        be cut there (then reset() it)."""
+        return _native.lib().pt_context_truncate(self._live(), int(n_keep)) == 0
+
     # ---- plumbing -------------------------------------------------------------------------------------------------
 
     def _check_tokens(self, tokens) -> np.ndarray:

@@ -44,7 +44,7 @@ def prefill_cached(ctx, tokens: Sequence[int], pipeline=True, cache_prompt: bool
     known = ctx._kv_tokens if ctx._kv_tokens is not None and len(ctx._kv_tokens) == ctx.n_past else None
     n_keep = min(common_prefix(known, tokens), len(tokens) - 1) if cache_prompt and known is not None else 0
     # cutting the cache only drops positions (no device is written to, so a dead worker shows in the prefill)
-    if _native.lib().pt_context_truncate(ctx._live(), n_keep) != 0:
+    if not ctx.truncate(n_keep):
         n_keep = 0
         ctx.reset()
     ctx._kv_tokens = tokens[:n_keep]
