@@ -29,8 +29,9 @@ and repeated: stock at llama-server's defaults, stock at the pipelined ubatch, a
 model in one process with every core (the ceiling a split of one CPU must match), and the pipelined path. It checks that
 the pipelined outputs equal stock's bit for bit and prints a table with a legend; files go to --out.
 
-Duration: the default run takes about 4-5 minutes on a quiet 2-core machine (4 workers x 1 thread, bench-8l, 1024-4096
-tokens, 8 settings x 3 runs per length), more when other work shares the cores; --quick takes about 1 minute there."""
+Duration: on a quiet 2-core machine the default run takes about 4-5 minutes (4 workers x 1 thread, bench-8l, prompts
+of 1024, 2048 and 4096 tokens, 6-7 settings x 3 runs each) and --quick about 40 seconds; when other work shares the
+cores, several times that."""
 
 
 def build_parser(d: dict) -> argparse.ArgumentParser:
@@ -61,7 +62,7 @@ def build_parser(d: dict) -> argparse.ArgumentParser:
     add("--no-ceiling", "--no-one-device", dest="no_ceiling", action="store_true",
         help="skip the one-process ceiling (CPU) or the 1-device reference (--gpu)")
     add("--quick", action="store_true",
-        help=f"about 1 minute on 2 cores (CI, smoke test): sets the model to {QUICK['preset']}, --lengths to "
+        help=f"about 40 seconds on a quiet 2-core machine (CI, smoke test): sets the model to {QUICK['preset']}, --lengths to "
         f"{QUICK['lengths']}, --repeat to {QUICK['repeat']} and --no-sweep, unless given; the layout (--workers, "
         "--threads) stays; what it sets is printed")
     add("--out", type=Path, help="output folder (default bench-out/DATE); checked for writing before the run")

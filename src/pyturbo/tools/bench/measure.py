@@ -17,6 +17,7 @@ STOCK_BATCH, STOCK_UBATCH = 2048, 512            # llama-server's defaults
 CPU_PIPELINE_UBATCH = 128                        # measured (bench/results/): pipelines best on CPU/RPC stages
 CPU_SWEEP_UBATCHES = (128, 256, 512)             # stock's sweep on CPU/RPC stages (plus n_batch = prompt)
 GPU_SWEEP_UBATCHES = (256, 512, 1024)            # and on GPUs
+CEILING_UBATCHES = (256, 512)                    # one process on a CPU: best at 256-512, slow at 128 (measured)
 
 # The pipelined columns: (column name, the value passed as prefill(..., pipeline=)). Every entry is measured by the
 # same code and gets its own columns; the first is the headline. E.g. once Context.prefill takes them:
@@ -85,8 +86,7 @@ def plan(n: int, ubatches: list[int], *, sweep: bool, ceiling: bool, gpu: bool) 
     stock = [Setting("stock", max(STOCK_BATCH, ub), ub) for ub in sorted(stock_ubs)]
     if sweep and n > STOCK_BATCH:
         stock.append(Setting("stock", n, STOCK_UBATCH))       # the whole prompt in one llama_decode call
-    other = [Setting("ceiling", max(STOCK_BATCH, ub), ub, on="ceiling")
-             for ub in sorted({STOCK_UBATCH, *ubatches})] if ceiling else []
+    other = [Setting("ceiling", STOCK_BATCH, ub, on="ceiling") for ub in CEILING_UBATCHES] if ceiling else []
     other += [Setting(name, max(STOCK_BATCH, ub), ub, value) for ub in ubatches for name, value in PIPELINE_MODES]
     # stock, other, stock, other, ...: every pipelined run has a stock run next to it
     return [s for pair in zip_longest(stock, other) for s in pair if s is not None]

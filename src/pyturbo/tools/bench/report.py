@@ -79,7 +79,7 @@ def legend(info: dict) -> str:
     """What each column means (info: repeat, ubatches, sweep, gpu, reference, cores, ceiling_threads, ceiling_ubs)."""
     sweep = (GPU_SWEEP_UBATCHES if info["gpu"] else CPU_SWEEP_UBATCHES) if info["sweep"] else ()
     ubs = sorted({STOCK_UBATCH, *info["ubatches"], *sweep})
-    tried = ", ".join(f"{STOCK_BATCH}/{u}" for u in ubs) + (f", prompt/{STOCK_UBATCH}" if sweep else "")
+    tried = ", ".join(f"{STOCK_BATCH}/{u}" for u in ubs) + (f", prompt/{STOCK_UBATCH} above {STOCK_BATCH} tokens" if sweep else "")
     head = PIPELINE_MODES[0][0]
     modes = "; ".join(f"{name}: prefill(pipeline={value!r})" for name, value in PIPELINE_MODES)
     ref_name = info["reference"]
@@ -232,6 +232,9 @@ def plot_throughput(rows: list[Row], reference: str) -> bytes:
         ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=label,
                     linestyle="--" if label == reference else "-")
     ax.set_xscale("log", base=2)
+    lengths = sorted(first)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
     ax.set_ylim(bottom=0)
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("prefill tok/s (median, bars: min-max)")
