@@ -156,6 +156,7 @@ def test_quick_says_what_it_keeps(tmp_path, capsys):
     args = _args(tmp_path, "--quick", "--lengths", "300", "--workers", "2")
     assert args.lengths == [300] and args.workers == 2 and args.repeat == 2 and args.no_sweep
     err = capsys.readouterr().err
+    assert "2 local RPC workers x 1 thread (as asked" in args.layout and "expect about 1.0x" in args.layout
     assert "kept as given: --lengths" in err and "layout (--workers, --threads) is not changed" in err
 
 

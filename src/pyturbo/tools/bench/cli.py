@@ -243,7 +243,12 @@ def layout_text(args, d: dict) -> str:
         return f"{len(args.endpoints)} RPC workers at {', '.join(args.endpoints)}"
     if (args.workers, args.threads) == (d["workers"], d["threads"]):
         return d["why"]
-    return f"{args.workers} local RPC workers x {args.threads} threads (as asked; default here: {d['why']})"
+    text = (f"{args.workers} local RPC workers x {args.threads} thread{'s' if args.threads > 1 else ''} (as asked; "
+            f"the default here: {d['workers']} x {d['threads']})")
+    if args.workers < 3:
+        text += (f"; note: stock llama.cpp already overlaps {args.workers} RPC stage{'s' if args.workers > 1 else ''} "
+                 "on a CPU, so expect about 1.0x (the effect needs 3 or more stages)")
+    return text
 
 
 def cached_preset(preset: str) -> bool:

@@ -34,7 +34,9 @@ TABLE_COLUMNS = columns([name for name, _ in PIPELINE_MODES])
 
 
 def _tps(med: float, lo: float, hi: float) -> str:
-    return "-" if math.isnan(med) else f"{med:.0f} ({lo:.0f}-{hi:.0f})"
+    if math.isnan(med):
+        return "-"
+    return f"{med:.0f}" + (f" ({lo:.0f}-{hi:.0f})" if f"{lo:.0f}" != f"{hi:.0f}" else "")
 
 
 def _run_tps(row: Row, key: str) -> str:
@@ -109,8 +111,9 @@ def legend(info: dict) -> str:
                   "(M = ubatches of the prompt, S = stages)"),
         ("outputs equal", "the last-token logits of every pipelined run are bit-identical to stock same-ub's")]
     width = max(len(label) for label, _ in items)
-    return "\n".join([f"tok/s cells: median of {info['repeat']} runs (min-max); the settings ran interleaved (stock, "
-                      f"{head}, stock, ...), the order rotated each round."]
+    runs = (f"median of {info['repeat']} runs (min-max); the settings ran interleaved (stock, {head}, stock, ...), "
+            "the order rotated each round" if info["repeat"] > 1 else "one run each (--repeat 1: no spread)")
+    return "\n".join([f"tok/s cells: {runs}."]
                      + [f"{label:<{width}}  {text}" for label, text in items])
 
 
