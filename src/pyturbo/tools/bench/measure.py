@@ -119,8 +119,7 @@ def measure_length(models: dict, n: int, settings: list[Setting], opts, progress
             ctx = models[s.on].context(n_ctx=n + 64, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=threads,
                                        flash_attn=opts.flash_attn, max_in_flight=opts.in_flight if s.pipeline else 0)
             contexts[s.key] = ctx
-            ctx.prefill(tokens[:warmup_tokens(n, s, n_stages, opts.on_gpu)], pipeline=s.pipeline)
-            ctx.reset()
+            prepare(ctx, s, tokens, warmup_tokens(n, s, n_stages, opts.on_gpu))
         series = {s.key: Series(s, n) for s in settings}
         for r in range(opts.repeat):
             for s in round_order(settings, r):
@@ -133,6 +132,17 @@ def measure_length(models: dict, n: int, settings: list[Setting], opts, progress
     finally:
         for ctx in contexts.values():
             ctx.close()
+
+
+def prepare(ctx, s: Setting, tokens: np.ndarray, n_warmup: int) -> None:
+    """The untimed start of a context: a warm-up prefill; where the context can calibrate (newer trees, where
+    pipeline "auto" decides from measurements of both paths) and the setting leaves the choice to it, calibration
+    on this prompt, so that the timed runs see the decision and not the measuring."""
+    ctx.prefill(tokens[:n_warmup], pipeline=s.pipeline)
+    ctx.reset()
+    if s.pipeline in (True, "auto") and hasattr(ctx, "calibrate"):
+        ctx.calibrate(tokens)
+        ctx.reset()
 
 
 def run_once(ctx, tokens: np.ndarray, pipeline):
