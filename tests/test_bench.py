@@ -165,7 +165,7 @@ def test_default_layout_from_cores():
     assert (two["workers"], two["threads"], two["preset"]) == (4, 1, "bench-8l")
     assert "share 2 cores" in two["why"] and "2 RPC stages" in two["why"]
     assert (default_setup(16)["workers"], default_setup(16)["threads"]) == (4, 4)
-    assert (default_setup(64)["workers"], default_setup(64)["threads"]) == (8, 8)
+    assert (default_setup(64)["workers"], default_setup(64)["threads"]) == (4, 16)
 
 
 # ---- rows, table and files from recorded runs (no model) --------------------------------------------------------------

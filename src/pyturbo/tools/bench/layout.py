@@ -16,7 +16,7 @@ LARGE_PRESET_BYTES = 2 << 30      # a preset bigger than this is written only af
 def default_setup(cores: int | None = None) -> dict:
     """Workers, threads, model and prompt lengths for this machine, and why (the `why` text is printed)."""
     cores = cores or os.cpu_count() or 2
-    stages = DEFAULT_STAGES if cores < 32 else 8
+    stages = DEFAULT_STAGES
     threads = max(1, cores // stages)
     preset = "bench-16l" if cores >= 8 else "bench-8l"
     lengths = [1024, 2048, 4096]      # longer prompts make stock runs long (4 stages x 4 threads, 16 cores: 441 tok/s)
