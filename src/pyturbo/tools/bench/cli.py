@@ -29,9 +29,9 @@ and repeated: stock at llama-server's defaults, stock at the pipelined ubatch, a
 model in one process with every core (the ceiling a split of one CPU must match), and the pipelined path. It checks that
 the pipelined outputs equal stock's bit for bit and prints a table with a legend; files go to --out.
 
-Duration: on a quiet 2-core machine the default run takes about 4-5 minutes (4 workers x 1 thread, bench-8l, prompts
-of 1024, 2048 and 4096 tokens, 6-7 settings x 3 runs each) and --quick about 40 seconds; when other work shares the
-cores, several times that."""
+Duration: the default run (4 workers x 1 thread on 2 cores, bench-8l, prompts of 1024 and 4096 tokens, 6-7 settings x
+3 runs each) takes about 5 minutes on a quiet 2-core machine and --quick about 40 seconds; when other work shares the
+cores, up to several times that."""
 
 
 def build_parser(d: dict) -> argparse.ArgumentParser:
