@@ -30,8 +30,8 @@ model in one process with every core (the ceiling a split of one CPU must match)
 the pipelined outputs equal stock's bit for bit and prints a table with a legend; files go to --out.
 
 Duration: the default run (4 workers x 1 thread on 2 cores, bench-8l, prompts of 1024 and 4096 tokens, 6-7 settings x
-3 runs each) takes about 5 minutes on a quiet 2-core machine and --quick about 40 seconds; when other work shares the
-cores, up to several times that."""
+3 runs each) took 7 minutes on a 2-core box (--no-sweep saves about a quarter); --quick takes about 40 seconds there.
+Machines with more cores are faster; when other work shares the cores, it takes longer and the spreads grow."""
 
 
 def build_parser(d: dict) -> argparse.ArgumentParser:
