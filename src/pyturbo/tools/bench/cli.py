@@ -30,7 +30,7 @@ model in one process with every core (the ceiling a split of one CPU must match)
 the pipelined outputs equal stock's bit for bit and prints a table with a legend; files go to --out.
 
 Duration: the default run (4 workers x 1 thread on 2 cores, bench-8l, prompts of 1024 and 4096 tokens, 6-7 settings x
-3 runs each) took 7 minutes on a 2-core box (--no-sweep saves about a quarter); --quick takes about 40 seconds there.
+3 runs each) took 7 minutes on a 2-core box (--no-sweep saves about a quarter); --quick takes 20-40 seconds there.
 Machines with more cores are faster; when other work shares the cores, it takes longer and the spreads grow."""
 
 
@@ -57,12 +57,12 @@ def build_parser(d: dict) -> argparse.ArgumentParser:
     add("--in-flight", type=int, default=0, help="ubatches in flight (0: stages + 1)")
     add("--flash-attn", choices=["on", "off", "auto"], default="auto")
     add("--repeat", type=int, help=f"runs per setting, interleaved; the table shows the median (default {DEFAULT_REPEAT})")
-    add("--no-stock-best", "--no-sweep", dest="no_sweep", action="store_true",
+    add("--no-sweep", "--no-stock-best", dest="no_sweep", action="store_true",
         help="skip stock's sweep: stock-best is then the better of stock and stock same-ub (saves time)")
     add("--no-ceiling", "--no-one-device", dest="no_ceiling", action="store_true",
         help="skip the one-process ceiling (CPU) or the 1-device reference (--gpu)")
     add("--quick", action="store_true",
-        help=f"about 40 seconds on a quiet 2-core machine (CI, smoke test): sets the model to {QUICK['preset']}, --lengths to "
+        help=f"20-40 seconds on a 2-core machine (CI, smoke test): sets the model to {QUICK['preset']}, --lengths to "
         f"{QUICK['lengths']}, --repeat to {QUICK['repeat']} and --no-sweep, unless given; the layout (--workers, "
         "--threads) stays; what it sets is printed")
     add("--out", type=Path, help="output folder (default bench-out/DATE); checked for writing before the run")
