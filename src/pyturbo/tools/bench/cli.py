@@ -30,8 +30,9 @@ and repeated: stock at llama-server's defaults, stock at the pipelined ubatch, a
 model in one process with every core (the ceiling a split of one CPU must match), and the pipelined path. It checks that
 the pipelined outputs equal stock's bit for bit and prints a table with a legend; files go to --out.
 
-Duration: the default run takes about 4-5 minutes on a quiet 2-core machine (4 workers x 1 thread, bench-8l, 1024-4096
-tokens, 8 settings x 3 runs per length), more when other work shares the cores; --quick takes about 1 minute there."""
+Duration: the default run (4 workers x 1 thread on 2 cores, bench-8l, prompts of 1024 and 4096 tokens, 6-7 settings x
+3 runs each) took 7 minutes on a 2-core box (--no-sweep saves about a quarter); --quick takes 20-40 seconds there.
+Machines with more cores are faster; when other work shares the cores, it takes longer and the spreads grow."""
 
 
 def build_parser(d: dict) -> argparse.ArgumentParser:
@@ -57,12 +58,12 @@ def build_parser(d: dict) -> argparse.ArgumentParser:
     add("--in-flight", type=int, default=0, help="ubatches in flight (0: stages + 1)")
     add("--flash-attn", choices=["on", "off", "auto"], default="auto")
     add("--repeat", type=int, help=f"runs per setting, interleaved; the table shows the median (default {DEFAULT_REPEAT})")
-    add("--no-stock-best", "--no-sweep", dest="no_sweep", action="store_true",
+    add("--no-sweep", "--no-stock-best", dest="no_sweep", action="store_true",
         help="skip stock's sweep: stock-best is then the better of stock and stock same-ub (saves time)")
     add("--no-ceiling", "--no-one-device", dest="no_ceiling", action="store_true",
         help="skip the one-process ceiling (CPU) or the 1-device reference (--gpu)")
     add("--quick", action="store_true",
-        help=f"about 1 minute on 2 cores (CI, smoke test): sets the model to {QUICK['preset']}, --lengths to "
+        help=f"20-40 seconds on a 2-core machine (CI, smoke test): sets the model to {QUICK['preset']}, --lengths to "
         f"{QUICK['lengths']}, --repeat to {QUICK['repeat']} and --no-sweep, unless given; the layout (--workers, "
         "--threads) stays; what it sets is printed")
     add("--out", type=Path, help="output folder (default bench-out/DATE); checked for writing before the run")
@@ -239,7 +240,12 @@ def layout_text(args, d: dict) -> str:
         return f"{len(args.endpoints)} RPC workers at {', '.join(args.endpoints)}"
     if (args.workers, args.threads) == (d["workers"], d["threads"]):
         return d["why"]
-    return f"{args.workers} local RPC workers x {args.threads} threads (as asked; default here: {d['why']})"
+    text = (f"{args.workers} local RPC workers x {args.threads} thread{'s' if args.threads > 1 else ''} (as asked; "
+            f"the default here: {d['workers']} x {d['threads']})")
+    if args.workers < 3:
+        text += (f"; note: stock llama.cpp already overlaps {args.workers} RPC stage{'s' if args.workers > 1 else ''} "
+                 "on a CPU, so expect about 1.0x (the effect needs 3 or more stages)")
+    return text
 
 
 def cached_preset(preset: str) -> bool:

@@ -17,6 +17,7 @@ STOCK_BATCH, STOCK_UBATCH = 2048, 512            # llama-server's defaults
 CPU_PIPELINE_UBATCH = 128                        # measured (bench/results/): pipelines best on CPU/RPC stages
 CPU_SWEEP_UBATCHES = (128, 256, 512)             # stock's sweep on CPU/RPC stages (plus n_batch = prompt)
 GPU_SWEEP_UBATCHES = (256, 512, 1024)            # and on GPUs
+CEILING_UBATCHES = (256, 512)                    # one process on a CPU: best at 256-512, slow at 128 (measured)
 
 # The pipelined columns: (column name, the value passed as prefill(..., pipeline=)). Every entry is measured by the
 # same code and gets its own columns; the first is the headline: what a user gets by default (auto, calibrated
@@ -85,8 +86,7 @@ def plan(n: int, ubatches: list[int], *, sweep: bool, ceiling: bool, gpu: bool) 
     stock = [Setting("stock", max(STOCK_BATCH, ub), ub) for ub in sorted(stock_ubs)]
     if sweep and n > STOCK_BATCH:
         stock.append(Setting("stock", n, STOCK_UBATCH))       # the whole prompt in one llama_decode call
-    other = [Setting("ceiling", max(STOCK_BATCH, ub), ub, on="ceiling")
-             for ub in sorted({STOCK_UBATCH, *ubatches})] if ceiling else []
+    other = [Setting("ceiling", STOCK_BATCH, ub, on="ceiling") for ub in CEILING_UBATCHES] if ceiling else []
     other += [Setting(name, max(STOCK_BATCH, ub), ub, value) for ub in ubatches for name, value in PIPELINE_MODES]
     # stock, other, stock, other, ...: every pipelined run has a stock run next to it
     return [s for pair in zip_longest(stock, other) for s in pair if s is not None]
@@ -119,10 +119,7 @@ def measure_length(models: dict, n: int, settings: list[Setting], opts, progress
             ctx = models[s.on].context(n_ctx=n + 64, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=threads,
                                        flash_attn=opts.flash_attn, max_in_flight=opts.in_flight if s.pipeline else 0)
             contexts[s.key] = ctx
-            ctx.prefill(tokens[:warmup_tokens(n, s, n_stages, opts.on_gpu)], pipeline=s.pipeline)
-            ctx.reset()
-            if s.pipeline == "auto":
-                ctx.calibrate(tokens)   # what auto measures once per machine and setting; not timed here
+            prepare(ctx, s, tokens, warmup_tokens(n, s, n_stages, opts.on_gpu))
         series = {s.key: Series(s, n) for s in settings}
         for r in range(opts.repeat):
             for s in round_order(settings, r):
@@ -135,6 +132,17 @@ def measure_length(models: dict, n: int, settings: list[Setting], opts, progress
     finally:
         for ctx in contexts.values():
             ctx.close()
+
+
+def prepare(ctx, s: Setting, tokens: np.ndarray, n_warmup: int) -> None:
+    """The untimed start of a context: a warm-up prefill; where the setting leaves the path to pipeline="auto",
+    its calibration on this prompt (what auto does once per machine and setting), so that the timed runs see the
+    decision and not the measuring."""
+    ctx.prefill(tokens[:n_warmup], pipeline=s.pipeline)
+    ctx.reset()
+    if s.pipeline in (True, "auto"):
+        ctx.calibrate(tokens)
+        ctx.reset()
 
 
 def run_once(ctx, tokens: np.ndarray, pipeline):

@@ -34,7 +34,9 @@ TABLE_COLUMNS = columns([name for name, _ in PIPELINE_MODES])
 
 
 def _tps(med: float, lo: float, hi: float) -> str:
-    return "-" if math.isnan(med) else f"{med:.0f} ({lo:.0f}-{hi:.0f})"
+    if math.isnan(med):
+        return "-"
+    return f"{med:.0f}" + (f" ({lo:.0f}-{hi:.0f})" if f"{lo:.0f}" != f"{hi:.0f}" else "")
 
 
 def _run_tps(row: Row, key: str) -> str:
@@ -79,7 +81,7 @@ def legend(info: dict) -> str:
     """What each column means (info: repeat, ubatches, sweep, gpu, reference, cores, ceiling_threads, ceiling_ubs)."""
     sweep = (GPU_SWEEP_UBATCHES if info["gpu"] else CPU_SWEEP_UBATCHES) if info["sweep"] else ()
     ubs = sorted({STOCK_UBATCH, *info["ubatches"], *sweep})
-    tried = ", ".join(f"{STOCK_BATCH}/{u}" for u in ubs) + (f", prompt/{STOCK_UBATCH}" if sweep else "")
+    tried = ", ".join(f"{STOCK_BATCH}/{u}" for u in ubs) + (f", prompt/{STOCK_UBATCH} above {STOCK_BATCH} tokens" if sweep else "")
     head = PIPELINE_MODES[0][0]
     modes = "; ".join(f"{name}: prefill(pipeline={value!r})" for name, value in PIPELINE_MODES)
     ref_name = info["reference"]
@@ -109,8 +111,9 @@ def legend(info: dict) -> str:
                   "(M = ubatches of the prompt, S = stages)"),
         ("outputs equal", "the last-token logits of every pipelined run are bit-identical to stock same-ub's")]
     width = max(len(label) for label, _ in items)
-    return "\n".join([f"tok/s cells: median of {info['repeat']} runs (min-max); the settings ran interleaved (stock, "
-                      f"{head}, stock, ...), the order rotated each round."]
+    runs = (f"median of {info['repeat']} runs (min-max); the settings ran interleaved (stock, {head}, stock, ...), "
+            "the order rotated each round" if info["repeat"] > 1 else "one run each (--repeat 1: no spread)")
+    return "\n".join([f"tok/s cells: {runs}."]
                      + [f"{label:<{width}}  {text}" for label, text in items])
 
 
@@ -232,6 +235,9 @@ def plot_throughput(rows: list[Row], reference: str) -> bytes:
         ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=label,
                     linestyle="--" if label == reference else "-")
     ax.set_xscale("log", base=2)
+    lengths = sorted(first)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
     ax.set_ylim(bottom=0)
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("prefill tok/s (median, bars: min-max)")

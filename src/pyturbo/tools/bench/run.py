@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import synth, workers
 from ...model import Model
 from . import report
-from .measure import PIPELINE_MODES, STOCK_BATCH, STOCK_UBATCH, make_rows, measure_length, one_device_series, plan
+from .measure import CEILING_UBATCHES, PIPELINE_MODES, STOCK_BATCH, STOCK_UBATCH, make_rows, measure_length, one_device_series, plan
 
 
 def run(args) -> int:
@@ -29,6 +29,9 @@ def run(args) -> int:
              for n in args.lengths}
     total = args.repeat * (sum(map(len, plans.values())) + (len(args.lengths) if args.reference == "1 device" else 0))
     load_before = report.load_average()
+    if load_before and load_before[0] >= 1:
+        print(f"note: load average {load_before[0]} before the run: other processes share the {cores} cores, so "
+              "expect noise (the spreads show it)", file=sys.stderr)
     rows, schedule, timeline, pool, models = [], [], None, None, {"ceiling": None}
     try:
         with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as progress:
@@ -99,7 +102,7 @@ def make_doc(args, model_path: Path, devices: list[str], rows, schedule, timelin
         "table": {"repeat": args.repeat, "ubatches": args.ubatches, "sweep": not args.no_sweep, "gpu": args.on_gpu,
                   "reference": reference, "ceiling": args.reference is not None, "cores": os.cpu_count(),
                   "ceiling_threads": args.ceiling_threads,
-                  "ceiling_ubs": sorted({STOCK_UBATCH, *args.ubatches})},
+                  "ceiling_ubs": list(CEILING_UBATCHES)},
         "results": [asdict(r) for r in rows],
         "schedule": schedule,
         "timeline": timeline.to_records() if timeline is not None else [],
