@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,8 +48,11 @@ def main() -> int:
     for i in range(args.repeat):
         for key in ("a", "b"):
             py = getattr(args, f"python_{key}")
+            # pipeline=True is "pipeline where possible" on older builds and "auto" on newer ones; the environment
+            # makes newer builds force it, so that both run the same path
+            env = dict(os.environ, PYTURBO_PIPELINE="force", PYTURBO_CALIBRATION="off")
             proc = subprocess.run([py, "-c", ONE_RUN, args.preset, str(args.tokens), str(args.workers), str(args.ubatch)],
-                                  capture_output=True, text=True, timeout=1800, cwd="/tmp")
+                                  capture_output=True, text=True, timeout=1800, cwd="/tmp", env=env)
             if proc.returncode != 0:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 return 1
