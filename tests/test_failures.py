@@ -84,7 +84,7 @@ def test_a_stopped_worker_times_out_naming_it(tiny_model):
 
 
 def test_ctrl_c_returns_within_a_second_from_a_stopped_worker(tiny_model):
-    """Issue 13.2: 20 s after SIGINT the call was still stuck in the RPC receive. Now the call returns in about a
+    """Issue 13.2: after a SIGINT the call stayed stuck in the RPC receive. Now the call returns in about a
     second, and says the context is dead (a device was left mid-operation)."""
     proc = run_python(f"""
         import os, signal, threading, time, numpy as np, pyturbo
@@ -214,7 +214,8 @@ def test_close_from_another_thread_stops_the_prefill(tiny_model, closer):
 
 @pytest.mark.parametrize("n_ctx", [500_000_000, 10**9])
 def test_a_huge_context_is_refused_before_allocating(tiny_model, n_ctx):
-    """Issue 13.5: n_ctx=500M got the process OOM-killed after a minute; 10**9 raised after 52 s at 19 GB RSS."""
+    """Issue 13.5: a huge n_ctx is refused before anything is allocated (it used to get the process OOM-killed, or
+    raise only after allocating many GB)."""
     proc = run_python(f"""
         import resource, time, pyturbo
         # a safety net: should the check ever let a huge context through, the allocation fails here instead of the

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from . import _native
 
 # One GPU split into this many stream devices when PYTURBO_GPU_STREAMS is "auto" (the default): llama.cpp's own
-# scheduler overlaps the ubatches of a prompt over stream devices of one GPU (bench/results/*h100*: 2, 4 and 8 streams
-# within a few percent of each other, 4 best or tied). The cost is one compute buffer per stream device.
+# scheduler overlaps the ubatches of a prompt over stream devices of one GPU, and 4 was the best or tied count of those
+# measured (bench/results/2026-11-25-h100-q4-streams.md). The cost is one compute buffer per stream device.
 AUTO_STREAMS_PER_GPU = 4
 
 # ggml_backend_dev_type

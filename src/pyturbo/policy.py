@@ -61,7 +61,8 @@ def decide(mode: str, layout: Layout, override: str | None = None,
 
 # ---- calibration: measured throughput per setting, what "auto" decides from ------------------------------------------
 
-SAMPLES_PER_PATH = 2   # warm runs of each path before auto trusts the comparison (stock varies by ±15% run to run)
+SAMPLES_PER_PATH = 2   # warm runs of each path before auto trusts the comparison: one run of stock is too noisy
+                       # (bench/results/2026-11-25-2xh100.md)
 KEEP_SAMPLES = 8       # the newest samples kept per path and setting
 
 

@@ -6,9 +6,9 @@ import os
 
 from .. import synth
 
-# Measured (CONTEXT.md §7, bench/results/): stock llama.cpp already overlaps two RPC stages on a CPU (the host only
-# waits at the boundary copy), so a 2-stage split shows about 1.0x; from 3-4 stages stock keeps only about 1.5 stages
-# busy, while the pipeline keeps every stage busy. More stages make stock slower still, but also the run longer.
+# Stock llama.cpp already overlaps two RPC stages on a CPU (the host only waits at the boundary copy), so a 2-stage
+# split shows nothing to gain; from 3-4 stages on, stock leaves most stages idle while the pipeline keeps every stage
+# busy (bench/results/2026-11-26-default-2core.md). More stages make stock slower still, but also the run longer.
 DEFAULT_STAGES = 4
 LARGE_PRESET_BYTES = 2 << 30      # a preset bigger than this is written only after --yes (or a yes at the prompt)
 
@@ -19,7 +19,7 @@ def default_setup(cores: int | None = None) -> dict:
     stages = DEFAULT_STAGES
     threads = max(1, cores // stages)
     preset = "bench-16l" if cores >= 8 else "bench-8l"
-    lengths = [1024, 4096]    # a short and a long prompt; each stock run at 4096 takes 6-20 s on 2 cores
+    lengths = [1024, 4096]    # a short and a long prompt: a longer one makes every stock run of the default slow
     why = (f"{stages} local RPC workers x {threads} thread{'s' if threads > 1 else ''} on {cores} cores: stock "
            "llama.cpp already overlaps 2 RPC stages on a CPU (a 2-stage split shows about 1.0x), but keeps only about "
            f"1.5 of {stages} stages busy, while the pipeline keeps all of them busy")

@@ -17,7 +17,7 @@ STOCK_BATCH, STOCK_UBATCH = 2048, 512            # llama-server's defaults
 CPU_PIPELINE_UBATCH = 128                        # measured (bench/results/): pipelines best on CPU/RPC stages
 CPU_SWEEP_UBATCHES = (128, 256, 512)             # stock's sweep on CPU/RPC stages (plus n_batch = prompt)
 GPU_SWEEP_UBATCHES = (256, 512, 1024)            # and on GPUs
-CEILING_UBATCHES = (256, 512)                    # one process on a CPU: best at 256-512, slow at 128 (measured)
+CEILING_UBATCHES = (256, 512)                    # one process on a CPU: its best ubatches (bench/results/)
 
 # The pipelined columns: (column name, the value passed as prefill(..., pipeline=)). Every entry is measured by the
 # same code and gets its own columns; the first is the headline: what a user gets by default (auto, calibrated
