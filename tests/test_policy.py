@@ -8,10 +8,11 @@ import numpy as np
 from pyturbo.policy import (SAMPLES_PER_PATH, Calibration, Layout, balance_layers, calibration_key, decide, env_override,
                             normalize_mode)
 
-RPC4 = Layout(stages=("RPC0", "RPC1", "RPC2", "RPC3"), stock_overlaps=True)
-GPUS_WITH_EVENTS = Layout(stages=("CUDA0", "CUDA1"), stock_overlaps=True)
-GPUS_NO_PEER_COPY = Layout(stages=("CUDA0", "CUDA1"), stock_overlaps=False)
-GPU_AND_CPU = Layout(stages=("CPU", "CUDA0"), stock_overlaps=False)
+# what the decision reads of a layout: whether llama.cpp's own pipeline parallelism is on there
+RPC4 = Layout(stock_overlaps=True)
+GPUS_WITH_EVENTS = Layout(stock_overlaps=True)
+GPUS_NO_PEER_COPY = Layout(stock_overlaps=False)
+GPU_AND_CPU = Layout(stock_overlaps=False)
 
 
 @pytest.mark.parametrize("given,expected", [(True, "auto"), ("auto", "auto"), (False, "off"), ("off", "off"),

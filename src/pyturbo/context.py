@@ -129,7 +129,7 @@ class Context(_native.NativeHandle):
             model._check_workers()  # a worker that died (or was OOM-killed) meanwhile: ContextDeadError
             raise ContextCreateError(error)
         self._ptr = ptr
-        self.layout = policy.Layout(stages=tuple(model.devices), stock_overlaps=bool(lib.pt_context_stock_overlaps(ptr)))
+        self.layout = policy.Layout(stock_overlaps=bool(lib.pt_context_stock_overlaps(ptr)))
         model._contexts.add(self)
 
     # ---- prefill and decode ---------------------------------------------------------------------------------------
@@ -256,7 +256,9 @@ class Context(_native.NativeHandle):
         ffi, lib = _native.ffi(), _native.lib()
         out = np.empty(self.model.n_vocab, dtype=np.float32)
         if lib.pt_get_logits(self._live(), ffi.from_buffer("float[]", out)) != 0:
-            self._raise_native_error("reading the logits failed")
+            error = _native.last_error()
+            self._raise_if_dead()
+            raise PrefillError(f"reading the logits failed: {error}")
         return out
 
     @_exclusive()
@@ -296,16 +298,12 @@ class Context(_native.NativeHandle):
     def _check_tokens(self, tokens) -> np.ndarray:
         if isinstance(tokens, str):
             tokens = self.model.tokenize(tokens, add_special=self.n_past == 0)
-        arr = self.model.check_tokens(tokens)
-        if self.n_past + arr.size > self.n_ctx:
-            raise ValueError(f"{arr.size} tokens do not fit: the context holds {self.n_ctx} and {self.n_past} are used; "
-                             f"create the context with n_ctx >= {self.n_past + arr.size} or call reset()")
-        return np.ascontiguousarray(arr, dtype=np.int32)
-
-    def _raise_native_error(self, what: str):
-        """The C call just failed: ContextDeadError if a device failure killed the context, else PrefillError."""
-        dead = _native.lib().pt_context_is_dead(self._live())
-        raise (ContextDeadError if dead else PrefillError)(f"{what}: {_native.last_error()}")
+        arr = self.model.check_tokens(tokens)   # already contiguous int32
+        n_past = self.n_past
+        if n_past + arr.size > self.n_ctx:
+            raise ValueError(f"{arr.size} tokens do not fit: the context holds {self.n_ctx} and {n_past} are used; "
+                             f"create the context with n_ctx >= {n_past + arr.size} or call reset()")
+        return arr
 
     def _live(self):
         if self._ptr is None:

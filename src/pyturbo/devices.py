@@ -40,6 +40,8 @@ def choose_devices(requested: list[str] | None, rpc_devices: list[str], availabl
     stay registered, so llama.cpp's own default (every device) would put their layers into every later model."""
     if requested is None:
         requested = rpc_devices or [d.name for d in available if d.type in (GPU, IGPU) and not d.is_rpc]
+    if len(set(requested)) != len(requested):
+        raise ValueError(f"devices lists a device twice ({requested}); each device can be one stage only")
     known = {d.name for d in available}
     for name in requested:
         if name not in known:

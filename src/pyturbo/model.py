@@ -165,8 +165,6 @@ class Model(_native.NativeHandle):
         rpc_devices = [dev for ep in endpoints for dev in self._connect(ep, rpc_timeout)]
         self.rpc_servers = endpoints
         available = list_devices()
-        if devices is not None and len(set(devices)) != len(list(devices)):
-            raise ValueError(f"devices lists a device twice ({list(devices)}); each device can be one stage only")
         devices = choose_devices(None if devices is None else list(devices), rpc_devices, available)
         if isinstance(tensor_split, str):
             if tensor_split != "even":

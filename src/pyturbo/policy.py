@@ -41,8 +41,7 @@ def env_override(env: dict) -> str | None:
 
 @dataclass(frozen=True)
 class Layout:
-    """What the decision needs to know about a context's devices."""
-    stages: tuple[str, ...]   # the layer devices in chain order ("CUDA0", "RPC1", "CPU", ...)
+    """What the decision needs to know about a context's devices (the rest it learns by measuring)."""
     stock_overlaps: bool      # llama.cpp's own pipeline parallelism is on (every device has events, async copies)
 
 
