@@ -77,7 +77,8 @@ const char * turbo_device_name(ggml_backend_t backend) {
     return dev ? ggml_backend_dev_name(dev) : ggml_backend_name(backend);
 }
 
-llama_turbo::llama_turbo(llama_context & lctx, const llama_turbo_options & options) : lctx(lctx), options(options) {
+llama_turbo::llama_turbo(llama_context & lctx, const llama_turbo_options & options)
+    : lctx(lctx), options(options), stage_devices(turbo_layer_devices(lctx.model)) {
     for (ggml_backend_t backend : lctx.backend_ptrs) {
         backend_traits t;
         ggml_backend_dev_t dev = ggml_backend_get_device(backend);
@@ -176,7 +177,6 @@ int32_t llama_turbo::decode_pipelined(std::vector<turbo_batch> & batches) {
     n_submitted = 0;
     n_outputs_pending = 0;
     prev_split_backends.clear();
-    stage_devices = turbo_layer_devices(lctx.model);
 
     lctx.set_compute_threads(true);
     start_stage_threads();
@@ -214,7 +214,7 @@ int32_t llama_turbo::replay(llama_turbo_pipeline pipeline, llama_turbo_result & 
 
     r = {};
     r.t_start_us = ggml_time_us();
-    r.n_stages   = (int32_t) turbo_layer_devices(lctx.model).size();
+    r.n_stages   = (int32_t) stage_devices.size();
     error.clear();
     device_failed = false;
 

@@ -165,8 +165,9 @@ struct llama_turbo : llama_ubatch_executor {
     };
 
     // ---- state -------------------------------------------------------------------------------------------------------
-    llama_context &           lctx;
-    const llama_turbo_options options;
+    llama_context &                       lctx;
+    const llama_turbo_options             options;
+    const std::vector<ggml_backend_dev_t> stage_devices; // the model's layer devices in chain order (fixed)
 
     bool capture_open = false;
     bool replaying    = false;
@@ -178,7 +179,6 @@ struct llama_turbo : llama_ubatch_executor {
     std::vector<backend_traits>     traits;
     ggml_backend_buffer_type_t      pinned_buft = nullptr; // a GPU's pinned host memory, for staging (nullptr: none)
     std::vector<slot>               slots;
-    std::vector<ggml_backend_dev_t> stage_devices;
     std::vector<ggml_backend_t>     prev_split_backends;
     int                             n_submitted = 0;
 
