@@ -106,3 +106,11 @@ def test_layer_split_puts_exactly_the_asked_layers_on_each_device():
         # llama.cpp's rule: slot i (of n+1, the output last) goes to the first device whose cumulative share exceeds
         # i/(n+1)
         assert layers_from_split(props, n) == layers
+
+
+def test_measurements_handed_out_are_a_snapshot():
+    cal = Calibration(None)
+    cal.record("k", "pipelined", 1.0)
+    seen = cal.measured("k")
+    cal.record("k", "pipelined", 2.0)
+    assert seen == {"pipelined": [1.0]} and cal.measured("k") == {"pipelined": [1.0, 2.0]}

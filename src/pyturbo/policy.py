@@ -98,8 +98,9 @@ class Calibration:
         return cls(Path(where).expanduser() if where else Path.home() / ".cache" / "pyturbo" / "calibration.json")
 
     def measured(self, key: str) -> dict[str, list[float]]:
+        """A copy of the samples for key: what a decision was made from stays as it was when later runs are recorded."""
         self._load()
-        return self.samples.get(key, {})
+        return {path: list(runs) for path, runs in self.samples.get(key, {}).items()}
 
     def record(self, key: str, path: str, tokens_per_second: float) -> None:
         self._load()
