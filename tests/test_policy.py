@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-import numpy as np
 
-from pyturbo.policy import (SAMPLES_PER_PATH, Calibration, Layout, balance_layers, calibration_key, decide, env_override,
+from pyturbo.policy import (SAMPLES_PER_PATH, Calibration, Layout, calibration_key, decide, env_override,
                             normalize_mode)
 
 # what the decision reads of a layout: whether llama.cpp's own pipeline parallelism is on there
@@ -84,18 +83,6 @@ def test_environment_override_applies_to_auto_only():
     assert decide("off", RPC4, "force")[0] is False  # an explicit request wins over the environment
     with pytest.raises(ValueError, match="PYTURBO_PIPELINE must be"):
         env_override({"PYTURBO_PIPELINE": "sometimes"})
-
-
-def test_balance_moves_layers_off_the_slow_stage():
-    # a first stage 34% slower than the last with 8 layers each: it should give up layers, the total stays
-    counts = balance_layers([8, 8, 8, 8], [6.62, 6.0, 6.0, 4.95])
-    assert sum(counts) == 32 and counts[0] < 8 and counts[3] > 8
-    per_layer = [6.62 / 8, 6.0 / 8, 6.0 / 8, 4.95 / 8]
-    assert max(c * p for c, p in zip(counts, per_layer)) < 6.62 * 0.95
-    assert balance_layers([4, 4], [1.0, 1.0]) == [4, 4]  # balanced stays balanced
-    assert min(balance_layers([1, 15], [100.0, 1.0])) >= 1  # every stage keeps a layer
-    with pytest.raises(ValueError):
-        balance_layers([4, 4], [1.0])
 
 
 def test_layer_split_puts_exactly_the_asked_layers_on_each_device():

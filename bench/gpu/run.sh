@@ -18,8 +18,10 @@
 #              (the pin's default) and on (GGML_CUDA_P2P=1) or as GPU_P2P says, GPU_LENGTHS, GPU_UBATCH. With
 #              CMAKE_ARGS=-DGGML_CUDA_NO_PEER_COPY=ON (a build without peer copies, like consumer GPUs without P2P)
 #              one mode, "nopeercopy"
-#   cpu-rpc-layouts  CPU RPC stages on this host's cores: RPC_STAGES (default "2 4 8") x (16 / stages) threads,
-#              bench-16l, RPC_LENGTHS (default 4096)
+#   gpu-balance  the layer split over GPU_COUNTS physical GPUs (peer access on): even, then tensor_split="auto"
+#              (balanced from measured stage times), each against stock and one GPU in its own process
+#   cpu-rpc-layouts  CPU RPC stages on 16 cores (CPU_SET, default 0-15: a 16-core machine on a bigger host):
+#              RPC_STAGES (default "2 4 8") x (16 / stages) threads, bench-16l, RPC_LENGTHS (default 4096)
 #   partial    partial offload: PARTIAL_CPU_LAYERS (default 8) layers on this process's CPU, the rest over the GPUs
 # Every bench step measures the default (auto, calibrated first), the forced pipeline and stock, interleaved.
 # BENCH_REPEAT: runs per setting (default 3, the median is shown). GPU_STOCK_BEST=1: stock's sweep of n_batch/n_ubatch.
@@ -30,6 +32,8 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench/out/gpu-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# auto's measurements and tensor_split="auto"'s balances, shared by the steps of this call and brought back
+export PYTURBO_CALIBRATION=${PYTURBO_CALIBRATION:-$OUT/calibration.json}
 
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -92,8 +96,8 @@ for step in "$@"; do
         done ;;
     cpu-rpc-layouts)
         for w in ${RPC_STAGES:-2 4 8}; do
-            echo "== CPU RPC, $w stages x $((16 / w)) threads"
-            python3 -m pyturbo.bench --preset bench-16l --workers "$w" --threads $((16 / w)) --lengths "${RPC_LENGTHS:-4096}" \
+            echo "== CPU RPC, $w stages x $((16 / w)) threads, cores ${CPU_SET:-0-15}"
+            taskset -c "${CPU_SET:-0-15}" python3 -m pyturbo.bench --preset bench-16l --workers "$w" --threads $((16 / w)) --lengths "${RPC_LENGTHS:-4096}" \
                 --repeat "${BENCH_REPEAT:-3}" --no-sweep --out "$OUT/cpu-rpc-$w" 2>&1 | tr '\r' '\n' | grep -v "^bench:" \
                 | tee "$OUT/cpu-rpc-$w.log"
         done ;;
@@ -105,6 +109,17 @@ for step in "$@"; do
         split=${PARTIAL_CPU_LAYERS:-8}$(for i in $(seq 1 "$n_gpus"); do printf ',%d' "$rest"; done)
         ( unset GGML_CUDA_DEVICES; gpu_bench "partial-${GPU_PRESET:-8b}-cpu${PARTIAL_CPU_LAYERS:-8}" --devices "$devs" \
             --tensor-split "$split" --no-ceiling --client-threads "$(nproc)" ) ;;
+    gpu-balance)
+        n_gpus=$(nvidia-smi -L | grep -c '^GPU')
+        for n in ${GPU_COUNTS:-$n_gpus}; do
+            [ "$n" -le "$n_gpus" ] || { echo "skipping $n GPUs: this machine has $n_gpus"; continue; }
+            for split in even auto; do
+                echo "== GPU, $n physical GPUs, peer access on, tensor split $split, ${GPU_PRESET:-8b}"
+                ( export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES PYTURBO_PIPELINE
+                  CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((n - 1))) gpu_bench "gpu-balance-${GPU_PRESET:-8b}-$n-$split" \
+                      --tensor-split "$split" )
+            done
+        done ;;
     gpu-default)
         echo "== GPU, first GPU, pyturbo defaults, ${GPU_PRESET:-8b}"
         ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE

@@ -75,6 +75,11 @@ struct llama_turbo_result {
     uint64_t slot_buffer_bytes;    // compute buffers of all in-flight slots, all devices together (pipelined path)
     int64_t  t_start_us;
     int64_t  t_end_us;             // after the last ubatch has completed on every device
+    // where the host's time goes (pipelined path; 0 otherwise), on the same clock:
+    int64_t  t_first_submit_us;    // the first ubatch reached the executor (llama.cpp's batch and KV bookkeeping done)
+    int64_t  t_first_queued_us;    // its graph was built, allocated, given its inputs and handed to the stage threads
+    int64_t  host_submit_us;       // the host's time building and handing over the graphs of all ubatches (not
+                                   // counting its waits for a free slot)
 };
 // cffi-end
 

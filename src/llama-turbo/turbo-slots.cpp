@@ -58,6 +58,10 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
     if (!wait_host([&] { return !s.busy; }, ret)) {
         return nullptr;
     }
+    const int64_t t_submit_us = ggml_time_us();
+    if (k == 0) {
+        t_first_submit_us = t_submit_us;
+    }
     if (mctx && !mctx->apply()) {
         LLAMA_LOG_ERROR("%s: failed to apply memory context\n", __func__);
         ret = GGML_STATUS_FAILED;
@@ -103,6 +107,11 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
     prev_split_backends = std::move(backends_now);
     n_submitted++;
     cv.notify_all();
+    const int64_t t_queued_us = ggml_time_us();
+    if (k == 0) {
+        t_first_queued_us = t_queued_us;
+    }
+    host_submit_us += t_queued_us - t_submit_us;
 
     ret = GGML_STATUS_SUCCESS;
     return s.res.get();

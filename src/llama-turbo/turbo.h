@@ -29,6 +29,11 @@ struct turbo_batch {
 
     explicit turbo_batch(const llama_batch & batch);
     llama_batch view();
+
+    // Where this batch can be cut into llama_decode calls of n_ubatch tokens each without changing what llama.cpp
+    // does with it: the cuts fall on its own ubatch boundaries, and every output stays in the last call (a decode
+    // call's outputs replace the previous call's). The tokens before the returned index can be cut so.
+    int32_t n_cuttable(int32_t n_ubatch) const;
 };
 
 // An input of a split: src (computed earlier or a graph input) must be copied into dst on the split's backend.
@@ -133,6 +138,7 @@ struct llama_turbo : llama_ubatch_executor {
     std::string decide_path(llama_turbo_pipeline pipeline, const std::vector<turbo_batch> & batches,
                             std::set<llama_seq_id> & seqs, llama_turbo_result & r) const;
     int32_t decode_standard(std::vector<turbo_batch> & batches);
+    int32_t decode_ubatch_calls(std::vector<turbo_batch> & batches);
     int32_t decode_pipelined(std::vector<turbo_batch> & batches);
     static bool stock_overlaps(const llama_context & lctx) { return lctx.cparams.pipeline_parallel; }
 
@@ -181,6 +187,7 @@ struct llama_turbo : llama_ubatch_executor {
     std::vector<slot>               slots;
     std::vector<ggml_backend_t>     prev_split_backends;
     int                             n_submitted = 0;
+    int64_t t_first_submit_us = 0, t_first_queued_us = 0, host_submit_us = 0; // see llama_turbo_result
 
     // shared with the stage threads, under mtx
     std::mutex                      mtx;

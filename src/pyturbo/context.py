@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import _calls, _memory, _native, policy
+from .devices import usable_cpu_cores
 from .errors import ContextBusyError, ContextCreateError, ContextDeadError, PrefillError
 from .timeline import Timeline, UbatchRecord
 
@@ -59,6 +60,9 @@ class PrefillResult:
     n_in_flight: int = 0
     slot_buffer_bytes: int = 0         # compute buffers of all in-flight slots, all devices (pipelined path)
     timeline: Timeline = field(default_factory=Timeline)
+    # where the host's time went (pipelined path), seconds: "until_first_ubatch" (path decision, llama.cpp's batch
+    # and KV bookkeeping), "first_graph" (building and queueing the first ubatch's graph), "graphs" (all ubatches')
+    host_times: dict = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -96,7 +100,7 @@ class Context(_native.NativeHandle):
             raise ValueError(f"flash_attn must be True, False or 'auto', not {flash_attn!r}")
         if not isinstance(max_in_flight, int) or max_in_flight < 0:
             raise ValueError(f"max_in_flight must be an int >= 0 (0: automatic), not {max_in_flight!r}")
-        n_threads = n_threads or os.cpu_count() or 1
+        n_threads = n_threads or usable_cpu_cores()
         self.model = model
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
         self.flash_attn = flash_attn
@@ -197,11 +201,15 @@ class Context(_native.NativeHandle):
         path = "pipelined" if result.path == lib.LLAMA_TURBO_PATH_PIPELINED else "standard"
         self._measured(key, path, ask_pipeline, result.n_ubatches, len(toks) / seconds)
         timeline = Timeline.from_raw(raw, self.model.devices, result.t_start_us, seconds)
+        host_times = {} if not result.t_first_submit_us else {
+            "until_first_ubatch": (result.t_first_submit_us - result.t_start_us) / 1e6,
+            "first_graph": (result.t_first_queued_us - result.t_first_submit_us) / 1e6,
+            "graphs": result.host_submit_us / 1e6}
         return PrefillResult(
             n_tokens=len(toks), seconds=seconds, logits=self.logits(), path=path,
             fallback_reason=refused or ffi.string(result.fallback_reason).decode(), decision=decision,
             n_ubatches=result.n_ubatches, n_stages=result.n_stages, n_in_flight=result.n_in_flight,
-            slot_buffer_bytes=result.slot_buffer_bytes, timeline=timeline)
+            slot_buffer_bytes=result.slot_buffer_bytes, timeline=timeline, host_times=host_times)
 
     def _measured(self, key: str, path: str, asked_pipeline: bool, n_ubatches: int, tokens_per_second: float) -> None:
         """Record a prefill's throughput for auto's decisions. Not when the executor fell back for safety (that says
@@ -233,7 +241,7 @@ class Context(_native.NativeHandle):
 
     def _calibration_key(self, n_tokens: int, n_past: int) -> str:
         return policy.calibration_key(self.model.identity, self.model.stage_kinds, self.n_batch, self.n_ubatch,
-                                      self.flash_attn, n_tokens, n_past)
+                                      self.flash_attn, n_tokens, n_past, self.model.layers_per_stage)
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token (standard path) and return its logits."""

@@ -3,6 +3,7 @@ without a GPU): how many stream devices each GPU becomes, and which devices a mo
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 
 from . import _native
@@ -25,6 +26,15 @@ class Device:
     @property
     def is_rpc(self) -> bool:
         return self.name.startswith("RPC")
+
+
+def usable_cpu_cores() -> int:
+    """The CPU cores this process may run on (taskset, cpusets), not the machine's count: threads beyond them only
+    compete for the same cores."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):   # not on Linux
+        return os.cpu_count() or 1
 
 
 def list_devices() -> list[Device]:

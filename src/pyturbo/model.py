@@ -1,6 +1,7 @@
 """`Model`: one GGUF model loaded by llama.cpp, possibly split layer-wise over devices or RPC workers."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -10,11 +11,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import _calls, _memory, _native
-from .devices import choose_devices, list_devices
+from . import _calls, _memory, _native, balance, policy
+from .devices import GPU, IGPU, Device, choose_devices, list_devices
 from .errors import ContextDeadError, ModelLoadError, WorkerError
 
 SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+
+log = logging.getLogger("pyturbo")
 
 # How long one RPC worker may take to answer (seconds): a graph computation of one ubatch on one stage, or a transfer,
 # must finish within it. Generous for a slow CPU stage; a worker that is stopped or hung is declared dead after it.
@@ -77,6 +80,18 @@ def layers_from_split(tensor_split: Sequence[float], n_layer: int) -> list[int]:
     return [owners.count(d) for d in range(len(tensor_split))]
 
 
+def model_identity(path: Path) -> str:
+    """This model file as loaded by this build: measurements of another file or build do not apply."""
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_native.build_id()}"
+
+
+def stage_kind(name: str, described: dict[str, Device]) -> tuple[str, str]:
+    """(device kind, RPC host or "") of a device: a stage as measurements are keyed (ports change, hosts do not)."""
+    dev = described.get(name)
+    return name.rstrip("0123456789"), dev.description.rpartition(":")[0] if dev is not None and dev.is_rpc else ""
+
+
 def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
     """Fail with a clear message before llama.cpp tries to connect (it would abort the process in stock builds)."""
     host, _, port = endpoint.rpartition(":")
@@ -123,6 +138,9 @@ class Model(_native.NativeHandle):
     Parameter names follow llama-cpp-python's `Llama(...)`. `rpc_servers` ('host:port' list or comma string) adds
     llama.cpp RPC workers as devices; unless `devices` says otherwise, the model is then split over exactly those
     workers, in the given order. `devices` names devices to split over ('CUDA0', 'RPC0', 'CPU', ...).
+    `tensor_split`: proportions per device, "even" (as many layers on each device), or "auto": layers balanced from
+    measured stage times, so that no stage holds the pipeline back (measured once per machine, model and devices, on
+    a temporary even split, and stored; `split_choice` says what was chosen and from which numbers; pyturbo.balance).
 
     `rpc_timeout` (seconds, default DEFAULT_RPC_TIMEOUT; None waits forever) is how long a worker may take to answer:
     one stage's computation of one ubatch, or one transfer. A worker that does not answer in time (stopped, hung) is
@@ -166,12 +184,17 @@ class Model(_native.NativeHandle):
         self.rpc_servers = endpoints
         available = list_devices()
         devices = choose_devices(None if devices is None else list(devices), rpc_devices, available)
+        #: how the layers were split over the devices, and why (tensor_split="auto" says what it measured)
+        self.split_choice = "as given" if tensor_split is not None else "llama.cpp's default"
         if isinstance(tensor_split, str):
-            if tensor_split != "even":
-                raise ValueError(f"tensor_split must be proportions or 'even', not {tensor_split!r}")
+            if tensor_split not in ("even", "auto"):
+                raise ValueError(f"tensor_split must be proportions, 'even' or 'auto', not {tensor_split!r}")
             if len(devices) < 2:
-                raise ValueError("tensor_split='even' needs at least two devices (devices= or rpc_servers=)")
-            tensor_split = even_layer_split(gguf_block_count(self.path), len(devices))
+                raise ValueError(f"tensor_split={tensor_split!r} needs at least two devices (devices= or rpc_servers=)")
+            if tensor_split == "auto":
+                tensor_split = self._auto_split(devices, available, n_gpu_layers, split_mode, use_mmap)
+            else:
+                tensor_split, self.split_choice = even_layer_split(gguf_block_count(self.path), len(devices)), "even"
 
         c_devices = [ffi.new("char[]", d.encode()) for d in devices]
         c_dev_array = ffi.new("const char *[]", c_devices or 1)
@@ -199,18 +222,53 @@ class Model(_native.NativeHandle):
         self.devices = [ffi.string(names[i]).decode() for i in range(info.n_stages)]
         described = {d.name: d for d in available}
         #: (device kind, RPC host or "") per stage: the layout as measurements are keyed (policy.calibration_key)
-        self.stage_kinds = [(name.rstrip("0123456789"), described[name].description.rpartition(":")[0]
-                             if name in described and described[name].is_rpc else "") for name in self.devices]
+        self.stage_kinds = [stage_kind(name, described) for name in self.devices]
         #: repeating layers per stage, where the split is known (tensor_split given and the layers all offloaded)
         self.layers_per_stage = (layers_from_split(tensor_split, self.n_layer)
                                  if tensor_split and n_gpu_layers < 0 and len(tensor_split) == len(self.devices) else None)
-        stat = self.path.stat()
         #: this model file as loaded by this build (measurements of another file or build do not apply)
-        self.identity = f"{self.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_native.build_id()}"
+        self.identity = model_identity(self.path)
+
+    def _auto_split(self, devices: list[str], available: list[Device], n_gpu_layers: int, split_mode: str,
+                    use_mmap: bool) -> list[float]:
+        """tensor_split="auto": the balance stored for this model and these devices, or else one measured now on an
+        even split (a second, temporary load of the model; once per machine) and stored (pyturbo.balance)."""
+        if n_gpu_layers != -1 or split_mode != "layer":
+            raise ValueError("tensor_split='auto' balances a layer split with every layer on the devices: use "
+                             "n_gpu_layers='all' and split_mode='layer' (or give the proportions yourself)")
+        described = {d.name: d for d in available}
+        layout = [f"{kind}@{host}" if host else f"{kind}:{described[name].description}"
+                  for name, (kind, host) in ((name, stage_kind(name, described)) for name in devices)]
+        key = balance.balance_key(model_identity(self.path), layout)
+        n_layer = gguf_block_count(self.path)
+        stored = policy.calibration().stored_split(key)
+        if stored is not None:
+            chosen = balance.Balance.from_json(stored)
+            if len(chosen.layers) == len(devices) and sum(chosen.layers) == n_layer:
+                self.split_choice = f"stored: {chosen.describe()}"
+                return layer_split(chosen.layers)
+        even = even_layer_split(n_layer, len(devices))
+        on_gpu = any(described[name].type in (GPU, IGPU) and not described[name].is_rpc for name in devices)
+        log.warning("pyturbo: tensor_split='auto': timing the stages of %s over %s on an even split, once (the "
+                    "balance is stored for later loads)", self.path.name, ", ".join(devices))
+        try:
+            with Model(self.path, devices=devices, tensor_split=even, use_mmap=use_mmap,
+                       rpc_timeout=self.rpc_timeout) as probe:
+                n_tokens, n_ubatch = balance.measuring_shape(probe, on_gpu)
+                seconds = balance.measure_stage_seconds(probe, n_tokens, n_ubatch)
+                chosen = balance.propose(probe.layers_per_stage, seconds, n_tokens, n_ubatch)
+        except balance.NotMeasurable as e:
+            self.split_choice = f"even ({e})"
+            log.warning("pyturbo: tensor_split='auto': %s; the layers are split evenly", e)
+            return even
+        policy.calibration().store_split(key, chosen.to_json())
+        self.split_choice = f"measured: {chosen.describe()}"
+        log.warning("pyturbo: tensor_split='auto': %s", chosen.describe())
+        return layer_split(chosen.layers)
 
     def _connect(self, endpoint: str, rpc_timeout: float | None) -> list[str]:
         """Register a worker's devices (their names), with this model's timeouts."""
-        ffi, lib = _native.ffi(), _native.lib()
+        lib = _native.lib()
         check_reachable(endpoint)
         io_s = rpc_timeout or 0.0
         lib.pt_rpc_set_timeouts(endpoint.encode(), min(RPC_CONNECT_TIMEOUT, io_s or RPC_CONNECT_TIMEOUT), io_s)

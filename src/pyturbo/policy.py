@@ -71,10 +71,13 @@ def length_bucket(n: int) -> int:
 
 
 def calibration_key(model_id: str, stages: Sequence[tuple[str, str]], n_batch: int, n_ubatch: int, flash_attn,
-                    n_tokens: int, n_past: int) -> str:
+                    n_tokens: int, n_past: int, layers: Sequence[int] | None = None) -> str:
     """What a measurement is valid for: the model file, the layout (device kinds and hosts, not ports: local workers
-    get new ones every run), the batch settings and the prompt's length bucket and starting position bucket."""
+    get new ones every run, and the layers per stage where known: a rebalanced split is another layout), the batch
+    settings and the prompt's length bucket and starting position bucket."""
     layout = ",".join(f"{kind}@{host}" if host else kind for kind, host in stages)
+    if layers:
+        layout += "/" + ",".join(map(str, layers))
     start = 0 if n_past == 0 else length_bucket(n_past)
     return f"{model_id}|{layout}|b{n_batch}|ub{n_ubatch}|fa{flash_attn}|len{length_bucket(n_tokens)}|at{start}"
 
@@ -82,12 +85,14 @@ def calibration_key(model_id: str, stages: Sequence[tuple[str, str]], n_batch: i
 class Calibration:
     """Prefill throughput (tok/s) measured per calibration_key() and path, kept in a JSON file so that a setting is
     calibrated once per machine. The file is $PYTURBO_CALIBRATION, or ~/.cache/pyturbo/calibration.json;
-    PYTURBO_CALIBRATION=off keeps it in memory only. Entries name the model file's size and mtime and the native
+    PYTURBO_CALIBRATION=off keeps it in memory only. It also keeps the layer splits that tensor_split="auto" measured
+    (pyturbo.balance). Entries name the model file's size and mtime and the native
     library's build, so a changed model or a rebuild starts afresh; `clear()` (or deleting the file) forgets all."""
 
     def __init__(self, path: Path | None):
         self.path = path
         self.samples: dict[str, dict[str, list[float]]] = {}
+        self.splits: dict[str, dict] = {}     # balance.Balance.to_json() per balance.balance_key()
         self._loaded = False
 
     @classmethod
@@ -109,8 +114,18 @@ class Calibration:
         del runs[:-KEEP_SAMPLES]
         self._save()
 
+    def stored_split(self, key: str) -> dict | None:
+        """The layer split stored for key (balance.balance_key), as balance.Balance.to_json() made it, or None."""
+        self._load()
+        return self.splits.get(key)
+
+    def store_split(self, key: str, split: dict) -> None:
+        self._load()
+        self.splits[key] = split
+        self._save()
+
     def clear(self) -> None:
-        self.samples = {}
+        self.samples, self.splits = {}, {}
         self._loaded = True
         if self.path is not None and self.path.exists():
             self.path.unlink()
@@ -121,9 +136,10 @@ class Calibration:
         self._loaded = True
         if self.path is not None and self.path.exists():
             try:
-                self.samples = json.loads(self.path.read_text()).get("samples", {})
-            except (OSError, ValueError):
-                self.samples = {}   # unreadable: calibrate again rather than fail a prefill
+                stored = json.loads(self.path.read_text())
+                self.samples, self.splits = stored.get("samples", {}), stored.get("splits", {})
+            except (OSError, ValueError, AttributeError):
+                self.samples, self.splits = {}, {}   # unreadable: calibrate again rather than fail a prefill
 
     def _save(self) -> None:
         if self.path is None:
@@ -131,7 +147,7 @@ class Calibration:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"samples": self.samples}, indent=1))
+            tmp.write_text(json.dumps({"samples": self.samples, "splits": self.splits}, indent=1))
             tmp.replace(self.path)   # atomic: a concurrent reader sees the old file or the new one
         except OSError:
             pass   # a read-only home must not fail prefills; the measurements stay in memory
@@ -162,22 +178,3 @@ def decide_from_measurements(layout: Layout, measured: dict[str, list[float]]) -
     pipeline = len(p) <= len(s)
     return pipeline, (f"calibrating: {'pipelined' if pipeline else 'standard'} run {min(len(p), len(s)) + 1} of "
                       f"{SAMPLES_PER_PATH} (pipelined {len(p)}, standard {len(s)} runs so far)")
-
-
-# ---- balance: layers per stage from measured stage times ----------------------------------------------------------------
-
-def balance_layers(layers: Sequence[int], stage_seconds: Sequence[float]) -> list[int]:
-    """Layer counts per stage that equalize the stages' time, from a run with `layers` per stage that took
-    `stage_seconds` each (busy time over the same ubatches). A pipeline runs at the pace of its slowest stage, and
-    an even layer split is not an even time split (a stage also carries its device's transfers, the first the
-    embeddings, the last the output layer). Each stage's time is modelled as its layer count times its measured cost
-    per layer; layers are handed out one at a time to the stage that stays fastest with one more, which minimizes the
-    slowest stage for that model. Every stage keeps at least one layer."""
-    if len(layers) != len(stage_seconds) or not layers or min(layers) < 1:
-        raise ValueError("need a positive layer count and a time for every stage")
-    per_layer = [max(t, 1e-12) / n for t, n in zip(stage_seconds, layers)]
-    counts = [1] * len(layers)
-    for _ in range(sum(layers) - len(layers)):
-        best = min(range(len(counts)), key=lambda s: (counts[s] + 1) * per_layer[s])
-        counts[best] += 1
-    return counts

@@ -14,6 +14,7 @@ import threading
 import time
 
 from .. import _native
+from ..devices import usable_cpu_cores
 
 
 def is_loopback(host: str) -> bool:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                          "'listening on HOST:PORT' as the first line of its output")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1); anything else exposes an unauthenticated service")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for the computation")
+    ap.add_argument("--threads", type=int, default=usable_cpu_cores(), help="CPU threads for the computation")
     ap.add_argument("--device", default="", help="local device to serve (default: the CPU), e.g. CUDA0")
     ap.add_argument("--exit-with-parent", type=int, default=0, metavar="PID", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

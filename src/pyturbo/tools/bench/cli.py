@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import synth
 from ...devices import list_devices
 from ...errors import PyturboError
-from ...model import Model, gguf_block_count, parse_endpoints
+from ...model import gguf_block_count, parse_endpoints
 from . import report
 from .layout import LARGE_PRESET_BYTES, default_setup, describe_bytes, preset_bytes
 from .measure import CPU_PIPELINE_UBATCH, STOCK_UBATCH
@@ -51,7 +51,8 @@ def build_parser(d: dict) -> argparse.ArgumentParser:
         help="threads of this process's CPU backend (default: 1 with RPC workers, all cores otherwise)")
     add("--gpu", action="store_true", help="split over the local GPUs instead of RPC workers")
     add("--devices", help="comma-separated devices to split over, e.g. CUDA0,CUDA1 or CUDA0,RPC0")
-    add("--tensor-split", default="even", help="proportions a,b,... (one per device) or 'even' (equal layers per device)")
+    add("--tensor-split", default="even", help="proportions a,b,... (one per device), 'even' (equal layers per "
+        "device) or 'auto' (layers balanced from measured stage times, measured once and stored: pyturbo.balance)")
     add("--lengths", help=f"comma-separated prompt lengths (default here {','.join(map(str, d['lengths']))})")
     add("--ubatch", default="auto", help=f"pipelined n_ubatch; several values give a row each (auto: {STOCK_UBATCH} "
         f"on GPUs, {CPU_PIPELINE_UBATCH} on CPU or RPC stages, where more, smaller ubatches fill the pipeline at little "
@@ -200,14 +201,14 @@ def check_model(ap, path: Path) -> int:
 
 def check_split(ap, args) -> list[float] | str | None:
     """--tensor-split as Model takes it: None for one stage, 'even', or one proportion per stage."""
-    if args.tensor_split == "even":
+    if args.tensor_split in ("even", "auto"):
         if args.n_stages >= 2 and args.n_layer < args.n_stages:
             ap.error(f"cannot split {args.n_layer} layers over {args.n_stages} stages: use fewer workers or devices")
-        return "even" if args.n_stages >= 2 else None
+        return args.tensor_split if args.n_stages >= 2 else None
     try:
         split = [float(x) for x in args.tensor_split.split(",")]
     except ValueError:
-        ap.error(f"--tensor-split takes 'even' or comma-separated numbers, not {args.tensor_split!r}")
+        ap.error(f"--tensor-split takes 'even', 'auto' or comma-separated numbers, not {args.tensor_split!r}")
     if any(not math.isfinite(x) or x < 0 for x in split) or sum(split) <= 0:
         ap.error(f"--tensor-split proportions must be >= 0 with a positive sum, not {args.tensor_split!r}")
     if len(split) != args.n_stages:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import math
-import os
 
 from .. import synth
+from ...devices import usable_cpu_cores
 
 # Stock llama.cpp already overlaps two RPC stages on a CPU (the host only waits at the boundary copy), so a 2-stage
 # split shows nothing to gain; from 3-4 stages on, stock leaves most stages idle while the pipeline keeps every stage
@@ -15,7 +15,7 @@ LARGE_PRESET_BYTES = 2 << 30      # a preset bigger than this is written only af
 
 def default_setup(cores: int | None = None) -> dict:
     """Workers, threads, model and prompt lengths for this machine, and why (the `why` text is printed)."""
-    cores = cores or os.cpu_count() or 2
+    cores = cores or usable_cpu_cores()
     stages = DEFAULT_STAGES
     threads = max(1, cores // stages)
     preset = "bench-16l" if cores >= 8 else "bench-8l"

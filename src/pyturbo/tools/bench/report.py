@@ -13,10 +13,11 @@ import os
 import platform
 import subprocess
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 from ... import _native
+from ...devices import usable_cpu_cores
 from .measure import CPU_SWEEP_UBATCHES, GPU_SWEEP_UBATCHES, PIPELINE_MODES, STOCK_BATCH, STOCK_UBATCH, Row
 
 
@@ -260,7 +261,7 @@ def load_average() -> list[float]:
 
 def machine_info() -> dict:
     info = _native.build_info()
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": usable_cpu_cores(),
             "processor": platform.processor(), "cuda_build": info["cuda"],
             "devices": [d["name"] + ": " + d["description"] for d in info["devices"]]}
 

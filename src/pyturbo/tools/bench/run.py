@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from .. import synth, workers
+from ...devices import usable_cpu_cores
 from ...model import Model
 from . import report
 from .measure import CEILING_UBATCHES, PIPELINE_MODES, STOCK_BATCH, STOCK_UBATCH, make_rows, measure_length, one_device_series, plan
@@ -20,7 +20,7 @@ def run(args) -> int:
 
     model_path = args.model or synth.cached_model(args.preset, progress=True)
     print(f"layout: {args.layout}", file=sys.stderr)
-    cores = os.cpu_count() or 1
+    cores = usable_cpu_cores()
     args.ceiling_threads = cores
     if args.client_threads <= 0:
         # with RPC workers the cores belong to them; this process only looks up token embeddings
@@ -46,6 +46,8 @@ def run(args) -> int:
                 endpoints = pool.endpoints
             models["split"] = Model(model_path, rpc_servers=endpoints or None, devices=args.devices,
                                     tensor_split=args.split)
+            print(f"layers per stage: {models['split'].layers_per_stage} ({models['split'].split_choice})",
+                  file=sys.stderr)
             if args.reference == "ceiling":
                 models["ceiling"] = Model(model_path, devices=["CPU"])
             for n in args.lengths:
@@ -55,6 +57,8 @@ def run(args) -> int:
                 fastest = max(length_rows, key=lambda r: r.pipelined_tps)
                 timeline = series[fastest.pipelined_run].median_result().timeline
             devices = models["split"].devices
+            split_choice = {"layers_per_stage": models["split"].layers_per_stage,
+                            "why": models["split"].split_choice}
     finally:
         for m in models.values():
             if m is not None:
@@ -63,12 +67,14 @@ def run(args) -> int:
             pool.stop()
 
     doc = make_doc(args, model_path, devices, rows, schedule, timeline, load_before)
+    doc["layout"]["split"] = split_choice
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
     else:
         print(f"layout: {args.layout}")
         print(f"model: {model_path.name}; stages: {', '.join(devices)}; load average before/after: "
               f"{load_before} / {doc['machine']['load_after']} on {cores} cores")
+        print(f"layers per stage: {split_choice['layers_per_stage']} ({split_choice['why']})")
         print(report.table(rows, doc["table"]["reference"]))
         print()
         print(report.legend(doc["table"]))
@@ -100,7 +106,7 @@ def make_doc(args, model_path: Path, devices: list[str], rows, schedule, timelin
                      "tensor_split": args.split, "flash_attn": str(args.flash_attn), "in_flight": args.in_flight,
                      "client_threads": args.client_threads, "ceiling_threads": args.ceiling_threads},
         "table": {"repeat": args.repeat, "ubatches": args.ubatches, "sweep": not args.no_sweep, "gpu": args.on_gpu,
-                  "reference": reference, "ceiling": args.reference is not None, "cores": os.cpu_count(),
+                  "reference": reference, "ceiling": args.reference is not None, "cores": usable_cpu_cores(),
                   "ceiling_threads": args.ceiling_threads,
                   "ceiling_ubs": list(CEILING_UBATCHES)},
         "results": [asdict(r) for r in rows],
