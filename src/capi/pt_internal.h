@@ -19,6 +19,7 @@ struct pt_model {
 struct pt_context {
     pt_model      * owner = nullptr;
     llama_context * ctx   = nullptr;
+    ggml_threadpool * threadpool = nullptr; // the CPU backend's threads, kept for the context's life (see pt_context_new)
     std::atomic<bool> abort_requested{false};
     bool dead = false;
     std::string dead_reason;

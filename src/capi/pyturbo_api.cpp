@@ -7,6 +7,7 @@
 #include "llama.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpu.h"
 #include "ggml-rpc.h"
 
 #include <algorithm>
@@ -326,6 +327,16 @@ pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, 
         auto * ctx = new pt_context;
         ctx->owner = model;
         ctx->ctx   = c;
+        if (n_threads > 1) {
+            // Without a threadpool of its own, the CPU backend starts and joins n_threads threads for every graph it
+            // computes: on a 64-core host that cost about 1 ms per ubatch even where the CPU only looks up the token
+            // embeddings for GPUs (bench/results/2026-11-26-gpu-balance.md), in llama.cpp's path and the pipeline's
+            ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+            ctx->threadpool = ggml_threadpool_new(&tpp);
+            if (ctx->threadpool) {
+                llama_attach_threadpool(c, ctx->threadpool, ctx->threadpool);
+            }
+        }
         llama_set_abort_callback(c, abort_callback, ctx);
         const llama_turbo_options options = {max_in_flight, host_staging != 0};
         llama_turbo_attach(c, &options);
@@ -334,7 +345,12 @@ pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, 
 }
 
 void pt_context_free(pt_context * ctx) {
-    free_handle(ctx, "freeing the context", [&] { llama_free(ctx->ctx); });
+    free_handle(ctx, "freeing the context", [&] {
+        llama_free(ctx->ctx);
+        if (ctx->threadpool) {
+            ggml_threadpool_free(ctx->threadpool); // after the context: nothing computes on it any more
+        }
+    });
 }
 
 int32_t pt_context_n_past(pt_context * ctx) {
