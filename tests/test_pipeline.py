@@ -184,3 +184,19 @@ def test_layers_per_stage_follow_the_split_llama_cpp_makes(tiny_f16_model, rpc3)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+def test_graphs_reused_across_prompts_give_the_same_results(tiny_model, rpc3):
+    """A slot reuses the graph it built for the previous prompt where the shapes match (ubatch k of a prompt from an
+    empty cache); a different prompt through reused graphs must still equal the standard path, as must a shorter
+    prompt whose last ubatch needs a new graph."""
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model, \
+            model.context(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
+        for seed, n in ((1, 96), (2, 96), (3, 80), (4, 96)):   # 3 ubatches: every one has a slot of its own
+            toks = prompt(n, seed=seed)
+            ctx.reset()
+            std = ctx.prefill(toks, pipeline=False)
+            kv_std = ctx.kv_state()
+            ctx.reset()
+            pipe = ctx.prefill(toks, pipeline="force")
+            assert_identical(std, pipe, kv_std, ctx.kv_state())

@@ -68,25 +68,37 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
         return nullptr;
     }
 
+    // Graph reuse, as llama.cpp's own decode does it: where this ubatch's graph has the shape of the one the slot
+    // built last (same tokens, same KV length: in a prompt from an empty cache, ubatch k of every prompt lands in
+    // slot k % slots with the same shape as the previous prompt's), only the inputs are set. Building and allocating
+    // a graph takes the host about a millisecond, and the first ubatch's is on the critical path.
+    bool reuse = false;
     {
-        sched_swap swap(lctx, s.sched);
-        s.res->reset();
-        ggml_backend_sched_reset(lctx.sched.get());
-        ggml_cgraph * gf = lctx.model.build_graph(lctx.graph_params(s.res.get(), ubatch, mctx, gtype));
-        if (!gf) {
-            LLAMA_LOG_ERROR("%s: failed to build the graph\n", __func__);
-            ret = GGML_STATUS_FAILED;
-            return nullptr;
-        }
-        if (!ggml_backend_sched_alloc_graph(lctx.sched.get(), gf)) {
-            LLAMA_LOG_ERROR("%s: failed to allocate the graph\n", __func__);
-            ret = GGML_STATUS_ALLOC_FAILED;
-            return nullptr;
+        sched_swap swap(lctx, s.sched); // until the end of this block s.sched is the context's own: see below
+        const auto gparams = lctx.graph_params(s.res.get(), ubatch, mctx, gtype);
+        reuse = !lctx.graph_reuse_disable && s.graph_allocated && s.res->can_reuse(gparams);
+        if (!reuse) {
+            s.graph_allocated = false;
+            s.res->reset();
+            ggml_backend_sched_reset(lctx.sched.get());
+            ggml_cgraph * gf = lctx.model.build_graph(gparams);
+            if (!gf) {
+                LLAMA_LOG_ERROR("%s: failed to build the graph\n", __func__);
+                ret = GGML_STATUS_FAILED;
+                return nullptr;
+            }
+            if (!ggml_backend_sched_alloc_graph(lctx.sched.get(), gf)) {
+                LLAMA_LOG_ERROR("%s: failed to allocate the graph\n", __func__);
+                ret = GGML_STATUS_ALLOC_FAILED;
+                return nullptr;
+            }
         }
         s.res->set_inputs(&ubatch);
     }
-
-    plan_splits(s);
+    if (!reuse) {
+        plan_splits(s);
+        s.graph_allocated = true;
+    }
 
     std::vector<ggml_backend_t> backends_now;
     for (const auto & sp : s.splits) {

@@ -64,6 +64,7 @@ struct deferred_output {
 struct slot {
     ggml_backend_sched_ptr sched;
     llm_graph_result_ptr   res;
+    bool graph_allocated = false; // res holds a graph allocated in sched (and splits its plan): it may be reused
 
     bool    busy     = false;
     int     task     = -1;     // index of the ubatch within the replay
