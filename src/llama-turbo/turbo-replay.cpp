@@ -7,9 +7,9 @@
 //      ubatches). The reason for the standard path is reported. Whether it is useful is the caller's decision.
 //   3. Decode, one of two ways, both through llama_context::decode so that batch validation, KV slots and output
 //      bookkeeping are llama.cpp's own:
-//      - standard (decode_standard): decode the batches one after the other, checking for an abort between them;
-//      - pipelined (decode_pipelined): the same decode calls, but with the executor active, so that every ubatch goes
-//        to submit() (turbo-slots.cpp), which builds its graph in a scheduler slot of its own and returns without
+//      - standard (decode_calls): decode the batches one after the other, checking for an abort between them;
+//      - pipelined (decode_pipelined): the same batches, cut into calls of one ubatch where that changes nothing, with
+//        the executor active, so that every ubatch goes to submit() (turbo-slots.cpp), which builds its graph in a scheduler slot of its own and returns without
 //        waiting; the stage threads (turbo-stages.cpp) run the splits of the ubatches in flight.
 //   4. Roll back: on failure or abort every position the replay added to the KV cache is removed again, so the caller
 //      sees the context as it was before.
@@ -168,29 +168,16 @@ std::string llama_turbo::decide_path(llama_turbo_pipeline pipeline, const std::v
 
 // ---- 3. decode ----------------------------------------------------------------------------------------------------------
 
-int32_t llama_turbo::decode_standard(std::vector<turbo_batch> & batches) {
-    for (auto & b : batches) {
-        if (lctx.abort_callback && lctx.abort_callback(lctx.abort_callback_data)) {
-            return LLAMA_TURBO_ABORTED;
-        }
-        const int32_t status = lctx.decode(b.view());
-        if (status != 0) {
-            return status;
-        }
-    }
-    return LLAMA_TURBO_OK;
-}
-
-// The pipelined path's decode calls: the batches cut into calls of one ubatch each where that changes nothing
-// (turbo_batch::n_cuttable), so that llama.cpp's per-call bookkeeping, which takes time in proportion to the call's
-// tokens (about 1 us per token measured with n_batch 4096), runs while the stages work on the ubatches before instead
-// of delaying the first one.
-int32_t llama_turbo::decode_ubatch_calls(std::vector<turbo_batch> & batches) {
+// The decode calls of a replay, checking for an abort before each. The standard path makes the captured calls as
+// they were. The pipelined path cuts each batch into calls of one ubatch where that changes nothing
+// (turbo_batch::n_cuttable): llama.cpp's per-call bookkeeping takes time in proportion to the call's tokens, and cut
+// so it runs while the stages work on the ubatches before instead of delaying the first one.
+int32_t llama_turbo::decode_calls(std::vector<turbo_batch> & batches, bool one_ubatch_per_call) {
     const int32_t n_ubatch = (int32_t) lctx.cparams.n_ubatch;
     for (auto & b : batches) {
         const llama_batch whole  = b.view();
         const int32_t     n      = whole.n_tokens;
-        const int32_t     n_head = b.n_cuttable(n_ubatch);
+        const int32_t     n_head = one_ubatch_per_call ? b.n_cuttable(n_ubatch) : 0;
         for (int32_t i0 = 0; i0 < n; ) {
             if (lctx.abort_callback && lctx.abort_callback(lctx.abort_callback_data)) {
                 return LLAMA_TURBO_ABORTED;
@@ -227,7 +214,7 @@ int32_t llama_turbo::decode_pipelined(std::vector<turbo_batch> & batches) {
 
     int32_t status = LLAMA_TURBO_FAILED;
     try {
-        status = decode_ubatch_calls(batches); // with the executor active, every ubatch goes to submit()
+        status = decode_calls(batches, true); // with the executor active, every ubatch goes to submit()
     } catch (const std::exception & e) {
         // the stage threads must be stopped before this unwinds: record the failure and fall through
         std::lock_guard<std::mutex> lock(mtx);
@@ -278,7 +265,7 @@ int32_t llama_turbo::replay(llama_turbo_pipeline pipeline, llama_turbo_result & 
     try {
         r.path = reason.empty() ? LLAMA_TURBO_PATH_PIPELINED : LLAMA_TURBO_PATH_STANDARD;
         snprintf(r.fallback_reason, sizeof(r.fallback_reason), "%s", reason.c_str());
-        status = reason.empty() ? decode_pipelined(batches) : decode_standard(batches);
+        status = reason.empty() ? decode_pipelined(batches) : decode_calls(batches, false);
         r.t_first_submit_us = t_first_submit_us;
         r.t_first_queued_us = t_first_queued_us;
         r.host_submit_us    = host_submit_us;

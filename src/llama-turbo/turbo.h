@@ -138,8 +138,7 @@ struct llama_turbo : llama_ubatch_executor {
     int32_t replay(llama_turbo_pipeline pipeline, llama_turbo_result & r);
     std::string decide_path(llama_turbo_pipeline pipeline, const std::vector<turbo_batch> & batches,
                             std::set<llama_seq_id> & seqs, llama_turbo_result & r) const;
-    int32_t decode_standard(std::vector<turbo_batch> & batches);
-    int32_t decode_ubatch_calls(std::vector<turbo_batch> & batches);
+    int32_t decode_calls(std::vector<turbo_batch> & batches, bool one_ubatch_per_call);
     int32_t decode_pipelined(std::vector<turbo_batch> & batches);
     static bool stock_overlaps(const llama_context & lctx) { return lctx.cparams.pipeline_parallel; }
 
