@@ -13,7 +13,7 @@ from conftest import prompt
 
 
 def test_balance_moves_layers_off_the_slow_stage():
-    # a first stage 34% slower than the last with 8 layers each (4 GPUs, bench/results): it should give up layers
+    # a first stage much slower than the last with 8 layers each: it should give up layers, the total stays
     counts = balance_layers([8, 8, 8, 8], [6.62, 6.0, 6.0, 4.95])
     assert sum(counts) == 32 and counts[0] < 8 and counts[3] > 8
     per_layer = [6.62 / 8, 6.0 / 8, 6.0 / 8, 4.95 / 8]

@@ -329,8 +329,8 @@ pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, 
         ctx->ctx   = c;
         if (n_threads > 1) {
             // Without a threadpool of its own, the CPU backend starts and joins n_threads threads for every graph it
-            // computes: on a 64-core host that cost about 1 ms per ubatch even where the CPU only looks up the token
-            // embeddings for GPUs (bench/results/2026-11-26-gpu-balance.md), in llama.cpp's path and the pipeline's
+            // computes, a cost per ubatch that grows with the core count even where the CPU only looks up the token
+            // embeddings for GPUs, in llama.cpp's path and the pipeline's (bench/results/2026-11-26-gpu-balance.md)
             ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
             ctx->threadpool = ggml_threadpool_new(&tpp);
             if (ctx->threadpool) {

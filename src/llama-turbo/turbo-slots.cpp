@@ -70,8 +70,8 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
 
     // Graph reuse, as llama.cpp's own decode does it: where this ubatch's graph has the shape of the one the slot
     // built last (same tokens, same KV length: in a prompt from an empty cache, ubatch k of every prompt lands in
-    // slot k % slots with the same shape as the previous prompt's), only the inputs are set. Building and allocating
-    // a graph takes the host about a millisecond, and the first ubatch's is on the critical path.
+    // slot k % slots with the same shape as the previous prompt's), only the inputs are set: building and allocating
+    // a graph is host work, and the first ubatch's is on the critical path before any device starts.
     bool reuse = false;
     {
         sched_swap swap(lctx, s.sched); // until the end of this block s.sched is the context's own: see below

@@ -2,7 +2,7 @@
 
 A pipeline runs at the pace of its slowest stage, and an even layer split is not an even time split: a stage also
 carries its device's transfers, the first one the embeddings and the input copies, the last one the output layer
-(on 4 GPUs the first stage was 34% slower than the last with 8 layers each: bench/results/2026-11-26-*.md).
+(measured imbalances: bench/results/2026-11-26-gpu-balance.md).
 
 `Model(path, tensor_split="auto")` uses this module: with no stored balance for (model file + build, devices) it loads
 the model split evenly, measures the stages with a few pipelined prefills (`measure_stage_seconds`), proposes layer
@@ -11,14 +11,11 @@ them; later loads take the stored counts at once. `Calibration.clear()` (or dele
 """
 from __future__ import annotations
 
-import logging
 import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-
-log = logging.getLogger("pyturbo")
 
 # A proposal must make the slowest stage at least this much faster (by the model below) to replace the split it was
 # measured on: smaller differences are within the noise of one measurement.
@@ -111,7 +108,8 @@ class NotMeasurable(Exception):
 
 def measure_stage_seconds(model, n_tokens: int, n_ubatch: int, runs: int = MEASURED_RUNS) -> list[float]:
     """Busy seconds of each stage in a pipelined prefill of n_tokens random tokens (the median of `runs`, after an
-    untimed warm-up that fills every in-flight slot once). NotMeasurable if the pipeline does not run on this model (the reason is the executor's)."""
+    untimed warm-up that fills every in-flight slot once). NotMeasurable if the pipeline does not run on this model
+    (the reason is the executor's)."""
     tokens = np.random.default_rng(0).integers(0, min(model.n_vocab, 32000), n_tokens).astype(np.int32)
     samples: list[list[float]] = []
     with model.context(n_ctx=n_tokens + 64, n_batch=n_tokens, n_ubatch=n_ubatch) as ctx:

@@ -62,7 +62,7 @@ def layer_split(layers: Sequence[int]) -> list[float]:
     llama.cpp splits n_layer+1 slots (the output layer is the last) by cumulative proportion, so proportions equal
     to the layer counts would put one layer more on the first devices. Each boundary here falls half a slot before the
     wanted layer boundary, which makes the split exact. A balanced split matters for any pipeline: the slowest stage
-    sets the pace (policy.balance_layers proposes counts from measured stage times).
+    sets the pace (balance.balance_layers proposes counts from measured stage times).
     """
     if not layers or min(layers) < 1:
         raise ValueError(f"every device needs at least one layer, not {list(layers)}")
