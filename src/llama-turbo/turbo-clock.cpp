@@ -6,6 +6,10 @@
 
 #include "turbo.h"
 
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+
 stage_clock::stage_clock(ggml_backend_t backend) : backend(backend) {
     ggml_backend_dev_t dev = ggml_backend_get_device(backend);
     ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
@@ -55,4 +59,35 @@ void stage_clock::finish(llama_turbo_record & rec) {
         rec.t_end_us   = t_ref_us + (int64_t) (1000.0 * ms_end);
         rec.clock      = "cuda-event";
     }
+}
+
+// ---- host trace ---------------------------------------------------------------------------------------------------------
+
+void turbo_trace::begin() {
+    on = getenv("LLAMA_TURBO_TRACE") != nullptr; // per replay: set before the stage threads start, read by them
+    if (on) {
+        std::lock_guard<std::mutex> lock(mtx);
+        entries.clear();
+        t0_us = ggml_time_us();
+    }
+}
+
+void turbo_trace::mark(const char * what, int ubatch, const char * device) {
+    if (on) {
+        const int64_t t = ggml_time_us();
+        std::lock_guard<std::mutex> lock(mtx);
+        entries.push_back({t, what, ubatch, device});
+    }
+}
+
+void turbo_trace::print() {
+    if (!on) {
+        return;
+    }
+    std::lock_guard<std::mutex> lock(mtx);
+    std::stable_sort(entries.begin(), entries.end(), [](const entry & a, const entry & b) { return a.t_us < b.t_us; });
+    for (const auto & e : entries) {
+        fprintf(stderr, "turbo-trace %9.3f ms  %-22s ubatch %3d  %s\n", (e.t_us - t0_us) / 1000.0, e.what, e.ubatch, e.device);
+    }
+    entries.clear();
 }

@@ -192,6 +192,7 @@ int32_t llama_turbo::decode_calls(std::vector<turbo_batch> & batches, bool one_u
                 part.n_seq_id += i0;
                 part.seq_id   += i0;
             }
+            trace.mark("decode call", i0 / n_ubatch);
             const int32_t status = lctx.decode(part);
             if (status != 0) {
                 return status;
@@ -210,6 +211,7 @@ int32_t llama_turbo::decode_pipelined(std::vector<turbo_batch> & batches) {
 
     lctx.set_compute_threads(true);
     start_stage_threads();
+    trace.mark("stage threads started");
     replaying = true;
 
     int32_t status = LLAMA_TURBO_FAILED;
@@ -244,6 +246,7 @@ int32_t llama_turbo::replay(llama_turbo_pipeline pipeline, llama_turbo_result & 
 
     r = {};
     r.t_start_us = ggml_time_us();
+    trace.begin();
     r.n_stages   = (int32_t) stage_devices.size();
     error.clear();
     device_failed = false;
@@ -254,6 +257,7 @@ int32_t llama_turbo::replay(llama_turbo_pipeline pipeline, llama_turbo_result & 
     if (reason.empty()) {
         reason = prepare_slots(r);
     }
+    trace.mark("path decided");
 
     // where each sequence ends now: on failure, everything from there on is removed again
     std::map<llama_seq_id, llama_pos> seq_end;
@@ -295,6 +299,8 @@ int32_t llama_turbo::replay(llama_turbo_pipeline pipeline, llama_turbo_result & 
     }
     r.status   = status;
     r.t_end_us = ggml_time_us();
+    trace.mark("replay end");
+    trace.print();
     if (status != LLAMA_TURBO_OK) {
         snprintf(r.error, sizeof(r.error), "%s", !error.empty() ? error.c_str() :
                  status == LLAMA_TURBO_ABORTED ? "aborted" : status == LLAMA_TURBO_NO_KV_SLOT ? "no room in the KV cache" :

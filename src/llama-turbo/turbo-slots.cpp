@@ -62,6 +62,7 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
     if (k == 0) {
         t_first_submit_us = t_submit_us;
     }
+    trace.mark("submit", k);
     if (mctx && !mctx->apply()) {
         LLAMA_LOG_ERROR("%s: failed to apply memory context\n", __func__);
         ret = GGML_STATUS_FAILED;
@@ -93,8 +94,10 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
                 return nullptr;
             }
         }
+        trace.mark(reuse ? "graph reused" : "graph built", k);
         s.res->set_inputs(&ubatch);
     }
+    trace.mark("inputs set", k);
     if (!reuse) {
         plan_splits(s);
         s.graph_allocated = true;
@@ -124,6 +127,7 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
         t_first_queued_us = t_queued_us;
     }
     host_submit_us += t_queued_us - t_submit_us;
+    trace.mark("queued", k);
 
     ret = GGML_STATUS_SUCCESS;
     return s.res.get();

@@ -76,6 +76,7 @@ slot * llama_turbo::pick(int thread) {
 
 void llama_turbo::stage_thread_loop(int thread) {
     stage_clock clock(lctx.backend_ptrs[thread]);
+    trace.mark("stage clock ready", -1, turbo_device_name(lctx.backend_ptrs[thread]));
     std::unique_lock<std::mutex> lock(mtx);
     while (true) {
         slot * s = nullptr;
@@ -156,6 +157,7 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
     rec.stage      = sp.stage;
     rec.device     = turbo_device_name(sp.backend);
     clock.begin(rec);
+    trace.mark("split begin", s.task, rec.device);
 
     for (const auto & in : sp.inputs) {
         if (in.staged >= 0 && traits[sp.thread].async_io) {
@@ -171,10 +173,12 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
             ggml_backend_tensor_copy(in.src, in.dst);
         }
     }
+    trace.mark("inputs queued", s.task, rec.device);
     const ggml_status st = ggml_backend_sched_split_compute_async(s.sched.get(), i);
     if (st != GGML_STATUS_SUCCESS) {
         return st;
     }
+    trace.mark("split launched", s.task, rec.device);
     if (clock.on_device()) {
         // CUDA: the reads of staged outputs are ordered on the backend's stream; queue them before the end mark so
         // that the stage's time includes them
@@ -195,6 +199,7 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
             ggml_backend_tensor_get(sp.fence, probe, 0, std::min(sizeof(probe), ggml_nbytes(sp.fence)));
         }
     }
+    trace.mark("split done", s.task, rec.device);
     clock.finish(rec);
     return GGML_STATUS_SUCCESS;
 }

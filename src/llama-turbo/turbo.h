@@ -117,6 +117,28 @@ private:
     int64_t              t_ref_us = 0;
 };
 
+// Host checkpoints of a replay (which thread did what, when), printed to stderr at the replay's end when the
+// environment has LLAMA_TURBO_TRACE as the replay starts: where the host's time goes before and between the devices' work, which the
+// per-stage records do not show (bench/gpu/host_time.py). Off, a mark costs a branch. See turbo-clock.cpp.
+class turbo_trace {
+public:
+    void begin();
+    void mark(const char * what, int ubatch = -1, const char * device = "");
+    void print();
+
+private:
+    struct entry {
+        int64_t      t_us;
+        const char * what;
+        int          ubatch;
+        const char * device;
+    };
+    bool               on = false;
+    int64_t            t0_us = 0;
+    std::mutex         mtx;
+    std::vector<entry> entries;
+};
+
 std::vector<ggml_backend_dev_t> turbo_layer_devices(const llama_model & model);
 const char * turbo_device_name(ggml_backend_t backend);
 
@@ -178,6 +200,8 @@ struct llama_turbo : llama_ubatch_executor {
     bool capture_open = false;
     bool replaying    = false;
     std::vector<turbo_batch> captured;
+
+    turbo_trace trace;
 
     llama_turbo_record_callback record_cb = nullptr; // set for the duration of one replay
     void * record_cb_data = nullptr;
