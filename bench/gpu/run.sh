@@ -23,8 +23,9 @@
 #   cpu-rpc-layouts  CPU RPC stages on 16 cores (CPU_SET, default 0-15: a 16-core machine on a bigger host):
 #              RPC_STAGES (default "2 4 8") x (16 / stages) threads, bench-16l, RPC_LENGTHS (default 4096)
 #   partial    partial offload: PARTIAL_CPU_LAYERS (default 8) layers on this process's CPU, the rest over the GPUs
-#   host-time  where the host's time goes in a short pipelined prefill over all GPUs (peer access on), per CPU backend
-#              setting (HOST_THREADS, HOST_POLLS), with the host's checkpoints (bench/gpu/host_time.py), GPU_LENGTHS
+#   host-time  where the time goes in a short pipelined prefill over all GPUs (peer access on): host work, hand-overs
+#              (stage threads spinning off and on), even vs tensor_split=auto, with the host's checkpoints
+#              (bench/gpu/host_time.py), GPU_LENGTHS
 # Every bench step measures the default (auto, calibrated first), the forced pipeline and stock, interleaved.
 # BENCH_REPEAT: runs per setting (default 3, the median is shown). GPU_STOCK_BEST=1: stock's sweep of n_batch/n_ubatch.
 # PYTURBO_SKIP_BUILD=1: use the pyturbo this machine already installed (a second run.sh in one command, or a warm
@@ -147,8 +148,8 @@ for step in "$@"; do
         echo "== host time, all GPUs, peer access on, ${GPU_PRESET:-8b}"
         ( export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES PYTURBO_PIPELINE
           python3 bench/gpu/host_time.py --preset "${GPU_PRESET:-8b}" --tokens "${GPU_LENGTHS:-2048}" \
-              --ubatch "${GPU_UBATCH:-512}" --threads "${HOST_THREADS:-0,8,2}" --polls "${HOST_POLLS:-50,0}" \
-              > "$OUT/host-time.log" 2>&1; echo "rc $?"; grep -v "^turbo-trace" "$OUT/host-time.log" | head -80 ) ;;
+              --ubatch "${GPU_UBATCH:-512}" > "$OUT/host-time.log" 2> "$OUT/host-trace.log"; echo "rc $?"
+          grep -v "^CUDA\|^CPU\|^time" "$OUT/host-time.log"; tail -3 "$OUT/host-trace.log" ) ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done

@@ -332,9 +332,6 @@ pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, 
             // computes, a cost per ubatch that grows with the core count even where the CPU only looks up the token
             // embeddings for GPUs, in llama.cpp's path and the pipeline's (bench/results/2026-11-26-gpu-balance.md)
             ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-            if (const char * poll = getenv("PYTURBO_CPU_POLL")) {
-                tpp.poll = (uint32_t) std::clamp(atoi(poll), 0, 100);
-            }
             ctx->threadpool = ggml_threadpool_new(&tpp);
             if (ctx->threadpool) {
                 llama_attach_threadpool(c, ctx->threadpool, ctx->threadpool);

@@ -204,7 +204,7 @@ int32_t llama_turbo::decode_calls(std::vector<turbo_batch> & batches, bool one_u
 }
 
 int32_t llama_turbo::decode_pipelined(std::vector<turbo_batch> & batches) {
-    failed = aborted = false;
+    failed = aborted = host_submitting = false;
     n_submitted = 0;
     n_outputs_pending = 0;
     prev_split_backends.clear();
@@ -225,8 +225,10 @@ int32_t llama_turbo::decode_pipelined(std::vector<turbo_batch> & batches) {
     }
     ggml_status ret;
     wait_host([&] { return all_idle(); }, ret);
-    replaying = false;
+    trace.mark("all idle");
+    replaying = host_submitting = false;
     stop_stage_threads();
+    trace.mark("stage threads stopped");
     flush_records();
     release_slots();
 

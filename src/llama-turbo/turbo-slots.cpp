@@ -58,6 +58,11 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
     if (!wait_host([&] { return !s.busy; }, ret)) {
         return nullptr;
     }
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        host_submitting = true;
+    }
+    notify(); // the thread of the ubatch's first split may start spinning
     const int64_t t_submit_us = ggml_time_us();
     if (k == 0) {
         t_first_submit_us = t_submit_us;
@@ -118,10 +123,11 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
         s.n_done   = 0;
         s.running  = false;
         s.outputs.clear();
+        host_submitting = false;
     }
     prev_split_backends = std::move(backends_now);
     n_submitted++;
-    cv.notify_all();
+    notify();
     const int64_t t_queued_us = ggml_time_us();
     if (k == 0) {
         t_first_queued_us = t_queued_us;

@@ -17,16 +17,65 @@
 #include "llama-impl.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 static bool in_host_memory(const ggml_tensor * t) {
     ggml_backend_buffer_t buf = t->view_src ? t->view_src->buffer : t->buffer;
     return buf && ggml_backend_buffer_is_host(buf);
 }
 
+static int usable_cores() {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        return CPU_COUNT(&set);
+    }
+#endif
+    return (int) std::thread::hardware_concurrency();
+}
+
+bool llama_turbo::spin_wanted() const {
+    if (const char * env = getenv("LLAMA_TURBO_SPIN")) { // "0" or "1": off or on whatever the layout (measurements, tests)
+        return strcmp(env, "0") != 0;
+    }
+    bool gpus = false;
+    for (const auto & t : traits) {
+        gpus = gpus || t.gpu;
+    }
+    // a core for every stage thread and the host's, and as many again for everything else
+    return gpus && usable_cores() >= 2 * ((int) lctx.backend_ptrs.size() + 1);
+}
+
+bool llama_turbo::work_near(int thread) const {
+    if (host_submitting) {
+        return true;
+    }
+    for (const auto & s : slots) {
+        if (s.busy && s.running && s.n_done + 1 < (int) s.splits.size() && s.splits[s.n_done + 1].thread == thread) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool llama_turbo::completion_near() const {
+    for (const auto & s : slots) {
+        if (s.busy && s.running && s.n_done + 1 == (int) s.splits.size()) {
+            return true;
+        }
+    }
+    return false;
+}
+
 void llama_turbo::start_stage_threads() {
     stopping = false;
+    spin = spin_wanted();
     for (size_t t = 0; t < lctx.backend_ptrs.size(); ++t) {
         stage_threads.emplace_back([this, t] { stage_thread_loop((int) t); });
     }
@@ -37,7 +86,7 @@ void llama_turbo::stop_stage_threads() {
         std::lock_guard<std::mutex> lock(mtx);
         stopping = true;
     }
-    cv.notify_all();
+    notify();
     for (auto & t : stage_threads) {
         t.join();
     }
@@ -80,7 +129,10 @@ void llama_turbo::stage_thread_loop(int thread) {
     std::unique_lock<std::mutex> lock(mtx);
     while (true) {
         slot * s = nullptr;
-        cv.wait(lock, [&] { return stopping || failed || aborted || (s = pick(thread)) != nullptr; });
+        auto have = [&] { return stopping || failed || aborted || (s = pick(thread)) != nullptr; };
+        while (!have()) {
+            wait_or_spin(lock, have, spin && work_near(thread));
+        }
         if (!s) {
             // stopping, or failed/aborted: nothing more starts; wait to be stopped
             cv.wait(lock, [&] { return stopping; });
@@ -88,6 +140,7 @@ void llama_turbo::stage_thread_loop(int thread) {
         }
         const int i = s->n_done;
         s->running = true;
+        notify(); // the thread of the next split may start spinning
         lock.unlock();
 
         llama_turbo_record rec = {};
@@ -103,7 +156,7 @@ void llama_turbo::stage_thread_loop(int thread) {
         s->running = false;
         if (st == GGML_STATUS_ABORTED) { // the CPU backend polls the context's abort callback too
             aborted = true;
-            cv.notify_all();
+            notify();
             continue;
         }
         if (st != GGML_STATUS_SUCCESS) {
@@ -112,7 +165,7 @@ void llama_turbo::stage_thread_loop(int thread) {
             error = std::string("stage ") + turbo_device_name(s->splits[i].backend) + ": " +
                     (err.empty() ? "graph compute failed with status " + std::to_string((int) st) : err);
             LLAMA_LOG_ERROR("%s: %s\n", __func__, error.c_str());
-            cv.notify_all();
+            notify();
             continue;
         }
         records.push_back(rec);
@@ -120,7 +173,7 @@ void llama_turbo::stage_thread_loop(int thread) {
         if (s->n_done == (int) s->splits.size()) {
             finish(*s, lock);
         }
-        cv.notify_all();
+        notify();
     }
 }
 
