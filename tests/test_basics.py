@@ -239,3 +239,15 @@ def test_gpu_streams_decision():
     for bad in ("0", "-1", "two"):
         with pytest.raises(ValueError, match="PYTURBO_GPU_STREAMS must be 'auto' or a count >= 1"):
             decide_gpu_streams({"PYTURBO_GPU_STREAMS": bad}, True, lambda: 1)
+
+
+def test_default_threads_follow_where_the_layers_are(monkeypatch):
+    """Every usable core where the CPU holds layers; a few where it only looks up the token embeddings."""
+    from pyturbo import context
+    monkeypatch.setattr(context, "usable_cpu_cores", lambda: 64)
+    assert context.default_threads(["CPU"]) == 64
+    assert context.default_threads(["CPU", "CUDA0"]) == 64
+    assert context.default_threads(["CUDA0", "CUDA1"]) == context.EMBEDDINGS_ONLY_THREADS
+    assert context.default_threads(["RPC0[127.0.0.1:50052]", "RPC1[127.0.0.1:50053]"]) == context.EMBEDDINGS_ONLY_THREADS
+    monkeypatch.setattr(context, "usable_cpu_cores", lambda: 2)
+    assert context.default_threads(["CUDA0", "CUDA1"]) == 2

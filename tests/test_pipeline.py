@@ -200,3 +200,30 @@ def test_graphs_reused_across_prompts_give_the_same_results(tiny_model, rpc3):
             ctx.reset()
             pipe = ctx.prefill(toks, pipeline="force")
             assert_identical(std, pipe, kv_std, ctx.kv_state())
+
+
+class StopPrefill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("spin", ["0", "1"])
+def test_stage_threads_serve_replay_after_replay(tiny_model, rpc3, monkeypatch, spin):
+    """The stage threads outlive a replay, sleeping or (LLAMA_TURBO_SPIN=1, the GPU layouts' default) spinning while
+    their next split is near: prefill after prefill, also after an aborted one, the results equal the standard path."""
+    monkeypatch.setenv("LLAMA_TURBO_SPIN", spin)
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:3]) as model, \
+            model.context(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1) as ctx:
+        toks = prompt(160)
+        std = ctx.prefill(toks, pipeline=False)
+        kv_std = ctx.kv_state()
+        for i in range(3):
+            if i == 1:   # an aborted replay in between (a callback that raises stops it): threads wait for the next
+                def stop(record):
+                    raise StopPrefill
+                ctx.reset()
+                with pytest.raises(StopPrefill):
+                    ctx.prefill(toks, pipeline="force", on_ubatch=stop)
+            ctx.reset()
+            pipe = ctx.prefill(toks, pipeline="force")
+            assert_identical(std, pipe, kv_std, ctx.kv_state())
+            assert {r.ubatch for r in pipe.timeline} == set(range(pipe.n_ubatches))

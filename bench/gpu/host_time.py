@@ -2,8 +2,8 @@
 
 In one process, interleaved round by round (medians of --repeat): the prompt on one GPU (llama.cpp's path,
 llama-server's batch sizes) and the forced pipeline over all visible GPUs, on an even layer split and on
-tensor_split="auto" (measured and balanced once, pyturbo.balance), each with the stage threads' spinning off and on
-(LLAMA_TURBO_SPIN, read as each replay starts). Printed per setting: tok/s, the ratio to one GPU, PrefillResult.host_times
+tensor_split="auto" (measured and balanced once, pyturbo.balance), with the CPU backend's threads (--threads) and
+the stage threads' spinning (LLAMA_TURBO_SPIN, read as each replay starts) off and on. Printed per setting: tok/s, the ratio to one GPU, PrefillResult.host_times
 and, from the timeline of the median run, when the first stage started and each stage's mean time per ubatch.
 Then one run per pipelined setting with LLAMA_TURBO_TRACE set prints the host's checkpoints (which thread did what,
 when) to stderr.
@@ -28,7 +28,8 @@ ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDe
 ap.add_argument("--preset", default="8b")
 ap.add_argument("--tokens", default="2048", help="comma-separated prompt lengths")
 ap.add_argument("--ubatch", type=int, default=512)
-ap.add_argument("--splits", default="even,auto", help="tensor splits of the pipelined model to compare")
+ap.add_argument("--splits", default="even", help="tensor splits of the pipelined model to compare (even, auto)")
+ap.add_argument("--threads", default="0", help="CPU backend threads of the pipelined contexts (0: pyturbo's default)")
 ap.add_argument("--spin", default="0,1", help="LLAMA_TURBO_SPIN values to compare")
 ap.add_argument("--repeat", type=int, default=5)
 ap.add_argument("--no-trace", action="store_true")
@@ -69,13 +70,15 @@ with ExitStack() as stack:
         print(f"split {split}: layers {models[split].layers_per_stage} ({models[split].split_choice})", flush=True)
     for n in lengths:
         tokens = np.random.default_rng(n).integers(0, 32000, n).astype(np.int32)
-        settings = {"1 GPU": (one, False, "0")}
+        settings = {"1 GPU": (one, False, "0", 0)}
         for split, model in models.items():
-            for spin in args.spin.split(","):
-                settings[f"{split}, spin {spin}"] = (model, "force", spin)
+            for threads in map(int, args.threads.split(",")):
+                for spin in args.spin.split(","):
+                    settings[f"{split}, {threads or 'default'} thr, spin {spin}"] = (model, "force", spin, threads)
         contexts = {}
-        for name, (model, pipeline, spin) in settings.items():
-            ctx = stack.enter_context(model.context(n_ctx=n + 64, n_batch=2048, n_ubatch=args.ubatch, flash_attn=True))
+        for name, (model, pipeline, spin, threads) in settings.items():
+            ctx = stack.enter_context(model.context(n_ctx=n + 64, n_batch=2048, n_ubatch=args.ubatch, flash_attn=True,
+                                                    n_threads=threads or None))
             for _ in range(2):   # warm-up: first-use allocations, graph reuse from the second prompt on
                 prefill(ctx, tokens, pipeline, spin)
             contexts[name] = ctx
@@ -83,22 +86,22 @@ with ExitStack() as stack:
         names = list(settings)
         for r in range(args.repeat):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                model, pipeline, spin = settings[name]
+                model, pipeline, spin, _ = settings[name]
                 runs[name].append(prefill(contexts[name], tokens, pipeline, spin))
         ref = statistics.median(r.seconds for r in runs["1 GPU"])
         print(f"\n{n} tokens, ubatch {args.ubatch}, medians of {args.repeat} (interleaved)")
-        print(f"  {'1 GPU':<16} {n / ref:8.0f} tok/s")
+        print(f"  {'1 GPU':<28} {n / ref:8.0f} tok/s ({contexts['1 GPU'].n_threads} CPU threads)")
         for name in names[1:]:
             med = statistics.median(r.seconds for r in runs[name])
             lo, hi = min(r.seconds for r in runs[name]), max(r.seconds for r in runs[name])
             mid = min(runs[name], key=lambda r: abs(r.seconds - med))
             h = mid.host_times
-            print(f"  {name:<16} {n / med:8.0f} tok/s ({n / hi:.0f}-{n / lo:.0f}), {ref / med:.2f}x one GPU; "
+            print(f"  {name:<28} {n / med:8.0f} tok/s ({n / hi:.0f}-{n / lo:.0f}), {ref / med:.2f}x one GPU; "
                   f"host: until 1st ubatch {1e3 * h['until_first_ubatch']:.2f} ms, 1st graph "
                   f"{1e3 * h['first_graph']:.2f} ms; {stage_ms(mid)}", flush=True)
         if not args.no_trace:
             for name in names[1:]:
-                model, pipeline, spin = settings[name]
+                model, pipeline, spin, _ = settings[name]
                 print(f"-- host trace on stderr: {n} tokens, {name}", flush=True)
                 print(f"-- host trace, {n} tokens, {name}", file=sys.stderr, flush=True)
                 os.environ["LLAMA_TURBO_TRACE"] = "1"

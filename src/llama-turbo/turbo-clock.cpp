@@ -24,10 +24,16 @@ stage_clock::stage_clock(ggml_backend_t backend) : backend(backend) {
     ref   = event_new(dev);
     start = event_new(dev);
     end   = event_new(dev);
-    // device times are offsets from this point, which the device reached just before the host read its clock
-    ggml_backend_event_record(ref, backend);
-    ggml_backend_event_synchronize(ref);
-    t_ref_us = ggml_time_us();
+    rebase();
+}
+
+void stage_clock::rebase() {
+    if (ref) {
+        // device times are offsets from this point, which the device reached just before the host read its clock
+        ggml_backend_event_record(ref, backend);
+        ggml_backend_event_synchronize(ref);
+        t_ref_us = ggml_time_us();
+    }
 }
 
 stage_clock::~stage_clock() {

@@ -204,14 +204,13 @@ int32_t llama_turbo::decode_calls(std::vector<turbo_batch> & batches, bool one_u
 }
 
 int32_t llama_turbo::decode_pipelined(std::vector<turbo_batch> & batches) {
-    failed = aborted = host_submitting = false;
     n_submitted = 0;
     n_outputs_pending = 0;
     prev_split_backends.clear();
 
     lctx.set_compute_threads(true);
-    start_stage_threads();
-    trace.mark("stage threads started");
+    start_replay();
+    trace.mark("stage threads ready");
     replaying = true;
 
     int32_t status = LLAMA_TURBO_FAILED;
@@ -226,9 +225,11 @@ int32_t llama_turbo::decode_pipelined(std::vector<turbo_batch> & batches) {
     ggml_status ret;
     wait_host([&] { return all_idle(); }, ret);
     trace.mark("all idle");
-    replaying = host_submitting = false;
-    stop_stage_threads();
-    trace.mark("stage threads stopped");
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        host_submitting = false; // a failed submit may have left it set: the idle stage threads must not spin
+    }
+    replaying = false;
     flush_records();
     release_slots();
 

@@ -73,12 +73,21 @@ bool llama_turbo::completion_near() const {
     return false;
 }
 
-void llama_turbo::start_stage_threads() {
-    stopping = false;
-    spin = spin_wanted();
-    for (size_t t = 0; t < lctx.backend_ptrs.size(); ++t) {
-        stage_threads.emplace_back([this, t] { stage_thread_loop((int) t); });
+// The stage threads outlive a replay: starting and joining them cost about half a millisecond per prefill (waking
+// a sleeping thread is slow on server CPUs), all of it on the critical path of a short prompt.
+void llama_turbo::start_replay() {
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        failed = aborted = host_submitting = false;
+        spin = spin_wanted();
+        replay_id++;
     }
+    if (stage_threads.empty()) {
+        for (size_t t = 0; t < lctx.backend_ptrs.size(); ++t) {
+            stage_threads.emplace_back([this, t] { stage_thread_loop((int) t); });
+        }
+    }
+    notify();
 }
 
 void llama_turbo::stop_stage_threads() {
@@ -125,18 +134,28 @@ slot * llama_turbo::pick(int thread) {
 
 void llama_turbo::stage_thread_loop(int thread) {
     stage_clock clock(lctx.backend_ptrs[thread]);
-    trace.mark("stage clock ready", -1, turbo_device_name(lctx.backend_ptrs[thread]));
     std::unique_lock<std::mutex> lock(mtx);
+    int clock_replay = replay_id;
     while (true) {
         slot * s = nullptr;
         auto have = [&] { return stopping || failed || aborted || (s = pick(thread)) != nullptr; };
         while (!have()) {
             wait_or_spin(lock, have, spin && work_near(thread));
         }
-        if (!s) {
-            // stopping, or failed/aborted: nothing more starts; wait to be stopped
-            cv.wait(lock, [&] { return stopping; });
+        if (stopping) {
             return;
+        }
+        if (!s) {
+            // failed or aborted: nothing more starts in this replay; wait for the next one
+            cv.wait(lock, [&] { return stopping || !(failed || aborted); });
+            continue;
+        }
+        if (clock_replay != replay_id) {
+            clock_replay = replay_id;
+            lock.unlock();
+            clock.rebase();
+            lock.lock();
+            continue; // pick again: the state may have changed meanwhile
         }
         const int i = s->n_done;
         s->running = true;

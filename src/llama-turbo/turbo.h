@@ -104,6 +104,7 @@ public:
     stage_clock(const stage_clock &) = delete;
     stage_clock & operator=(const stage_clock &) = delete;
 
+    void rebase();                             // a new reference point (per replay: elapsed times are floats in ms)
     void begin(llama_turbo_record & rec);     // before the split's first input transfer
     bool on_device() const { return ref != nullptr; } // then the split's last work must be queued before mark_end()
     void mark_end();                           // after the split's last work was queued (only when on_device())
@@ -145,7 +146,7 @@ const char * turbo_device_name(ggml_backend_t backend);
 
 struct llama_turbo : llama_ubatch_executor {
     llama_turbo(llama_context & lctx, const llama_turbo_options & options);
-    ~llama_turbo() override { stop_stage_threads(); }
+    ~llama_turbo() override { stop_stage_threads(); }  // the stage threads live as long as the executor
 
     // ---- executor hooks, called from llama_context (patches/0003) --------------------------------------------------
     bool    active() const override { return replaying; }
@@ -170,7 +171,7 @@ struct llama_turbo : llama_ubatch_executor {
     void release_slots();
 
     // ---- turbo-stages.cpp: stage threads, readiness, split planning, staging -----------------------------------------
-    void start_stage_threads();
+    void start_replay();             // starts the stage threads on the first pipelined replay, wakes them for each
     void stop_stage_threads();
     void stage_thread_loop(int thread);
     const slot * find_task(int task) const;
@@ -233,6 +234,7 @@ struct llama_turbo : llama_ubatch_executor {
     bool        spin            = false;            // set per replay (spin_wanted)
     bool        host_submitting = false;            // the host is building a ubatch's graph: its first split is near
     int         n_outputs_pending = 0;
+    int         replay_id     = 0;   // counts the pipelined replays: a stage thread rebases its clock on a new one
     bool        stopping      = false;
     bool        failed        = false;
     bool        aborted       = false;

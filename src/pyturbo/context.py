@@ -69,6 +69,18 @@ class PrefillResult:
         return self.n_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
+# Where every layer is on a GPU or an RPC worker, this process's CPU only looks up the token embeddings, which ggml
+# runs as one task; more threads would only poll for work after each graph, taking cores from the threads that hand
+# the devices their work (bench/results/2026-11-26-gpu-host-time.md).
+EMBEDDINGS_ONLY_THREADS = 4
+
+
+def default_threads(layer_devices: list[str]) -> int:
+    """Threads of the CPU backend when the caller gives none: every usable core where the CPU holds layers."""
+    cores = usable_cpu_cores()
+    return cores if "CPU" in layer_devices else min(EMBEDDINGS_ONLY_THREADS, cores)
+
+
 class Context(_native.NativeHandle):
     """An inference context (KV cache, compute buffers) on a model; use as a context manager or call close().
 
@@ -100,7 +112,7 @@ class Context(_native.NativeHandle):
             raise ValueError(f"flash_attn must be True, False or 'auto', not {flash_attn!r}")
         if not isinstance(max_in_flight, int) or max_in_flight < 0:
             raise ValueError(f"max_in_flight must be an int >= 0 (0: automatic), not {max_in_flight!r}")
-        n_threads = n_threads or usable_cpu_cores()
+        n_threads = n_threads or default_threads(model.devices)
         self.model = model
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
         self.flash_attn = flash_attn

@@ -48,7 +48,8 @@ def build_parser(d: dict) -> argparse.ArgumentParser:
     add("--workers", type=int, help=f"local RPC workers = pipeline stages (default here {d['workers']})")
     add("--threads", type=int, help=f"threads per local worker (default here {d['threads']})")
     add("--client-threads", type=int, default=0,
-        help="threads of this process's CPU backend (default: 1 with RPC workers, all cores otherwise)")
+        help="threads of this process's CPU backend (default: 1 with RPC workers; else pyturbo's default, every "
+        "core where the CPU holds layers and 4 where it only looks up token embeddings)")
     add("--gpu", action="store_true", help="split over the local GPUs instead of RPC workers")
     add("--devices", help="comma-separated devices to split over, e.g. CUDA0,CUDA1 or CUDA0,RPC0")
     add("--tensor-split", default="even", help="proportions a,b,... (one per device), 'even' (equal layers per "

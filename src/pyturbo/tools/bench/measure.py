@@ -160,7 +160,8 @@ def one_device_series(model, lengths: list[int], opts, progress) -> dict[int, Se
     out = {}
     for n in lengths:
         tokens = bench_tokens(model.n_vocab, n)
-        with model.context(n_ctx=n + 64, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=opts.ceiling_threads,
+        # the library's default threads, as the split model's contexts get them (client_threads 0)
+        with model.context(n_ctx=n + 64, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=opts.client_threads or None,
                            flash_attn=opts.flash_attn) as ctx:
             ctx.prefill(tokens[:warmup_tokens(n, s, 1, opts.on_gpu)])
             out[n] = Series(s, n)

@@ -22,9 +22,9 @@ def run(args) -> int:
     print(f"layout: {args.layout}", file=sys.stderr)
     cores = usable_cpu_cores()
     args.ceiling_threads = cores
-    if args.client_threads <= 0:
+    if args.client_threads <= 0 and not args.devices:
         # with RPC workers the cores belong to them; this process only looks up token embeddings
-        args.client_threads = cores if args.devices else 1
+        args.client_threads = 1
     plans = {n: plan(n, args.ubatches, sweep=not args.no_sweep, ceiling=args.reference == "ceiling", gpu=args.on_gpu)
              for n in args.lengths}
     total = args.repeat * (sum(map(len, plans.values())) + (len(args.lengths) if args.reference == "1 device" else 0))
