@@ -3,7 +3,8 @@
 In one process, interleaved round by round (medians of --repeat): the prompt on one GPU (llama.cpp's path,
 llama-server's batch sizes) and the forced pipeline over all visible GPUs, on an even layer split and on
 tensor_split="auto" (measured and balanced once, pyturbo.balance), with the CPU backend's threads (--threads) and
-the stage threads' spinning (LLAMA_TURBO_SPIN, read as each replay starts) off and on. Printed per setting: tok/s, the ratio to one GPU, PrefillResult.host_times
+the stage threads' spinning (LLAMA_TURBO_SPIN, read as each replay starts) off and on, and with a smaller first
+ubatch (--first-ubatch; the largest logit difference to the one-GPU run is printed). Printed per setting: tok/s, the ratio to one GPU, PrefillResult.host_times
 and, from the timeline of the median run, when the first stage started and each stage's mean time per ubatch.
 Then one run per pipelined setting with LLAMA_TURBO_TRACE set prints the host's checkpoints (which thread did what,
 when) to stderr.
@@ -31,6 +32,7 @@ ap.add_argument("--ubatch", type=int, default=512)
 ap.add_argument("--splits", default="even", help="tensor splits of the pipelined model to compare (even, auto)")
 ap.add_argument("--threads", default="0", help="CPU backend threads of the pipelined contexts (0: pyturbo's default)")
 ap.add_argument("--spin", default="0,1", help="LLAMA_TURBO_SPIN values to compare")
+ap.add_argument("--first-ubatch", default="0", help="Context(first_ubatch=) values to compare (0: uniform ubatches)")
 ap.add_argument("--repeat", type=int, default=5)
 ap.add_argument("--no-trace", action="store_true")
 args = ap.parse_args()
@@ -70,15 +72,17 @@ with ExitStack() as stack:
         print(f"split {split}: layers {models[split].layers_per_stage} ({models[split].split_choice})", flush=True)
     for n in lengths:
         tokens = np.random.default_rng(n).integers(0, 32000, n).astype(np.int32)
-        settings = {"1 GPU": (one, False, "0", 0)}
+        settings = {"1 GPU": (one, False, "0", 0, 0)}
         for split, model in models.items():
             for threads in map(int, args.threads.split(",")):
                 for spin in args.spin.split(","):
-                    settings[f"{split}, {threads or 'default'} thr, spin {spin}"] = (model, "force", spin, threads)
+                    for first in map(int, args.first_ubatch.split(",")):
+                        name = f"{split}, {threads or 'default'} thr, spin {spin}" + (f", first {first}" if first else "")
+                        settings[name] = (model, "force", spin, threads, first)
         contexts = {}
-        for name, (model, pipeline, spin, threads) in settings.items():
+        for name, (model, pipeline, spin, threads, first) in settings.items():
             ctx = stack.enter_context(model.context(n_ctx=n + 64, n_batch=2048, n_ubatch=args.ubatch, flash_attn=True,
-                                                    n_threads=threads or None))
+                                                    n_threads=threads or None, first_ubatch=first or None))
             for _ in range(2):   # warm-up: first-use allocations, graph reuse from the second prompt on
                 prefill(ctx, tokens, pipeline, spin)
             contexts[name] = ctx
@@ -86,7 +90,7 @@ with ExitStack() as stack:
         names = list(settings)
         for r in range(args.repeat):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                model, pipeline, spin, _ = settings[name]
+                model, pipeline, spin, _, _ = settings[name]
                 runs[name].append(prefill(contexts[name], tokens, pipeline, spin))
         ref = statistics.median(r.seconds for r in runs["1 GPU"])
         print(f"\n{n} tokens, ubatch {args.ubatch}, medians of {args.repeat} (interleaved)")
@@ -98,10 +102,11 @@ with ExitStack() as stack:
             h = mid.host_times
             print(f"  {name:<28} {n / med:8.0f} tok/s ({n / hi:.0f}-{n / lo:.0f}), {ref / med:.2f}x one GPU; "
                   f"host: until 1st ubatch {1e3 * h['until_first_ubatch']:.2f} ms, 1st graph "
-                  f"{1e3 * h['first_graph']:.2f} ms; {stage_ms(mid)}", flush=True)
+                  f"{1e3 * h['first_graph']:.2f} ms; {stage_ms(mid)}; max |d logit| vs 1 GPU "
+                  f"{float(np.abs(mid.logits - runs['1 GPU'][0].logits).max()):.3g}", flush=True)
         if not args.no_trace:
             for name in names[1:]:
-                model, pipeline, spin, _ = settings[name]
+                model, pipeline, spin, _, _ = settings[name]
                 print(f"-- host trace on stderr: {n} tokens, {name}", flush=True)
                 print(f"-- host trace, {n} tokens, {name}", file=sys.stderr, flush=True)
                 os.environ["LLAMA_TURBO_TRACE"] = "1"

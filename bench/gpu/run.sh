@@ -24,7 +24,8 @@
 #              RPC_STAGES (default "2 4 8") x (16 / stages) threads, bench-16l, RPC_LENGTHS (default 4096)
 #   partial    partial offload: PARTIAL_CPU_LAYERS (default 8) layers on this process's CPU, the rest over the GPUs
 #   host-time  where the time goes in a short pipelined prefill over all GPUs (peer access on): host work, hand-overs
-#              (stage threads spinning off and on), CPU threads HOST_THREADS (0: default), with the host's checkpoints
+#              (stage threads spinning off and on), CPU threads HOST_THREADS (0: default), first ubatch sizes
+#              HOST_FIRST_UBATCH (0: uniform), with the host's checkpoints
 #              (bench/gpu/host_time.py), GPU_LENGTHS
 # Every bench step measures the default (auto, calibrated first), the forced pipeline and stock, interleaved.
 # BENCH_REPEAT: runs per setting (default 3, the median is shown). GPU_STOCK_BEST=1: stock's sweep of n_batch/n_ubatch.
@@ -148,7 +149,7 @@ for step in "$@"; do
         echo "== host time, all GPUs, peer access on, ${GPU_PRESET:-8b}"
         ( export GGML_CUDA_P2P=1; unset GGML_CUDA_DEVICES PYTURBO_PIPELINE
           python3 bench/gpu/host_time.py --preset "${GPU_PRESET:-8b}" --tokens "${GPU_LENGTHS:-2048}" \
-              --ubatch "${GPU_UBATCH:-512}" --threads "${HOST_THREADS:-0}" > "$OUT/host-time.log" 2> "$OUT/host-trace.log"; echo "rc $?"
+              --ubatch "${GPU_UBATCH:-512}" --threads "${HOST_THREADS:-0}" --first-ubatch "${HOST_FIRST_UBATCH:-0}" > "$OUT/host-time.log" 2> "$OUT/host-trace.log"; echo "rc $?"
           grep -v "^CUDA\|^CPU\|^time" "$OUT/host-time.log"; tail -3 "$OUT/host-trace.log" ) ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac

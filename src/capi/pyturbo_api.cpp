@@ -413,7 +413,8 @@ struct prefill_batches {
 
 // Capture the n_batch-sized llama_decode calls of a prefill and replay them (the only decode loop is the executor's).
 int32_t capture_and_replay(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, llama_turbo_pipeline pipeline,
-                           llama_turbo_record_callback on_record, void * user_data, llama_turbo_result * result) {
+                           int32_t first_call, llama_turbo_record_callback on_record, void * user_data,
+                           llama_turbo_result * result) {
     llama_context * c = ctx->ctx;
     const int32_t n_batch = (int32_t) llama_n_batch(c);
     prefill_batches batches(n_tokens, pt_context_n_past(ctx));
@@ -421,12 +422,14 @@ int32_t capture_and_replay(pt_context * ctx, const int32_t * tokens, int32_t n_t
         snprintf(result->error, sizeof(result->error), "could not start a capture (is another prefill running?)");
         return result->status = LLAMA_TURBO_FAILED;
     }
-    for (int32_t i0 = 0; i0 < n_tokens; i0 += n_batch) {
-        if (llama_decode(c, batches.chunk(tokens, i0, std::min(n_batch, n_tokens - i0))) != 0) {
+    for (int32_t i0 = 0; i0 < n_tokens; ) {
+        const int32_t len = std::min(i0 == 0 && first_call > 0 ? std::min(first_call, n_batch) : n_batch, n_tokens - i0);
+        if (llama_decode(c, batches.chunk(tokens, i0, len)) != 0) {
             llama_turbo_capture_discard(c);
             snprintf(result->error, sizeof(result->error), "llama_decode refused the batch");
             return result->status = LLAMA_TURBO_FAILED;
         }
+        i0 += len;
     }
     return llama_turbo_replay(c, pipeline, on_record, user_data, result);
 }
@@ -435,7 +438,7 @@ int32_t capture_and_replay(pt_context * ctx, const int32_t * tokens, int32_t n_t
 
 extern "C" {
 
-int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline,
+int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline, int32_t first_call,
                    llama_turbo_record_callback on_record, void * user_data, llama_turbo_result * result) {
     *result = {};
     if (ctx->dead) {
@@ -449,7 +452,8 @@ int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, i
     clear_recent_errors();
     ctx->abort_requested = false;
     const int32_t status = guarded<int32_t>(LLAMA_TURBO_DEVICE_FAILED, "prefill", [&] {
-        return capture_and_replay(ctx, tokens, n_tokens, (llama_turbo_pipeline) pipeline, on_record, user_data, result);
+        return capture_and_replay(ctx, tokens, n_tokens, (llama_turbo_pipeline) pipeline, first_call, on_record, user_data,
+                                  result);
     });
     if (status == LLAMA_TURBO_OK) {
         return status;

@@ -87,6 +87,14 @@ class Context(_native.NativeHandle):
     n_batch is the size of each llama_decode call a prefill makes (as llama-server feeds a prompt); n_ubatch the
     size of the physical batches those are cut into (the units the pipeline keeps in flight).
 
+    first_ubatch (opt-in, default None: every ubatch has n_ubatch tokens, the last the rest): a prefill's first
+    ubatch has this many tokens, the following ones n_ubatch, the last the rest. The work before any device can start
+    (the host's set-up of the first ubatch and its embedding lookup on the CPU) scales with the first ubatch, and a
+    pipeline waits for it once per prompt. Both paths then run the same ubatches, so the pipelined result equals the
+    standard path's with the same first_ubatch as it does for uniform ones. Against uniform ubatches the kernels see
+    other shapes and the logits differ by rounding (tested bound: 1e-2 of the largest logit and the same top token;
+    tests/test_pipeline.py, tests/test_cuda.py).
+
     Before anything is allocated, the KV cache and compute buffers are checked against each device's free memory:
     MemoryError says what does not fit and what to lower. One call at a time: a call from a second thread while one
     runs raises ContextBusyError; close() from another thread stops the running call first (see close()).
@@ -98,7 +106,8 @@ class Context(_native.NativeHandle):
     _owner: str | None = None
 
     def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
-                 n_threads: int | None = None, flash_attn: bool | str | None = None, max_in_flight: int = 0):
+                 n_threads: int | None = None, flash_attn: bool | str | None = None, max_in_flight: int = 0,
+                 first_ubatch: int | None = None):
         if model.closed:
             raise ValueError("the model is closed")
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
@@ -112,6 +121,9 @@ class Context(_native.NativeHandle):
             raise ValueError(f"flash_attn must be True, False or 'auto', not {flash_attn!r}")
         if not isinstance(max_in_flight, int) or max_in_flight < 0:
             raise ValueError(f"max_in_flight must be an int >= 0 (0: automatic), not {max_in_flight!r}")
+        if first_ubatch is not None and (not isinstance(first_ubatch, int) or not 0 < first_ubatch <= n_ubatch):
+            raise ValueError(f"first_ubatch must be None or an int from 1 to n_ubatch ({n_ubatch}), not {first_ubatch!r}")
+        self.first_ubatch = first_ubatch
         n_threads = n_threads or default_threads(model.devices)
         self.model = model
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
@@ -198,7 +210,8 @@ class Context(_native.NativeHandle):
         c_cb = ffi.callback("llama_turbo_record_callback", on_record) if ask_pipeline else ffi.NULL
         c_toks = ffi.from_buffer("int32_t[]", toks)
         pipeline_arg = lib.LLAMA_TURBO_PIPELINE_ON if ask_pipeline else lib.LLAMA_TURBO_PIPELINE_OFF
-        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), pipeline_arg, c_cb, ffi.NULL, result))
+        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), pipeline_arg,
+                                                               self.first_ubatch or 0, c_cb, ffi.NULL, result))
         _native.drain_log()
         if callback_error:
             raise callback_error[0]
@@ -253,7 +266,8 @@ class Context(_native.NativeHandle):
 
     def _calibration_key(self, n_tokens: int, n_past: int) -> str:
         return policy.calibration_key(self.model.identity, self.model.stage_kinds, self.n_batch, self.n_ubatch,
-                                      self.flash_attn, n_tokens, n_past, self.model.layers_per_stage)
+                                      self.flash_attn, n_tokens, n_past, self.model.layers_per_stage,
+                                      self.first_ubatch)
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token (standard path) and return its logits."""

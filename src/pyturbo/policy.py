@@ -71,15 +71,17 @@ def length_bucket(n: int) -> int:
 
 
 def calibration_key(model_id: str, stages: Sequence[tuple[str, str]], n_batch: int, n_ubatch: int, flash_attn,
-                    n_tokens: int, n_past: int, layers: Sequence[int] | None = None) -> str:
+                    n_tokens: int, n_past: int, layers: Sequence[int] | None = None,
+                    first_ubatch: int | None = None) -> str:
     """What a measurement is valid for: the model file, the layout (device kinds and hosts, not ports: local workers
     get new ones every run, and the layers per stage where known: a rebalanced split is another layout), the batch
-    settings and the prompt's length bucket and starting position bucket."""
+    settings (a first_ubatch is another schedule) and the prompt's length bucket and starting position bucket."""
     layout = ",".join(f"{kind}@{host}" if host else kind for kind, host in stages)
     if layers:
         layout += "/" + ",".join(map(str, layers))
     start = 0 if n_past == 0 else length_bucket(n_past)
-    return f"{model_id}|{layout}|b{n_batch}|ub{n_ubatch}|fa{flash_attn}|len{length_bucket(n_tokens)}|at{start}"
+    first = f"|first{first_ubatch}" if first_ubatch else ""
+    return f"{model_id}|{layout}|b{n_batch}|ub{n_ubatch}{first}|fa{flash_attn}|len{length_bucket(n_tokens)}|at{start}"
 
 
 class Calibration:

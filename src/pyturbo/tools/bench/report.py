@@ -114,6 +114,8 @@ def legend(info: dict) -> str:
     width = max(len(label) for label, _ in items)
     runs = (f"median of {info['repeat']} runs (min-max); the settings ran interleaved (stock, {head}, stock, ...), "
             "the order rotated each round" if info["repeat"] > 1 else "one run each (--repeat 1: no spread)")
+    if info.get("gpu"):
+        runs += "; one untimed round of every setting ran first (the schedule's round -1)"
     return "\n".join([f"tok/s cells: {runs}."]
                      + [f"{label:<{width}}  {text}" for label, text in items])
 
