@@ -94,7 +94,8 @@ with ExitStack() as stack:
                 runs[name].append(prefill(contexts[name], tokens, pipeline, spin))
         ref = statistics.median(r.seconds for r in runs["1 GPU"])
         print(f"\n{n} tokens, ubatch {args.ubatch}, medians of {args.repeat} (interleaved)")
-        print(f"  {'1 GPU':<28} {n / ref:8.0f} tok/s ({contexts['1 GPU'].n_threads} CPU threads)")
+        print(f"  {'1 GPU':<28} {n / ref:8.0f} tok/s ({contexts['1 GPU'].n_threads} CPU threads; largest |logit| "
+              f"{float(np.abs(runs['1 GPU'][0].logits).max()):.3g})")
         for name in names[1:]:
             med = statistics.median(r.seconds for r in runs[name])
             lo, hi = min(r.seconds for r in runs[name]), max(r.seconds for r in runs[name])
