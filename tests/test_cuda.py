@@ -168,7 +168,7 @@ with pyturbo.Model(path) as model:
         first = ctx.prefill(toks, pipeline=True)
     out["sizes"] = sorted({(r.ubatch, r.n_tokens) for r in first.timeline})[:2]
     out["vs_uniform"] = float(np.abs(first.logits - uniform).max())
-    out["bound"] = 1e-2 * max(1.0, float(np.abs(uniform).max()))   # test_pipeline.FIRST_UBATCH_TOLERANCE
+    out["bound"] = 3e-2 * max(1.0, float(np.abs(uniform).max()))   # test_pipeline.FIRST_UBATCH_TOLERANCE
     out["argmax_vs_uniform"] = int(np.argmax(first.logits)) == int(np.argmax(uniform))
 """, 2)
     assert out["path"] == "pipelined", out["reason"]

@@ -232,10 +232,12 @@ def test_stage_threads_serve_replay_after_replay(tiny_model, rpc3, monkeypatch, 
 
 # first_ubatch moves every ubatch boundary, so the kernels see other shapes than with uniform ubatches and sum in
 # another order or take another tile path (F16 activations carry about 5e-4 relative rounding each time they are
-# converted). Measured on the CPU: bit-identical on the tiny models, 0.13% of the largest logit on "mid-f16" below,
-# up to 0.6% on an 8-layer 1024-wide random F16 model (first_ubatch 100, n_ubatch 128). The bound: 1e-2 of the largest logit (at least of 1) and the
-# same top token; a wrong position, mask or KV slot moves logits by a sizeable fraction of their range.
-FIRST_UBATCH_TOLERANCE = 1e-2
+# converted). Measured: on the CPU bit-identical on the tiny models, 0.13% of the largest logit on "mid-f16" below, up
+# to 0.6% on an 8-layer 1024-wide random F16 model (first_ubatch 100, n_ubatch 128); on 4 H200s 1.1-1.5% on the
+# 32-layer 8B-shaped random F16 model (first_ubatch 128/256, n_ubatch 512; bench/results/2026-11-26-gpu-host-time.md).
+# The bound: 3e-2 of the largest logit (at least of 1) and the same top token; a wrong position, mask or KV slot moves
+# logits by a sizeable fraction of their range.
+FIRST_UBATCH_TOLERANCE = 3e-2
 
 
 def assert_within_first_ubatch_tolerance(logits: np.ndarray, uniform: np.ndarray) -> None:

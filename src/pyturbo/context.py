@@ -92,8 +92,8 @@ class Context(_native.NativeHandle):
     (the host's set-up of the first ubatch and its embedding lookup on the CPU) scales with the first ubatch, and a
     pipeline waits for it once per prompt. Both paths then run the same ubatches, so the pipelined result equals the
     standard path's with the same first_ubatch as it does for uniform ones. Against uniform ubatches the kernels see
-    other shapes and the logits differ by rounding (tested bound: 1e-2 of the largest logit and the same top token;
-    tests/test_pipeline.py, tests/test_cuda.py).
+    other shapes and the logits differ by rounding (bound: 3e-2 of the largest logit and the same top token;
+    measured up to 1.5% on an 8B-shaped random F16 model; tests/test_pipeline.py, tests/test_cuda.py).
 
     Before anything is allocated, the KV cache and compute buffers are checked against each device's free memory:
     MemoryError says what does not fit and what to lower. One call at a time: a call from a second thread while one

@@ -8,9 +8,11 @@ layout and those measurements, so it is tested without devices (tests/test_polic
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -63,6 +65,7 @@ def decide(mode: str, layout: Layout, override: str | None = None,
 SAMPLES_PER_PATH = 2   # warm runs of each path before auto trusts the comparison: one run of stock is too noisy
                        # (bench/results/2026-11-25-2xh100.md)
 KEEP_SAMPLES = 8       # the newest samples kept per path and setting
+SAVE_INTERVAL_S = 60.0  # samples beyond what a decision needs are written at most this often, and at exit
 
 
 def length_bucket(n: int) -> int:
@@ -96,6 +99,9 @@ class Calibration:
         self.samples: dict[str, dict[str, list[float]]] = {}
         self.splits: dict[str, dict] = {}     # balance.Balance.to_json() per balance.balance_key()
         self._loaded = False
+        self._dirty = False                   # samples recorded since the last write
+        self._saved_at = float("-inf")        # time.monotonic() of the last write
+        self._flush_registered = False
 
     @classmethod
     def from_env(cls, env: dict) -> "Calibration":
@@ -110,11 +116,25 @@ class Calibration:
         return {path: list(runs) for path, runs in self.samples.get(key, {}).items()}
 
     def record(self, key: str, path: str, tokens_per_second: float) -> None:
+        """Add a sample. Written at once while the setting is still being calibrated (a later process must see it);
+        after that every prefill records one, so the file is rewritten at most every SAVE_INTERVAL_S (and at exit)."""
         self._load()
         runs = self.samples.setdefault(key, {}).setdefault(path, [])
+        calibrating = len(runs) < SAMPLES_PER_PATH
         runs.append(round(float(tokens_per_second), 1))
         del runs[:-KEEP_SAMPLES]
-        self._save()
+        if calibrating or time.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
+            self._save()
+        else:
+            self._dirty = True
+            if not self._flush_registered:
+                self._flush_registered = True
+                atexit.register(self.flush)
+
+    def flush(self) -> None:
+        """Write samples not written yet."""
+        if self._dirty:
+            self._save()
 
     def stored_split(self, key: str) -> dict | None:
         """The layer split stored for key (balance.balance_key), as balance.Balance.to_json() made it, or None."""
@@ -144,6 +164,7 @@ class Calibration:
                 self.samples, self.splits = {}, {}   # unreadable: calibrate again rather than fail a prefill
 
     def _save(self) -> None:
+        self._dirty, self._saved_at = False, time.monotonic()
         if self.path is None:
             return
         try:
