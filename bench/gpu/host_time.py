@@ -28,7 +28,8 @@ from pyturbo.devices import list_devices, usable_cpu_cores
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--preset", default="8b")
 ap.add_argument("--tokens", default="2048", help="comma-separated prompt lengths")
-ap.add_argument("--ubatch", type=int, default=512)
+ap.add_argument("--ubatch", type=int, default=512, help="n_ubatch of the pipelined contexts")
+ap.add_argument("--ref-ubatch", type=int, default=512, help="n_ubatch of the one-GPU reference (llama-server's)")
 ap.add_argument("--splits", default="even", help="tensor splits of the pipelined model to compare (even, auto)")
 ap.add_argument("--threads", default="0", help="CPU backend threads of the pipelined contexts (0: pyturbo's default)")
 ap.add_argument("--spin", default="0,1", help="LLAMA_TURBO_SPIN values to compare")
@@ -81,7 +82,8 @@ with ExitStack() as stack:
                         settings[name] = (model, "force", spin, threads, first)
         contexts = {}
         for name, (model, pipeline, spin, threads, first) in settings.items():
-            ctx = stack.enter_context(model.context(n_ctx=n + 64, n_batch=2048, n_ubatch=args.ubatch, flash_attn=True,
+            ub = args.ref_ubatch if name == "1 GPU" else args.ubatch
+            ctx = stack.enter_context(model.context(n_ctx=n + 64, n_batch=2048, n_ubatch=ub, flash_attn=True,
                                                     n_threads=threads or None, first_ubatch=first or None))
             for _ in range(2):   # warm-up: first-use allocations, graph reuse from the second prompt on
                 prefill(ctx, tokens, pipeline, spin)
@@ -93,7 +95,7 @@ with ExitStack() as stack:
                 model, pipeline, spin, _, _ = settings[name]
                 runs[name].append(prefill(contexts[name], tokens, pipeline, spin))
         ref = statistics.median(r.seconds for r in runs["1 GPU"])
-        print(f"\n{n} tokens, ubatch {args.ubatch}, medians of {args.repeat} (interleaved)")
+        print(f"\n{n} tokens, ubatch {args.ubatch} (1 GPU: {args.ref_ubatch}), medians of {args.repeat} (interleaved)")
         print(f"  {'1 GPU':<28} {n / ref:8.0f} tok/s ({contexts['1 GPU'].n_threads} CPU threads; largest |logit| "
               f"{float(np.abs(runs['1 GPU'][0].logits).max()):.3g})")
         for name in names[1:]:
