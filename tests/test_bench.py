@@ -96,6 +96,8 @@ def damaged_models(tmp_path_factory):
     (["--rpc", "abc"], "--rpc: RPC server 'abc' is not of the form host:port"),
     (["--rpc", ""], "--rpc"),
     (["--in-flight", "-1"], "--in-flight must be >= 0"),
+    (["--first-ubatch", "-1"], "--first-ubatch must be >= 0"),
+    (["--ubatch", "128,256", "--first-ubatch", "200"], "--first-ubatch must be from 1 to the smallest --ubatch (128)"),
     (["--devices", "NOPE"], "no device named 'NOPE'"),
     (["--devices", "CPU,CPU"], "names a device twice"),
     (["--repeat", "0"], "--repeat must be >= 1"),
@@ -220,6 +222,25 @@ def test_rows_from_recorded_runs():
     assert row.efficiency == pytest.approx(0.8) and row.outputs_equal
     series["default 2048/128"].results[1].logits[0] += 1e-6          # one run differs: caught
     assert not measure.make_rows(1024, series, [128], None)[0].outputs_equal
+
+
+def test_rows_with_a_first_ubatch_check_the_tolerance():
+    """--first-ubatch: the pipelined modes run other kernel shapes than stock same-ub, so their logits are checked
+    against the stated tolerance (pyturbo.context.FIRST_UBATCH_TOLERANCE) instead of bit for bit."""
+    sets = {s.key: s for s in plan(1024, [128], sweep=True, ceiling=True, gpu=False, first_ubatch=32)}
+    assert "default 2048/128 first 32" in sets and "stock 2048/128" in sets
+    series = {}
+    for key, old in fake_series().items():
+        key = f"{key} first 32" if key.startswith(PIPELINED) else key
+        series[key] = measure.Series(sets[key], 1024, old.results)
+    for r in series["default 2048/128 first 32"].results:
+        r.logits = r.logits + 0.01                                    # rounding-sized (logits [1, 2])
+    (row,) = measure.make_rows(1024, series, [128], None, first_ubatch=32)
+    assert row.outputs_equal and row.first_ubatch == 32 and row.max_logit_diff == pytest.approx(0.01)
+    assert "within tol. (max diff 0.01)" in table([row])
+    series["forced 2048/128 first 32"].results[0].logits = np.asarray([1.0, 2.5], np.float32)   # 25% off: caught
+    (row,) = measure.make_rows(1024, series, [128], None, first_ubatch=32)
+    assert not row.outputs_equal and "NO (max diff 0.5)" in table([row])
 
 
 def test_table_legend_and_files(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@
 #              (bench/gpu/host_time.py), GPU_LENGTHS
 # Every bench step measures the default (auto, calibrated first), the forced pipeline and stock, interleaved.
 # BENCH_REPEAT: runs per setting (default 3, the median is shown). GPU_STOCK_BEST=1: stock's sweep of n_batch/n_ubatch.
+# GPU_BENCH_ARGS: more options for the GPU benches (e.g. "--first-ubatch 256").
 # PYTURBO_SKIP_BUILD=1: use the pyturbo this machine already installed (a second run.sh in one command, or a warm
 # machine), building only if there is none.
 set -uo pipefail
@@ -72,7 +73,7 @@ gpu_bench() {
     local name=$1; shift
     python3 -m pyturbo.bench --gpu --yes --preset "${GPU_PRESET:-8b}" --flash-attn on --lengths "${GPU_LENGTHS:-4096,16384}" \
         --ubatch "${GPU_UBATCH:-512}" --repeat "${BENCH_REPEAT:-3}" $([ "${GPU_STOCK_BEST:-0}" = 1 ] || echo --no-sweep) \
-        "$@" --out "$OUT/$name" 2>&1 \
+        ${GPU_BENCH_ARGS:-} "$@" --out "$OUT/$name" 2>&1 \
         | tr '\r' '\n' | grep -v "^bench:\|^writing" | tee "$OUT/$name.log"
 }
 

@@ -59,6 +59,9 @@ def build_parser(d: dict) -> argparse.ArgumentParser:
         f"on GPUs, {CPU_PIPELINE_UBATCH} on CPU or RPC stages, where more, smaller ubatches fill the pipeline at little "
         "cost per token)")
     add("--in-flight", type=int, default=0, help="ubatches in flight (0: stages + 1)")
+    add("--first-ubatch", type=int, default=0, help="opt-in: the pipelined modes start each prompt with a ubatch of "
+        "this many tokens (Context(first_ubatch=)); their logits are then checked against stock within a tolerance "
+        "instead of bit for bit (0: uniform ubatches)")
     add("--flash-attn", choices=["on", "off", "auto"], default="auto")
     add("--repeat", type=int, help=f"runs per setting, interleaved; the table shows the median (default {DEFAULT_REPEAT})")
     add("--no-sweep", "--no-stock-best", dest="no_sweep", action="store_true",
@@ -109,7 +112,7 @@ def check_args(ap, args, d: dict) -> None:
     for name in ("repeat", "workers", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1, not {getattr(args, name)}")
-    for name in ("client_threads", "in_flight"):
+    for name in ("client_threads", "in_flight", "first_ubatch"):
         if getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0 (0: automatic), not {getattr(args, name)}")
     args.lengths = int_list(ap, "--lengths", args.lengths or ",".join(map(str, d["lengths"])), 2, 131072)
@@ -126,6 +129,8 @@ def check_args(ap, args, d: dict) -> None:
     args.ubatches = ([STOCK_UBATCH if args.on_gpu else CPU_PIPELINE_UBATCH] if args.ubatch == "auto"
                      else int_list(ap, "--ubatch", args.ubatch, 1, 65536))
     args.flash_attn = {"on": True, "off": False, "auto": "auto"}[args.flash_attn]
+    if args.first_ubatch and not 0 < args.first_ubatch <= min(args.ubatches):
+        ap.error(f"--first-ubatch must be from 1 to the smallest --ubatch ({min(args.ubatches)}), not {args.first_ubatch}")
     args.n_stages = len(args.devices) if args.devices else len(args.endpoints) or args.workers
     if args.model is not None:
         args.n_layer = check_model(ap, args.model)

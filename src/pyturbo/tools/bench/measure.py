@@ -13,6 +13,8 @@ from itertools import zip_longest
 
 import numpy as np
 
+from ...context import within_first_ubatch_tolerance
+
 STOCK_BATCH, STOCK_UBATCH = 2048, 512            # llama-server's defaults
 CPU_PIPELINE_UBATCH = 128                        # measured (bench/results/): pipelines best on CPU/RPC stages
 CPU_SWEEP_UBATCHES = (128, 256, 512)             # stock's sweep on CPU/RPC stages (plus n_batch = prompt)
@@ -32,10 +34,11 @@ class Setting:
     n_ubatch: int
     pipeline: object = False  # prefill's pipeline= value
     on: str = "split"         # which model runs it: "split" (the layout measured) or "ceiling" (one process/device)
+    first_ubatch: int = 0     # Context(first_ubatch=) of a pipelined setting (--first-ubatch); 0: uniform ubatches
 
     @property
     def key(self) -> str:
-        return f"{self.role} {self.n_batch}/{self.n_ubatch}"
+        return f"{self.role} {self.n_batch}/{self.n_ubatch}" + (f" first {self.first_ubatch}" if self.first_ubatch else "")
 
 
 @dataclass
@@ -80,14 +83,16 @@ def bench_tokens(n_vocab: int, n: int) -> np.ndarray:
     return np.random.default_rng(n).integers(0, min(n_vocab, 32000), n).astype(np.int32)
 
 
-def plan(n: int, ubatches: list[int], *, sweep: bool, ceiling: bool, gpu: bool) -> list[Setting]:
-    """The settings measured for an n-token prompt, in the order of the first round."""
+def plan(n: int, ubatches: list[int], *, sweep: bool, ceiling: bool, gpu: bool, first_ubatch: int = 0) -> list[Setting]:
+    """The settings measured for an n-token prompt, in the order of the first round; first_ubatch applies to the
+    pipelined modes only (stock keeps its best uniform settings)."""
     stock_ubs = {STOCK_UBATCH, *ubatches} | (set(GPU_SWEEP_UBATCHES if gpu else CPU_SWEEP_UBATCHES) if sweep else set())
     stock = [Setting("stock", max(STOCK_BATCH, ub), ub) for ub in sorted(stock_ubs)]
     if sweep and n > STOCK_BATCH:
         stock.append(Setting("stock", n, STOCK_UBATCH))       # the whole prompt in one llama_decode call
     other = [Setting("ceiling", STOCK_BATCH, ub, on="ceiling") for ub in CEILING_UBATCHES] if ceiling else []
-    other += [Setting(name, max(STOCK_BATCH, ub), ub, value) for ub in ubatches for name, value in PIPELINE_MODES]
+    other += [Setting(name, max(STOCK_BATCH, ub), ub, value, first_ubatch=first_ubatch)
+              for ub in ubatches for name, value in PIPELINE_MODES]
     # stock, other, stock, other, ...: every pipelined run has a stock run next to it
     return [s for pair in zip_longest(stock, other) for s in pair if s is not None]
 
@@ -123,7 +128,8 @@ def measure_length(models: dict, n: int, settings: list[Setting], opts, progress
         for s in settings:
             threads = opts.ceiling_threads if s.on == "ceiling" else opts.client_threads
             ctx = models[s.on].context(n_ctx=n + 64, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=threads,
-                                       flash_attn=opts.flash_attn, max_in_flight=opts.in_flight if s.pipeline else 0)
+                                       flash_attn=opts.flash_attn, max_in_flight=opts.in_flight if s.pipeline else 0,
+                                       first_ubatch=s.first_ubatch or None)
             contexts[s.key] = ctx
             prepare(ctx, s, tokens, warmup_tokens(n, s, n_stages, opts.on_gpu))
         series = {s.key: Series(s, n) for s in settings}
@@ -205,12 +211,15 @@ class Row:
     ideal_speedup: float             # M·S/(M+S−1)
     n_ubatches: int                  # M
     n_stages: int                    # S
-    outputs_equal: bool              # every run of every mode, bit for bit vs stock same-ub
+    outputs_equal: bool              # every run of every mode, bit for bit vs stock same-ub (with a first_ubatch:
+                                     # within pyturbo.context.FIRST_UBATCH_TOLERANCE)
     path: str
     fallback_reason: str = ""
     stock_best_run: str = ""         # the Series keys the speedup is computed from
     pipelined_run: str = ""
     ceiling_run: str = ""
+    first_ubatch: int = 0            # of the pipelined modes (0: uniform ubatches)
+    max_logit_diff: float = 0.0      # largest |logit difference| of a pipelined run to stock same-ub
     modes: dict = field(default_factory=dict)   # every PIPELINE_MODES entry
     runs: dict = field(default_factory=dict)    # every setting measured at this length
 
@@ -227,7 +236,13 @@ def paired_ratios(a: Series, b: Series) -> list[float]:
     return [x / y for x, y in zip(a.seconds, b.seconds)]
 
 
-def make_rows(n: int, series: dict[str, Series], ubatches: list[int], ceiling: Series | None) -> list[Row]:
+def outputs_agree(logits: np.ndarray, reference: np.ndarray, first_ubatch: int) -> bool:
+    """Bit for bit with the same ubatches; with a first_ubatch (other kernel shapes) within the stated tolerance."""
+    return within_first_ubatch_tolerance(logits, reference) if first_ubatch else np.array_equal(logits, reference)
+
+
+def make_rows(n: int, series: dict[str, Series], ubatches: list[int], ceiling: Series | None,
+              first_ubatch: int = 0) -> list[Row]:
     """One Row per pipelined ubatch. ceiling: the 1-device Series (GPU), else the best 'ceiling' setting if any."""
     stock = series[Setting("stock", STOCK_BATCH, STOCK_UBATCH).key]
     external = {ceiling.setting.key: ceiling.summary()} if ceiling is not None else {}
@@ -241,12 +256,13 @@ def make_rows(n: int, series: dict[str, Series], ubatches: list[int], ceiling: S
         reference = same.results[-1].logits
         modes = {}
         for name, _ in PIPELINE_MODES:
-            m = series[Setting(name, max(STOCK_BATCH, ub), ub).key]
+            m = series[Setting(name, max(STOCK_BATCH, ub), ub, first_ubatch=first_ubatch).key]
             ratios = paired_ratios(best, m)
             modes[name] = {"run": m.setting.key, "tps": m.tps, "tps_min": m.tps_range[0], "tps_max": m.tps_range[1],
                            "speedup": best.median_seconds / m.median_seconds,
                            "speedup_low": min(ratios), "speedup_high": max(ratios),
-                           "outputs_equal": all(np.array_equal(r.logits, reference) for r in m.results),
+                           "outputs_equal": all(outputs_agree(r.logits, reference, first_ubatch) for r in m.results),
+                           "max_logit_diff": max(float(np.max(np.abs(r.logits - reference))) for r in m.results),
                            "paths": sorted({r.path for r in m.results}),
                            "fallback_reason": "; ".join(sorted({why_standard(r) for r in m.results} - {""}))}
         head_name = PIPELINE_MODES[0][0]
@@ -265,7 +281,8 @@ def make_rows(n: int, series: dict[str, Series], ubatches: list[int], ceiling: S
             ideal_efficiency=tl.ideal_efficiency() if len(tl) else float("nan"),
             ideal_speedup=tl.ideal_speedup() if len(tl) else float("nan"),
             n_ubatches=tl.n_ubatches if len(tl) else head.results[-1].n_ubatches, n_stages=len(tl.stages),
-            outputs_equal=all(m["outputs_equal"] for m in modes.values()),
+            outputs_equal=all(m["outputs_equal"] for m in modes.values()), first_ubatch=first_ubatch,
+            max_logit_diff=max(m["max_logit_diff"] for m in modes.values()),
             path="/".join(h["paths"]), fallback_reason=h["fallback_reason"],
             stock_best_run=best.setting.key, pipelined_run=head.setting.key,
             ceiling_run=ceiling.setting.key if ceiling else "", modes=modes,

@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ... import _native
+from ...context import FIRST_UBATCH_TOLERANCE
 from ...devices import usable_cpu_cores
 from .measure import CPU_SWEEP_UBATCHES, GPU_SWEEP_UBATCHES, PIPELINE_MODES, STOCK_BATCH, STOCK_UBATCH, Row
 
@@ -66,7 +67,11 @@ def cells(r: Row) -> list[str]:
         out += [_tps(e["tps"], e["tps_min"], e["tps_max"]), _ratio(e["speedup"], e["speedup_low"], e["speedup_high"])]
     eff = "-" if math.isnan(r.efficiency) else f"{r.efficiency:.2f} (max {r.ideal_efficiency:.2f})"
     bound = "-" if math.isnan(r.ideal_speedup) else f"{r.ideal_speedup:.2f}x (M={r.n_ubatches}, S={r.n_stages})"
-    return out + [eff, bound, "yes" if r.outputs_equal else "NO"]
+    if r.first_ubatch:   # other kernel shapes than stock same-ub: agreement within the stated tolerance
+        equal = f"{'within tol.' if r.outputs_equal else 'NO'} (max diff {r.max_logit_diff:.2g})"
+    else:
+        equal = "yes" if r.outputs_equal else "NO"
+    return out + [eff, bound, equal]
 
 
 def table(rows: list[Row], reference: str = "ceiling") -> str:
@@ -111,6 +116,11 @@ def legend(info: dict) -> str:
         ("bound", "M*S/(M+S-1): the most a pipeline of S equal stages gains over running them one after another "
                   "(M = ubatches of the prompt, S = stages)"),
         ("outputs equal", "the last-token logits of every pipelined run are bit-identical to stock same-ub's")]
+    if info.get("first_ubatch"):
+        items[-1] = ("outputs equal", f"the pipelined modes ran with first_ubatch={info['first_ubatch']} (opt-in: the "
+                     "first ubatch that size, then n_ubatch each): other kernel shapes than stock same-ub, so their "
+                     f"logits must agree within {FIRST_UBATCH_TOLERANCE:g} of the largest and pick the same top token "
+                     "('within tol.', the largest difference in brackets); stock and stock-best keep uniform ubatches")
     width = max(len(label) for label, _ in items)
     runs = (f"median of {info['repeat']} runs (min-max); the settings ran interleaved (stock, {head}, stock, ...), "
             "the order rotated each round" if info["repeat"] > 1 else "one run each (--repeat 1: no spread)")
