@@ -232,8 +232,8 @@ def test_stage_threads_serve_replay_after_replay(tiny_model, rpc3, monkeypatch, 
 
 
 def assert_within_first_ubatch_tolerance(logits: np.ndarray, uniform: np.ndarray) -> None:
-    """pyturbo.context.FIRST_UBATCH_TOLERANCE says why the bound; measured on the CPU: bit-identical on the tiny
-    models, 0.13% of the largest logit on "mid-f16" below, up to 0.6% on an 8-layer 1024-wide random F16 model."""
+    """pyturbo.context.FIRST_UBATCH_TOLERANCE says why the bound. "mid-f16" below is wide enough for the CPU's
+    kernels to round differently with other shapes (the tiny models do not; bench/results/2026-11-26-gpu-host-time.md)."""
     assert within_first_ubatch_tolerance(logits, uniform), float(np.max(np.abs(logits - uniform)))
 
 

@@ -192,7 +192,7 @@ int32_t llama_turbo::decode_calls(std::vector<turbo_batch> & batches, bool one_u
                 part.n_seq_id += i0;
                 part.seq_id   += i0;
             }
-            trace.mark("decode call", i0 / n_ubatch);
+            trace.mark("decode call", one_ubatch_per_call ? n_submitted : -1); // the ubatch it will submit
             const int32_t status = lctx.decode(part);
             if (status != 0) {
                 return status;

@@ -64,6 +64,31 @@ bool llama_turbo::work_near(int thread) const {
     return false;
 }
 
+// Called with the lock held, after the caller found nothing to do; returns with it held. Not near: sleeps until a
+// notify. Near: spins until another thread makes progress (notify) or SPIN_LIMIT passed. The caller re-checks both
+// its work and whether it is still near.
+void llama_turbo::wait_or_spin(std::unique_lock<std::mutex> & lock, bool near) {
+    if (!near) {
+        cv.wait(lock);
+        return;
+    }
+    constexpr auto SPIN_LIMIT = std::chrono::milliseconds(20);
+    const uint64_t seen = progress.load(std::memory_order_acquire);
+    lock.unlock();
+    const auto t_end = std::chrono::steady_clock::now() + SPIN_LIMIT;
+    for (int i = 1; progress.load(std::memory_order_acquire) == seen; ++i) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+#endif
+        if (i % 1024 == 0 && std::chrono::steady_clock::now() > t_end) {
+            break;
+        }
+    }
+    lock.lock();
+}
+
 bool llama_turbo::completion_near() const {
     for (const auto & s : slots) {
         if (s.busy && s.running && s.n_done + 1 == (int) s.splits.size()) {
@@ -73,12 +98,12 @@ bool llama_turbo::completion_near() const {
     return false;
 }
 
-// The stage threads outlive a replay: starting and joining them cost about half a millisecond per prefill (waking
-// a sleeping thread is slow on server CPUs), all of it on the critical path of a short prompt.
+// The stage threads outlive a replay: starting and joining them is on the critical path of every prefill (a new
+// thread, and one that sleeps, is slow to wake on server CPUs; bench/results/2026-11-26-gpu-host-time.md).
 void llama_turbo::start_replay() {
     {
         std::lock_guard<std::mutex> lock(mtx);
-        failed = aborted = host_submitting = false;
+        failed = aborted = false;   // host_submitting was cleared as the previous replay ended
         spin = spin_wanted();
         replay_id++;
     }
@@ -140,7 +165,7 @@ void llama_turbo::stage_thread_loop(int thread) {
         slot * s = nullptr;
         auto have = [&] { return stopping || failed || aborted || (s = pick(thread)) != nullptr; };
         while (!have()) {
-            wait_or_spin(lock, have, spin && work_near(thread));
+            wait_or_spin(lock, spin && work_near(thread));
         }
         if (stopping) {
             return;

@@ -186,13 +186,14 @@ struct llama_turbo : llama_ubatch_executor {
     void   flush_records();
 
     // Waiting: a thread sleeps on cv until its work is near, then spins until it is there (when `spin`). Waking a
-    // sleeping thread takes 0.02-0.3 ms on a server CPU, on the critical path of every hand-over between stages; a
-    // spinning thread sees the hand-over within a microsecond. Spinning costs a core while it lasts, so it is on
-    // only where the devices are GPUs (the host's threads then only launch work) and the cores are plenty.
+    // sleeping thread is slow on a server CPU (an idle core has to leave its sleep state), and every hand-over between
+    // stages waits for it (bench/results/2026-11-26-gpu-host-time.md); a spinning thread sees the hand-over at once.
+    // Spinning costs a core while it lasts, so it is on only where the devices are GPUs (the host's threads then only
+    // launch work) and the cores are plenty.
     bool spin_wanted() const;
     bool work_near(int thread) const;        // under mtx: this thread's next split can become ready at any moment
     bool completion_near() const;            // under mtx: a ubatch's last split is running
-    template <typename Pred> void wait_or_spin(std::unique_lock<std::mutex> & lock, Pred until, bool near);
+    void   wait_or_spin(std::unique_lock<std::mutex> & lock, bool near);
     void   notify() { progress.fetch_add(1, std::memory_order_release); cv.notify_all(); }
 
     // Swaps a slot's scheduler into the context while a graph is built or reserved, so that everything that consults
@@ -259,7 +260,7 @@ bool llama_turbo::wait_host(Cond cond, ggml_status & ret) {
             break;
         }
         if (spin && completion_near()) {
-            wait_or_spin(lock, [] { return false; }, true); // returns at the next progress; the loop re-checks
+            wait_or_spin(lock, true); // returns at the next progress; the loop re-checks
         } else {
             cv.wait_for(lock, std::chrono::milliseconds(2));
         }
@@ -277,32 +278,4 @@ bool llama_turbo::wait_host(Cond cond, ggml_status & ret) {
     lock.unlock();
     flush_records();
     return true;
-}
-
-// Returns with the lock held once until() holds or, when near, once another thread made progress (notify) or a
-// spin of SPIN_LIMIT passed: the caller re-checks its own condition and whether its work is still near.
-template <typename Pred>
-void llama_turbo::wait_or_spin(std::unique_lock<std::mutex> & lock, Pred until, bool near) {
-    if (until()) {
-        return;
-    }
-    if (!near) {
-        cv.wait(lock);
-        return;
-    }
-    constexpr auto SPIN_LIMIT = std::chrono::milliseconds(20);
-    const uint64_t seen = progress.load(std::memory_order_acquire);
-    lock.unlock();
-    const auto t_end = std::chrono::steady_clock::now() + SPIN_LIMIT;
-    for (int i = 1; progress.load(std::memory_order_acquire) == seen; ++i) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#elif defined(__aarch64__)
-        __asm__ __volatile__("yield");
-#endif
-        if (i % 1024 == 0 && std::chrono::steady_clock::now() > t_end) {
-            break;
-        }
-    }
-    lock.lock();
 }

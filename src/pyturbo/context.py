@@ -82,9 +82,9 @@ def default_threads(layer_devices: list[str]) -> int:
 
 
 # first_ubatch moves every ubatch boundary, so the kernels see other shapes than with uniform ubatches and sum in another
-# order or take another tile path: the logits differ by rounding. Measured up to 1.5% of the largest logit (8B-shaped
-# random F16 model on H200s, bench/results/2026-11-26-gpu-host-time.md); a wrong position, mask or KV slot moves
-# them by a sizeable fraction of their range.
+# order or take another tile path: the logits differ by rounding. The bound is twice the largest difference measured
+# (bench/results/2026-11-26-gpu-host-time.md); a wrong position, mask or KV slot moves them by a sizeable fraction
+# of their range.
 FIRST_UBATCH_TOLERANCE = 3e-2
 
 
@@ -224,8 +224,9 @@ class Context(_native.NativeHandle):
         c_cb = ffi.callback("llama_turbo_record_callback", on_record) if ask_pipeline else ffi.NULL
         c_toks = ffi.from_buffer("int32_t[]", toks)
         pipeline_arg = lib.LLAMA_TURBO_PIPELINE_ON if ask_pipeline else lib.LLAMA_TURBO_PIPELINE_OFF
-        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), pipeline_arg,
-                                                               self.first_ubatch or 0, c_cb, ffi.NULL, result))
+        first_call = self.first_ubatch or 0   # 0: n_batch-sized calls (uniform ubatches)
+        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), pipeline_arg, first_call, c_cb, ffi.NULL,
+                                                       result))
         _native.drain_log()
         if callback_error:
             raise callback_error[0]

@@ -103,10 +103,14 @@ def round_order(settings: list[Setting], r: int) -> list[Setting]:
     return settings[k:] + settings[:k]
 
 
-# On GPUs the first timed runs after the warm-ups were measured up to 2.8x slower than the rest (stock, pipelined and
-# one device alike; bench/results/2026-11-26-gpu-host-time.md), more than a median of 3 absorbs: there, one round of
-# every setting runs untimed first (in the schedule as round -1).
+# On GPUs the first timed runs after the warm-ups ran slower than the rest, in every mode and by more than a median
+# of 3 absorbs (bench/results/2026-11-26-gpu-host-time.md): there, one round of every setting runs untimed first (in
+# the schedule as round -1).
 GPU_SETTLING_ROUNDS = 1
+
+
+def settling_rounds(gpu: bool) -> int:
+    return GPU_SETTLING_ROUNDS if gpu else 0
 
 
 def warmup_tokens(n: int, s: Setting, n_stages: int, gpu: bool) -> int:
@@ -133,8 +137,7 @@ def measure_length(models: dict, n: int, settings: list[Setting], opts, progress
             contexts[s.key] = ctx
             prepare(ctx, s, tokens, warmup_tokens(n, s, n_stages, opts.on_gpu))
         series = {s.key: Series(s, n) for s in settings}
-        settling = GPU_SETTLING_ROUNDS if opts.on_gpu else 0
-        for r in range(-settling, opts.repeat):
+        for r in range(-settling_rounds(opts.on_gpu), opts.repeat):
             for s in round_order(settings, r):
                 res = run_once(contexts[s.key], tokens, s.pipeline)
                 schedule.append({"prompt_tokens": n, "round": r, "setting": s.key, "seconds": res.seconds,
@@ -178,7 +181,7 @@ def one_device_series(model, lengths: list[int], opts, progress) -> dict[int, Se
         with model.context(n_ctx=n + 64, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=opts.client_threads or None,
                            flash_attn=opts.flash_attn) as ctx:
             ctx.prefill(tokens[:warmup_tokens(n, s, 1, opts.on_gpu)])
-            for _ in range(GPU_SETTLING_ROUNDS if opts.on_gpu else 0):
+            for _ in range(settling_rounds(opts.on_gpu)):
                 run_once(ctx, tokens, False)
             out[n] = Series(s, n)
             for _ in range(opts.repeat):
