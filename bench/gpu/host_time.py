@@ -24,6 +24,7 @@ import numpy as np
 import pyturbo
 from pyturbo import synth
 from pyturbo.devices import list_devices, usable_cpu_cores
+from pyturbo.tools.bench.measure import bench_tokens, round_order
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--preset", default="8b")
@@ -72,7 +73,7 @@ with ExitStack() as stack:
         models[split] = stack.enter_context(pyturbo.Model(path, devices=gpus, tensor_split=split))
         print(f"split {split}: layers {models[split].layers_per_stage} ({models[split].split_choice})", flush=True)
     for n in lengths:
-        tokens = np.random.default_rng(n).integers(0, 32000, n).astype(np.int32)
+        tokens = bench_tokens(one.n_vocab, n)   # the bench's prompts
         settings = {"1 GPU": (one, False, "0", 0, 0)}
         for split, model in models.items():
             for threads in map(int, args.threads.split(",")):
@@ -91,7 +92,7 @@ with ExitStack() as stack:
         runs = {name: [] for name in settings}
         names = list(settings)
         for r in range(args.repeat):
-            for name in names[r % len(names):] + names[:r % len(names)]:
+            for name in round_order(names, r):   # the bench's rotation: no setting always follows the same one
                 model, pipeline, spin, _, _ = settings[name]
                 runs[name].append(prefill(contexts[name], tokens, pipeline, spin))
         ref = statistics.median(r.seconds for r in runs["1 GPU"])
