@@ -155,6 +155,36 @@ def test_bad_arguments(tiny_model):
             model.context(n_batch=64, n_ubatch=128)
 
 
+@pytest.mark.parametrize("kwargs,name", [
+    ({"n_ctx": True}, "n_ctx"), ({"n_batch": True, "n_ubatch": True}, "n_batch"), ({"n_ubatch": False}, "n_ubatch"),
+    ({"n_ubatch": 32, "first_ubatch": True}, "first_ubatch"), ({"n_threads": -100}, "n_threads"),
+    ({"n_threads": True}, "n_threads"), ({"n_threads": 1.0}, "n_threads"), ({"n_threads": 100_000}, "n_threads"),
+    ({"max_in_flight": True}, "max_in_flight"), ({"n_batch": 2**40}, "n_batch"),
+])
+def test_context_arguments_are_checked(tiny_model, kwargs, name):
+    """bool is an int subclass: True must not pass as a count; counts C would take wrongly are refused too."""
+    with pyturbo.Model(tiny_model, devices=[]) as model:
+        with pytest.raises(ValueError, match=name):
+            model.context(**kwargs)
+        with model.context(n_ctx=64, n_threads=0) as ctx:  # 0 and None: the default thread count
+            assert ctx.n_threads >= 1
+
+
+def test_generate_past_n_ctx_returns_what_it_generated(tiny_model):
+    with pyturbo.Model(tiny_model, devices=[]) as model, model.context(n_ctx=64, n_ubatch=32, n_threads=1) as ctx:
+        ctx.prefill(prompt(60))
+        room = ctx.generate(4)                       # exactly fills the context
+        assert room.finish_reason == "length" and len(room) == 4 and ctx.n_past == 64
+        ctx.reset()
+        ctx.prefill(prompt(60))
+        full = ctx.generate(10)
+        # the four that fit, plus the one drawn from the last logits, which has no room in the KV cache
+        assert full.finish_reason == "context" and len(full) == 5 and full[:4] == room and ctx.n_past == 64
+        assert ctx.generate(3) == [full[4]] and ctx.n_past == 64    # nothing left: still no exception
+        with pytest.raises(ValueError, match="n must be"):
+            ctx.generate(True)
+
+
 def test_bad_tokens(tiny_model):
     with pyturbo.Model(tiny_model) as model, model.context(n_ctx=64, n_ubatch=32) as ctx:
         with pytest.raises(ValueError, match="empty"):

@@ -19,6 +19,16 @@ log = logging.getLogger("pyturbo")
 
 FLASH_ATTN = {None: -1, "auto": -1, False: 0, True: 1}
 MAX_N_CTX = 2**31 - 1  # llama.cpp counts positions in int32
+MAX_THREADS = 512      # GGML_MAX_N_THREADS: ggml's thread pool has room for no more
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class GeneratedTokens(list):
+    """What `Context.generate()` returns: the token ids, and why it stopped ("length" or "context")."""
+    finish_reason: str = "length"
 
 
 def _exclusive(check: bool = True):
@@ -124,19 +134,24 @@ class Context(_native.NativeHandle):
                  first_ubatch: int | None = None):
         if model.closed:
             raise ValueError("the model is closed")
+        # bool is an int subclass: n_ctx=True would otherwise be a context of one token
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, not {value!r}")
-        if n_ctx > MAX_N_CTX:
-            raise ValueError(f"n_ctx must be at most {MAX_N_CTX}, not {n_ctx}")
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
+            if value > MAX_N_CTX:
+                raise ValueError(f"{name} must be at most {MAX_N_CTX}, not {value}")
         if n_ubatch > n_batch:
             raise ValueError(f"n_ubatch ({n_ubatch}) must not exceed n_batch ({n_batch})")
         if flash_attn not in FLASH_ATTN:
             raise ValueError(f"flash_attn must be True, False or 'auto', not {flash_attn!r}")
-        if not isinstance(max_in_flight, int) or max_in_flight < 0:
+        if not _is_int(max_in_flight) or not 0 <= max_in_flight <= MAX_N_CTX:
             raise ValueError(f"max_in_flight must be an int >= 0 (0: automatic), not {max_in_flight!r}")
-        if first_ubatch is not None and (not isinstance(first_ubatch, int) or not 0 < first_ubatch <= n_ubatch):
+        if first_ubatch is not None and (not _is_int(first_ubatch) or not 0 < first_ubatch <= n_ubatch):
             raise ValueError(f"first_ubatch must be None or an int from 1 to n_ubatch ({n_ubatch}), not {first_ubatch!r}")
+        if n_threads is not None and (not _is_int(n_threads) or not 0 <= n_threads <= MAX_THREADS):
+            raise ValueError(f"n_threads must be an int from 1 to {MAX_THREADS}, or None or 0 (automatic), "
+                             f"not {n_threads!r}")
         self.first_ubatch = first_ubatch
         n_threads = n_threads or default_threads(model.devices)
         self.model = model
@@ -288,14 +303,24 @@ class Context(_native.NativeHandle):
         """Append one token (standard path) and return its logits."""
         return self.prefill([token], pipeline="off").logits
 
-    def generate(self, n: int, logits: np.ndarray | None = None) -> list[int]:
-        """Greedily generate n tokens, continuing from `logits` (default: the last computed logits)."""
+    def generate(self, n: int, logits: np.ndarray | None = None) -> "GeneratedTokens":
+        """Greedily generate n tokens, continuing from `logits` (default: the last computed logits); each is
+        decoded into the KV cache. End-of-generation tokens do not stop it.
+
+        Returns the tokens (a list) with `finish_reason`: "length" when all n were generated, "context" when the
+        KV cache filled up first. Then the list is shorter than n and its last token is not in the KV cache (there
+        is no room for it); `complete()`/`stream()` report that case as "length", as the OpenAI API does."""
+        if not _is_int(n) or n < 0:
+            raise ValueError(f"n must be an int >= 0, not {n!r}")
         if logits is None:
             logits = self.logits()
-        out = []
+        out = GeneratedTokens()
         for _ in range(n):
             tok = int(np.argmax(logits))
             out.append(tok)
+            if self.n_past >= self.n_ctx:  # checked before decoding: the tokens so far are kept, not raised away
+                out.finish_reason = "context"
+                return out
             logits = self.decode(tok)
         return out
 
