@@ -134,6 +134,19 @@ def test_bad_requests_are_openai_errors(server, client):
     big = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "' + b"a" * 200_000 + b'"}', headers=auth,
                      timeout=10)
     assert big.status_code == 413 and "--max-request-bytes" in big.json()["error"]["message"]
+    # issue 20.4: a range C cannot hold is a 400 naming the field, not a 500
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="chat", prompt="hi", max_tokens=2, extra_body={"top_k": 2**40})
+    assert e.value.body["param"] == "top_k"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="chat", prompt="hi", logprobs=2)
+    assert e.value.body["code"] == "unsupported_parameter" and "logprobs: not supported" in e.value.message
+    # JSON without a Content-Type is read as JSON, as llama-server reads it
+    plain = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] >= 1, plain.text
+    wrong_method = httpx.get(server.url + "/v1/chat/completions", headers=auth, timeout=10)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_api_key(server):

@@ -87,3 +87,74 @@ def test_request_schemas():
             CompletionRequest(**bad)
     with pytest.raises(ValueError):
         ChatRequest(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_sampler_settings_check_every_range_before_c():
+    for bad in ({"top_k": 2**40}, {"top_k": -2**40}, {"top_k": True}, {"penalty_last_n": 2**31},
+                {"temperature": float("nan")}, {"temperature": 10**400}, {"top_p": True}, {"seed": 2**32},
+                {"logit_bias": {2**40: 1.0}}, {"logit_bias": {-1: 1.0}}, {"logit_bias": {1: 10**400}},
+                {"logit_bias": {1: float("nan")}}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            pyturbo.SamplerSettings(**bad)
+    ok = pyturbo.SamplerSettings(top_k=2**31 - 1, logit_bias={5: float("-inf")}, penalty_last_n=0)
+    assert ok.top_k == 2**31 - 1
+
+
+@pytest.fixture
+def app_client():
+    """The app with its routes and error handlers but no model (the engine never loads): what is refused before a
+    request reaches the engine."""
+    from fastapi.testclient import TestClient
+
+    from pyturbo.server.app import create_app
+    return TestClient(create_app(parse_args(["--model", "m.gguf"])), raise_server_exceptions=False)
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("path,body,param,code,message", [
+    ("/v1/completions", {"prompt": "a", "top_k": 2**40}, "top_k", "invalid_value", "less than or equal to 2147483647"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": True}, "max_tokens", "invalid_value", "not true"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 2}, "logprobs", "unsupported_parameter", "not supported"),
+    ("/v1/completions", {"prompt": "a", "echo": True}, "echo", "unsupported_parameter", "not supported"),
+    ("/v1/completions", {"prompt": "a", "best_of": 3}, "best_of", "unsupported_parameter", "not supported"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt", "unsupported_parameter", "only one prompt"),
+    ("/v1/chat/completions", CHAT | {"logprobs": True}, "logprobs", "unsupported_parameter", "not supported"),
+    ("/v1/chat/completions", CHAT | {"temperature": 5}, "temperature", "invalid_value", "temperature"),
+])
+def test_bad_fields_are_named_in_400s(app_client, path, body, param, code, message):
+    r = app_client.post(path, json=body)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param and err["code"] == code, err
+    assert message in err["message"] and param in err["message"]
+
+
+def test_bad_bodies_say_what_is_wrong(app_client):
+    def error(**kw):
+        r = app_client.post("/v1/completions", **kw)
+        assert r.status_code == 400, r.text
+        return r.json()["error"]
+
+    assert error(json=["a"]) == {"message": "the request body must be a JSON object", "type": "invalid_request_error",
+                                 "param": None, "code": "invalid_json"}
+    assert "not valid JSON" in error(content=b'{"prompt": ')["message"]
+    assert "empty" in error(content=b"")["message"]
+    assert "Content-Type is 'text/plain'" in error(content=b'{"prompt": "a"}', headers={"Content-Type": "text/plain"})[
+        "message"]
+
+
+def test_json_without_content_type_is_read_as_json(app_client):
+    # llama-server accepts it; the model check runs after the body was parsed, so a 404 naming it shows it was
+    r = app_client.post("/v1/completions", content=b'{"prompt": "a", "model": "other"}')
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_routing_errors_are_openai_shaped(app_client):
+    r = app_client.get("/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed" and "POST" in r.json()["error"]["message"]
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = app_client.post("/v1/nothing", json={})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and "/v1/nothing" in r.json()["error"]["message"]

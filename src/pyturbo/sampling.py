@@ -17,6 +17,15 @@ import numpy as np
 from . import _native
 
 RANDOM_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+
+
+def _float_or_inf(x) -> bool:
+    """Whether x is a float, an infinity or an int that a float holds (not NaN, not an int beyond float's range)."""
+    try:
+        return not math.isnan(float(x))
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -33,10 +42,16 @@ class SamplerSettings:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self):
+        # every range is checked here, before C sees a value: an int beyond int32 would be an OverflowError there
         def number(name, lo, hi):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:  # NaN fails the range
                 raise ValueError(f"{name} must be a number in [{lo}, {hi}], not {v!r}")
+
+        def integer(name, lo, hi, note=""):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an int in [{lo}, {hi}]{note}, not {v!r}")
 
         number("temperature", 0.0, 100.0)
         number("top_p", 0.0, 1.0)
@@ -44,21 +59,18 @@ class SamplerSettings:
         number("repeat_penalty", 1e-6, 100.0)
         number("frequency_penalty", -100.0, 100.0)
         number("presence_penalty", -100.0, 100.0)
-        for name in ("top_k", "penalty_last_n"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name} must be an int, not {v!r}")
-        if self.penalty_last_n < 0:
-            raise ValueError(f"penalty_last_n must be >= 0, not {self.penalty_last_n}")
+        integer("top_k", INT32_MIN, INT32_MAX, " (<= 0: off)")
+        integer("penalty_last_n", 0, INT32_MAX)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < RANDOM_SEED):
             raise ValueError(f"seed must be None or an int in [0, {RANDOM_SEED}), not {self.seed!r}")
         if not isinstance(self.logit_bias, dict):
             raise ValueError(f"logit_bias must be a dict of token id -> bias, not {type(self.logit_bias).__name__}")
         for tok, bias in self.logit_bias.items():
-            if isinstance(tok, bool) or not isinstance(tok, int) or isinstance(bias, bool) \
-                    or not isinstance(bias, (int, float)) or math.isnan(bias):
-                raise ValueError(f"logit_bias must map int token ids to numbers, not {tok!r}: {bias!r}")
+            if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok <= INT32_MAX \
+                    or isinstance(bias, bool) or not isinstance(bias, (int, float)) or not _float_or_inf(bias):
+                raise ValueError(f"logit_bias must map token ids (ints >= 0) to numbers (-inf and inf allowed), "
+                                 f"not {tok!r}: {bias!r}")
 
     @classmethod
     def greedy(cls) -> "SamplerSettings":

@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Job, Outcome, PromptTooLong, Unavailable
 from .limits import RequestLimits
@@ -68,17 +69,28 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     async def crashed(_request, e: Exception):  # a bug or an unexpected native failure (Starlette logs the traceback)
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"), status_code=500)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # routing's own: 404, 405
+        where = f"{request.method} {request.url.path}"
+        message, code = {
+            404: (f"no such endpoint: {where}", "not_found"),
+            405: (f"{where}: method not allowed (allowed: {(e.headers or {}).get('Allow', '-')})", "method_not_allowed"),
+        }.get(e.status_code, (f"{where}: {e.detail}", None))
+        return JSONResponse(error_body(message, code=code), status_code=e.status_code, headers=e.headers)
+
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request, e: RequestValidationError):
+    async def invalid(request: Request, e: RequestValidationError):
         errors = e.errors()
-        if any(err.get("type") == "json_invalid" or tuple(err.get("loc", ())) == ("body",) for err in errors):
-            return JSONResponse(error_body("the request body must be a JSON object (Content-Type: application/json)",
-                                           code="invalid_json"), status_code=400)
+        body_error = _body_error(errors, request.headers.get("content-type", ""))
+        if body_error:
+            return JSONResponse(error_body(body_error, code="invalid_json"), status_code=400)
         first = errors[0] if errors else {}
         param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        msg = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: {err.get('msg')}"
-                        for err in errors)
-        return JSONResponse(error_body(msg, code="invalid_value", param=param), status_code=400)
+        msg = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: "
+                        f"{str(err.get('msg', '')).removeprefix('Value error, ')}" for err in errors)
+        unsupported = errors and all(err.get("type") == "unsupported" for err in errors)
+        return JSONResponse(error_body(msg, code="unsupported_parameter" if unsupported else "invalid_value",
+                                       param=param), status_code=400)
 
     def require_key(request: Request) -> None:
         if settings.api_key is None:
@@ -199,6 +211,24 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
                 run.cancel()
 
     return app
+
+
+def _body_error(errors: list[dict], content_type: str) -> str | None:
+    """The message when the body as a whole is wrong (not JSON, not an object, missing); None when a field is."""
+    for err in errors:
+        loc, kind = tuple(err.get("loc", ())), err.get("type")
+        if kind == "json_invalid":
+            return f"the request body is not valid JSON: {(err.get('ctx') or {}).get('error', err.get('msg'))}"
+        if loc != ("body",):
+            continue
+        if kind == "missing":
+            return "the request body is empty: send a JSON object"
+        if kind in ("model_attributes_type", "model_type", "dict_type"):
+            # a body that was not parsed as JSON (another Content-Type) arrives here as bytes
+            hint = "" if "json" in content_type.lower() else \
+                f" (this request's Content-Type is {content_type!r}: send application/json, or none)"
+            return "the request body must be a JSON object" + hint
+    return None
 
 
 @contextmanager

@@ -1,5 +1,6 @@
 """ASGI middleware in front of every route: the request size limit (413 before anything parses the body), the
-arrival time (time to first token counts from it) and the request counter of /metrics."""
+arrival time (time to first token counts from it), the request counter of /metrics, and a body without a
+Content-Type read as JSON (as llama-server reads it; FastAPI would refuse it)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,8 @@ class RequestLimits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope.setdefault("state", {})["t_arrival"] = time.perf_counter()
+        if scope["method"] not in ("GET", "HEAD") and not any(k == b"content-type" for k, _ in scope.get("headers", ())):
+            scope = dict(scope, headers=[*scope.get("headers", ()), (b"content-type", b"application/json")])
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
         status = []
 

@@ -5,13 +5,29 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from ..sampling import SamplerSettings
+from ..sampling import INT32_MAX, SamplerSettings
 
 MAX_STOP = 16
+
+
+def _not_bool(v):
+    if isinstance(v, bool):  # pydantic would take true as 1
+        raise ValueError(f"must be a number, not {str(v).lower()}")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Number = Annotated[float, BeforeValidator(_not_bool)]
+
+
+def unsupported(what: str = "not supported by this server") -> PydanticCustomError:
+    """A validation error of its own type: the app answers it with code "unsupported_parameter"."""
+    return PydanticCustomError("unsupported", what)
 
 
 class StreamOptions(BaseModel):
@@ -22,18 +38,18 @@ class _Generation(BaseModel):
     model_config = ConfigDict(extra="ignore")  # like the OpenAI API and llama-server: unknown fields are ignored
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=0xFFFFFFFF)
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, ge=0, le=1)
+    top_k: Int | None = Field(None, ge=0, le=INT32_MAX)
+    min_p: Number | None = Field(None, ge=0, le=1)
+    seed: Int | None = Field(None, ge=0, lt=0xFFFFFFFF)
     stop: str | list[str] | None = Field(None, validate_default=True)
-    repeat_penalty: float | None = Field(None, gt=0, le=10)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repeat_penalty: Number | None = Field(None, gt=0, le=10)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = Field(None, validate_default=True)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: Int = Field(1, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     cache_prompt: bool = True
@@ -73,19 +89,25 @@ class CompletionRequest(_Generation):
     best_of: int | None = None
     logprobs: int | None = None
 
-    @model_validator(mode="after")
-    def _supported(self):
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                raise ValueError("only one prompt per request is supported")
-            self.prompt = self.prompt[0]
-        used = [name for name, on in (("echo", self.echo), ("suffix", bool(self.suffix)),
-                                      ("best_of", self.best_of not in (None, 1)), ("logprobs", self.logprobs is not None))
-                if on]
-        if used:
-            raise ValueError(f"{', '.join(used)}: not supported by this server")
-        return self
+    # each check is on its field, so that its error names the field (an error of the whole model would be located
+    # at the body, and read as a body that is not an object)
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise unsupported(f"only one prompt per request is supported by this server, not {len(v)}: send "
+                                  f"them as separate requests")
+            return v[0]
+        return v
 
+    @field_validator("echo", "suffix", "best_of", "logprobs")
+    @classmethod
+    def _supported(cls, v, info):
+        asked = {"echo": v is True, "suffix": bool(v), "best_of": v not in (None, 1)}.get(info.field_name, v is not None)
+        if asked:
+            raise unsupported()
+        return v
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -107,7 +129,16 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _supported(cls, v):
+        if v not in (None, False, 0):  # asked for, they would be missing from the answer
+            raise unsupported()
+        return v
 
     @model_validator(mode="after")
     def _max(self):
