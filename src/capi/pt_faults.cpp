@@ -40,6 +40,13 @@ int32_t pt_rpc_set_timeouts(const char * endpoint, double connect_s, double io_s
     });
 }
 
+int32_t pt_rpc_set_secret(const char * secret) {
+    return guarded<int32_t>(-1, "setting the RPC secret", [&] {
+        ggml_backend_rpc_set_auth_secret(secret);
+        return 0;
+    });
+}
+
 int32_t pt_rpc_connection_state(const char * endpoint) {
     return guarded<int32_t>(-1, "checking the RPC connection", [&] { return (int32_t) ggml_backend_rpc_connection_state(endpoint); });
 }

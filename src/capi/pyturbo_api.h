@@ -152,6 +152,9 @@ int32_t pt_rpc_set_timeouts(const char * endpoint, double connect_s, double io_s
 int32_t pt_rpc_connection_state(const char * endpoint);
 // From any thread: closes this process's connection to endpoint; whatever waits on that worker fails at once.
 int32_t pt_rpc_disconnect(const char * endpoint);
+// The shared secret of this process's RPC connections, as client and as worker (NULL or "": none). Takes effect for
+// connections made after it; a worker with one serves only clients that prove they know it (patches/0010).
+int32_t pt_rpc_set_secret(const char * secret);
 // Serves llama.cpp RPC with the named local device ("" = CPU) on a TCP socket the caller bound and made listen (so
 // its port is known first); takes the socket. Returns -1 when serving fails, and does not return otherwise.
 int32_t pt_rpc_serve_socket(int32_t listen_fd, int32_t n_threads, const char * device);

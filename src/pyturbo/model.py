@@ -25,6 +25,17 @@ DEFAULT_RPC_TIMEOUT = 300.0
 # Connecting and the handshake take milliseconds on a live worker: a silent one fails after this (or rpc_timeout, if
 # smaller)
 RPC_CONNECT_TIMEOUT = 10.0
+# The shared secret of the coordinator and its workers (patches/0010): a worker started with one serves only clients
+# that prove they know it, and the coordinator connects only to workers that prove it in return.
+RPC_TOKEN_ENV = "PYTURBO_RPC_TOKEN"
+
+
+def resolve_rpc_token(given: str | None = None) -> str:
+    """The RPC secret to use: the one given, else $PYTURBO_RPC_TOKEN, else "" (none)."""
+    token = os.environ.get(RPC_TOKEN_ENV, "") if given is None else given
+    if not isinstance(token, str) or "\0" in token:
+        raise ValueError(f"the RPC token must be a string without NUL characters, not {type(token).__name__}")
+    return token
 
 
 def parse_endpoints(rpc_servers: str | Iterable[str] | None) -> list[str]:
@@ -146,6 +157,8 @@ class Model(_native.NativeHandle):
     one stage's computation of one ubatch, or one transfer. A worker that does not answer in time (stopped, hung) is
     declared dead: the call raises ContextDeadError naming it. Connecting and the handshake get
     min(RPC_CONNECT_TIMEOUT, rpc_timeout). Models sharing a worker share its connection, and so its timeout.
+    `rpc_token` is the workers' shared secret (default $PYTURBO_RPC_TOKEN; "" for none): proven to each worker without
+    sending it, and a worker that does not prove it in return is refused (WorkerError).
     Before the weights are loaded, they are checked against each device's free memory (MemoryError if they cannot
     fit), and so is every context (see `Context`).
     """
@@ -153,7 +166,7 @@ class Model(_native.NativeHandle):
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | str = "all", split_mode: str = "layer",
                  main_gpu: int = 0, tensor_split: Sequence[float] | str | None = None, devices: Sequence[str] | None = None,
                  rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True,
-                 rpc_timeout: float | None = DEFAULT_RPC_TIMEOUT):
+                 rpc_timeout: float | None = DEFAULT_RPC_TIMEOUT, rpc_token: str | None = None):
         self._contexts: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.RLock()       # C calls on the model pointer, and freeing it
         self._holds: set[int] = set()        # contexts whose freeing waits for an abandoned call: free the model after
@@ -180,6 +193,8 @@ class Model(_native.NativeHandle):
 
         ffi, lib = _native.ffi(), _native.lib()
         endpoints = parse_endpoints(rpc_servers)
+        if endpoints:
+            lib.pt_rpc_set_secret(resolve_rpc_token(rpc_token).encode())
         rpc_devices = [dev for ep in endpoints for dev in self._connect(ep, rpc_timeout)]
         self.rpc_servers = endpoints
         available = list_devices()

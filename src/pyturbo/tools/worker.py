@@ -1,7 +1,10 @@
 """`python -m pyturbo.worker`: a llama.cpp RPC worker (one device of a layer split) on this host.
 
-llama.cpp's RPC protocol has no authentication or encryption: anyone who can connect can run code-like graph
-operations and read or write the worker's memory. It therefore binds to 127.0.0.1 unless told otherwise.
+llama.cpp's RPC protocol has no authentication or encryption of its own: anyone who can connect can run graph
+operations and read or write the worker's memory. With a shared secret in $PYTURBO_RPC_TOKEN (the same as the
+coordinator's) the worker serves only clients that prove they know it (patches/0010; the secret never crosses the
+network, but the traffic is not encrypted: use a private network or a tunnel). It binds to 127.0.0.1 unless told
+otherwise, and refuses any other address without a secret unless --allow-unauthenticated says so.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import time
 
 from .. import _native
 from ..devices import usable_cpu_cores
+from ..model import RPC_TOKEN_ENV, resolve_rpc_token
 
 
 def is_loopback(host: str) -> bool:
@@ -38,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="TCP port to listen on; 0: any free port. Once listening, the worker prints "
                          "'listening on HOST:PORT' as the first line of its output")
     ap.add_argument("--host", default="127.0.0.1",
-                    help="address to bind (default 127.0.0.1); anything else exposes an unauthenticated service")
+                    help=f"address to bind (default 127.0.0.1); any other needs a shared secret in ${RPC_TOKEN_ENV} "
+                         "(or --allow-unauthenticated)")
+    ap.add_argument("--allow-unauthenticated", action="store_true",
+                    help=f"serve a non-loopback address without a secret: anyone who reaches the port can use this "
+                         f"machine's device and memory (only on a network you trust completely)")
     ap.add_argument("--threads", type=int, default=usable_cpu_cores(), help="CPU threads for the computation")
     ap.add_argument("--device", default="", help="local device to serve (default: the CPU), e.g. CUDA0")
     ap.add_argument("--exit-with-parent", type=int, default=0, metavar="PID", help=argparse.SUPPRESS)
@@ -48,10 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--port must be in 0..65535 (0: any free port), not {args.port}")
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, not {args.threads}")
-    if not is_loopback(args.host):
-        print(f"WARNING: serving llama.cpp RPC on {args.host}:{args.port}. RPC has no access control: anyone who can "
-              "reach this port can use this machine's device and memory. Use it only on a trusted network.",
-              file=sys.stderr, flush=True)
+    try:
+        token = resolve_rpc_token()
+    except ValueError as e:
+        ap.error(str(e))
+    if not is_loopback(args.host) and not token:
+        if not args.allow_unauthenticated:
+            ap.error(f"refusing to serve {args.host} without a shared secret: anyone who reaches the port could use "
+                     f"this machine's device and memory. Set {RPC_TOKEN_ENV} (the same value on the coordinator), or "
+                     "pass --allow-unauthenticated on a network you trust completely")
+        print(f"WARNING: serving llama.cpp RPC on {args.host}:{args.port} without a shared secret: anyone who can "
+              "reach this port can use this machine's device and memory.", file=sys.stderr, flush=True)
     if args.exit_with_parent:
         threading.Thread(target=_exit_with_parent, args=(args.exit_with_parent,), daemon=True).start()
 
@@ -61,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [ffi.string(lib.pt_device_name(i)).decode() for i in range(lib.pt_device_count())]
         if args.device not in names:
             ap.error(f"--device {args.device!r} is not a device of this host; there are: {', '.join(names)}")
+    lib.pt_rpc_set_secret(token.encode())
     # bind here, before serving: a failure is reported (and the exit code says so), and --port 0 learns its port
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:

@@ -1,0 +1,151 @@
+"""Workers that let no one else in (patches/0010): with a shared secret a worker serves only clients that prove they
+know it, by HMAC-SHA256 over nonces from both sides, and proves it in return. Raw-socket clients check the wire."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pyturbo
+from pyturbo import workers
+
+from conftest import prompt
+
+SECRET = "correct horse battery staple"
+# command numbers of the RPC protocol (ggml-rpc.cpp's rpc_cmd; the last two added by patches/0010)
+ALLOC_BUFFER, GRAPH_COMPUTE, HELLO, DEVICE_COUNT, AUTH_CHALLENGE, AUTH_PROVE = 0, 10, 14, 15, 18, 19
+HELLO_AUTH = 0x01
+CAPS_SIZE = 24
+
+
+def send_cmd(sock, cmd: int, payload: bytes = b"") -> None:
+    sock.sendall(bytes([cmd]) + struct.pack("<Q", len(payload)) + payload)
+
+
+def recv_exact(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def recv_msg(sock) -> bytes:
+    (size,) = struct.unpack("<Q", recv_exact(sock, 8))
+    return recv_exact(sock, size)
+
+
+def closed_without_answer(sock) -> bool:
+    """The server closed the connection and sent nothing first."""
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def hello(port: int) -> tuple[socket.socket, int]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    send_cmd(sock, HELLO, bytes(CAPS_SIZE))
+    rsp = recv_msg(sock)
+    return sock, rsp[3]   # major, minor, patch, flags, caps
+
+
+def proof(secret: str, role: bytes, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    return hmac.new(secret.encode(), role + b"\0" + server_nonce + client_nonce, hashlib.sha256).digest()
+
+
+def authenticate_raw(sock, secret: str) -> tuple[int, bytes, bytes, bytes]:
+    send_cmd(sock, AUTH_CHALLENGE)
+    server_nonce = recv_msg(sock)
+    client_nonce = os.urandom(32)
+    send_cmd(sock, AUTH_PROVE, client_nonce + proof(secret, b"client", server_nonce, client_nonce))
+    rsp = recv_msg(sock)
+    return rsp[0], rsp[1:], server_nonce, client_nonce
+
+
+@pytest.fixture(scope="module")
+def guarded_worker():
+    """One worker on loopback started with the secret (it inherits the environment)."""
+    old = os.environ.get("PYTURBO_RPC_TOKEN")
+    os.environ["PYTURBO_RPC_TOKEN"] = SECRET
+    try:
+        with workers.local(1, threads=1) as pool:
+            os.environ.pop("PYTURBO_RPC_TOKEN")
+            if old is not None:
+                os.environ["PYTURBO_RPC_TOKEN"] = old
+            yield pool
+    finally:
+        os.environ.pop("PYTURBO_RPC_TOKEN", None)
+        if old is not None:
+            os.environ["PYTURBO_RPC_TOKEN"] = old
+
+
+@pytest.mark.parametrize("command,payload", [(ALLOC_BUFFER, struct.pack("<IQ", 0, 1 << 20)),
+                                             (DEVICE_COUNT, b""), (GRAPH_COMPUTE, struct.pack("<II", 0, 0))])
+def test_a_client_without_the_secret_is_served_nothing(guarded_worker, command, payload):
+    sock, flags = hello(guarded_worker.ports[0])
+    with sock:
+        assert flags & HELLO_AUTH
+        send_cmd(sock, command, payload)
+        assert closed_without_answer(sock)
+
+
+def test_a_wrong_secret_is_refused_and_the_connection_closed(guarded_worker):
+    sock, _ = hello(guarded_worker.ports[0])
+    with sock:
+        accepted, _, _, _ = authenticate_raw(sock, "not the secret")
+        assert accepted == 0
+        assert closed_without_answer(sock)
+
+
+def test_the_right_secret_is_served_and_the_worker_proves_it_knows_it_too(guarded_worker):
+    sock, _ = hello(guarded_worker.ports[0])
+    with sock:
+        accepted, server_proof, server_nonce, client_nonce = authenticate_raw(sock, SECRET)
+        assert accepted == 1
+        assert hmac.compare_digest(server_proof, proof(SECRET, b"server", server_nonce, client_nonce))
+        send_cmd(sock, DEVICE_COUNT)
+        assert struct.unpack("<I", recv_msg(sock))[0] >= 1
+
+
+def test_models_with_the_wrong_or_no_secret_get_a_clear_error(guarded_worker, tiny_model):
+    for token, says in (("wrong", "refused this process's shared secret"), ("", "requires a shared secret")):
+        with pytest.raises(pyturbo.WorkerError, match=says):
+            pyturbo.Model(tiny_model, rpc_servers=guarded_worker.endpoints, rpc_token=token)
+
+
+def test_a_model_with_a_secret_refuses_a_worker_without_one(tiny_model):
+    with workers.local(1, threads=1) as pool:
+        with pytest.raises(pyturbo.WorkerError, match="does not ask for the shared secret"):
+            pyturbo.Model(tiny_model, rpc_servers=pool.endpoints, rpc_token=SECRET)
+
+
+def test_the_right_secret_gives_the_same_logits_as_no_secret(guarded_worker, tiny_model):
+    tokens = prompt(96)
+    with pyturbo.Model(tiny_model, rpc_servers=guarded_worker.endpoints, rpc_token=SECRET) as model, \
+            model.context(n_ctx=256, n_ubatch=32, n_threads=1) as ctx:
+        ctx.prefill(tokens, pipeline="off")
+        guarded = ctx.logits().copy()
+    with workers.local(1, threads=1) as pool, pyturbo.Model(tiny_model, rpc_servers=pool.endpoints) as model, \
+            model.context(n_ctx=256, n_ubatch=32, n_threads=1) as ctx:
+        ctx.prefill(tokens, pipeline="off")
+        assert np.array_equal(ctx.logits(), guarded)
+
+
+def test_a_worker_refuses_a_non_loopback_address_without_a_secret():
+    env = {k: v for k, v in os.environ.items() if k != "PYTURBO_RPC_TOKEN"}
+    proc = subprocess.run([sys.executable, "-m", "pyturbo.worker", "--host", "0.0.0.0", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0
+    assert "without a shared secret" in proc.stderr and "PYTURBO_RPC_TOKEN" in proc.stderr
+    assert "listening" not in proc.stdout
