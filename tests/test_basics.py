@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,3 +282,52 @@ def test_default_threads_follow_where_the_layers_are(monkeypatch):
     assert context.default_threads(["RPC0[127.0.0.1:50052]", "RPC1[127.0.0.1:50053]"]) == context.EMBEDDINGS_ONLY_THREADS
     monkeypatch.setattr(context, "usable_cpu_cores", lambda: 2)
     assert context.default_threads(["CUDA0", "CUDA1"]) == 2
+
+
+# ---- the package as a user meets it (issue 20.4) -------------------------------------------------------------------
+
+def test_tools_import_under_every_name():
+    # a fresh interpreter: this one imported them already (conftest)
+    proc = run_python("""
+        import pyturbo.workers, pyturbo.synth
+        import pyturbo.tools.workers, pyturbo.tools.synth
+        from pyturbo import workers, synth
+        from pyturbo.workers import local
+        assert pyturbo.workers is workers is pyturbo.tools.workers and workers.local is local
+        assert pyturbo.synth is synth is pyturbo.tools.synth
+        import pyturbo.worker, pyturbo.bench   # the commands' modules
+        assert callable(pyturbo.worker.main) and callable(pyturbo.bench.main)
+        print("OK")
+    """)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_python_m_pyturbo_lists_the_commands_and_starts_nothing():
+    proc = run_python("""
+        import runpy, sys
+        sys.argv = ["pyturbo"]
+        try:
+            runpy.run_module("pyturbo", run_name="__main__")
+        except SystemExit as e:
+            print("EXIT", e.code)
+        print("BENCH IMPORTED" if "pyturbo.tools.bench" in sys.modules else "NOTHING STARTED")
+    """)
+    assert "EXIT 0" in proc.stdout and "NOTHING STARTED" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    for command in ("python -m pyturbo.bench", "python -m pyturbo.bench --quick", "python -m pyturbo.server",
+                    "python -m pyturbo.worker", "python -m pytest tests"):
+        assert command in proc.stdout
+    refused = subprocess.run([sys.executable, "-m", "pyturbo", "--quick"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "takes no arguments" in refused.stderr
+
+
+def test_install_hints_install_from_the_checkout():
+    """An unrelated package named pyturbo is on the public index: a hint to install the extras by that name would
+    install it. Every hint and doc installs them from the checkout instead (".[server]")."""
+    root = Path(__file__).resolve().parent.parent
+    risky = "pyturbo" + "["   # split, so that this file does not find itself
+    files = [root / "README.md", *(p for d in ("src", "tests", "bench", ".ci") for p in (root / d).rglob("*")
+                                   if p.suffix in (".py", ".md", ".sh", ".toml", ".txt", "") and p.is_file())]
+    found = [f"{p.relative_to(root)}:{n}" for p in files if "_lib" not in p.parts
+             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if risky in line]
+    assert not found, f"install hints naming the index's pyturbo: {found}"
+    assert len(files) > 20

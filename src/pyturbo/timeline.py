@@ -164,7 +164,8 @@ class Timeline:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError as e:
-            raise ImportError("Timeline.plot needs matplotlib: pip install 'pyturbo[plot]'") from e
+            raise ImportError("Timeline.plot needs matplotlib: pip install matplotlib (or pip install '.[plot]' in "
+                              "the pyturbo checkout)") from e
         path = Path(path)
         rows = self._rows() if len(self) else []
         fig = Figure(figsize=(10, 1.5 + 0.5 * max(len(rows), 1)), layout="constrained")

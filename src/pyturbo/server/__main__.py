@@ -13,8 +13,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from .app import create_app
     except ImportError as e:
-        print(f"error: the server needs its extra dependencies ({e.name} is missing): pip install \"pyturbo[server]\"",
-              file=sys.stderr)
+        print(f"error: the server needs its extra dependencies ({e.name} is missing): run pip install \".[server]\" in "
+              "the pyturbo checkout", file=sys.stderr)
         return 1
     from .settings import parse_args
 

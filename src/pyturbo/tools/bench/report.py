@@ -205,7 +205,8 @@ def write_outputs(out: Path, doc: dict, rows: list[Row], timeline) -> tuple[list
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return written, "no plots: install matplotlib (pip install 'pyturbo[plot]')"
+        return written, ("no plots: install matplotlib (pip install matplotlib, or pip install '.[plot]' in the "
+                         "pyturbo checkout)")
     atomic_write(out / "throughput.png", plot_throughput(rows, doc["table"]["reference"]))
     written.append("throughput.png")
     if timeline is not None and len(timeline):
