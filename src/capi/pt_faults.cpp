@@ -47,6 +47,13 @@ int32_t pt_rpc_set_secret(const char * secret) {
     });
 }
 
+int32_t pt_rpc_traffic(const char * endpoint, uint64_t * sent, uint64_t * received) {
+    return guarded<int32_t>(-1, "reading RPC traffic", [&] {
+        ggml_backend_rpc_traffic(endpoint, sent, received);
+        return 0;
+    });
+}
+
 int32_t pt_rpc_connection_state(const char * endpoint) {
     return guarded<int32_t>(-1, "checking the RPC connection", [&] { return (int32_t) ggml_backend_rpc_connection_state(endpoint); });
 }

@@ -80,6 +80,8 @@ struct llama_turbo_result {
     int64_t  t_first_queued_us;    // its graph was built, allocated, given its inputs and handed to the stage threads
     int64_t  host_submit_us;       // the host's time building and handing over the graphs of all ubatches (not
                                    // counting its waits for a free slot)
+    char     transfers[256];       // how tensors went between RPC servers on the pipelined path: "server-to-server",
+                                   // "through this process", with the reason when not directly ("" when none did)
 };
 // cffi-end
 
@@ -88,6 +90,8 @@ struct llama_turbo_options {
     int32_t max_in_flight;  // most ubatches in flight at once (each holds its own compute buffers); 0: stages + 1
     bool    host_staging;   // stage every transfer between devices through host memory (the path of GPUs that cannot
                             // copy to each other; tests force it with this)
+    bool    relay_rpc;      // tensors between RPC servers go through this process even where the servers could send
+                            // them to each other (the comparison the direct copies are measured against)
 };
 
 // Installs the executor on ctx (once; a second call returns -1).

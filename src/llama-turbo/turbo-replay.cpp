@@ -92,6 +92,9 @@ llama_turbo::llama_turbo(llama_context & lctx, const llama_turbo_options & optio
         backend_traits t;
         ggml_backend_dev_t dev = ggml_backend_get_device(backend);
         t.rpc = llama_turbo_dev_is_rpc(dev);
+        if (t.rpc) {
+            t.endpoint = ggml_backend_dev_description(dev); // ggml-rpc describes its devices by their server
+        }
         if (dev && !t.rpc) { // asking an RPC device for its properties is a round trip to its server
             ggml_backend_dev_props props;
             ggml_backend_dev_get_props(dev, &props);
@@ -103,6 +106,11 @@ llama_turbo::llama_turbo(llama_context & lctx, const llama_turbo_options & optio
             }
         }
         traits.push_back(t);
+    }
+    if (ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC")) {
+        rpc_peer.reachable = (decltype(rpc_peer.reachable)) ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_peer_reachable");
+        rpc_peer.push      = (decltype(rpc_peer.push)) ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_push_tensor");
+        rpc_peer.await     = (decltype(rpc_peer.await)) ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_await_tensor");
     }
     if (options.host_staging) {
         LLAMA_LOG_INFO("%s: every transfer between devices is staged through host memory (host_staging)\n", __func__);
@@ -276,6 +284,9 @@ int32_t llama_turbo::replay(llama_turbo_pipeline pipeline, llama_turbo_result & 
         r.t_first_submit_us = t_first_submit_us;
         r.t_first_queued_us = t_first_queued_us;
         r.host_submit_us    = host_submit_us;
+        if (reason.empty()) {
+            snprintf(r.transfers, sizeof(r.transfers), "%s", transfers.c_str());
+        }
         // decode returns with the last ubatch possibly still queued on an asynchronous device (CUDA): the replay ends
         // when it is done, or its timing would leave out the tail
         lctx.synchronize();

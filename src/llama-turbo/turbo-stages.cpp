@@ -257,7 +257,10 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
     trace.mark("split begin", s.task, rec.device);
 
     for (const auto & in : sp.inputs) {
-        if (in.staged >= 0 && traits[sp.thread].async_io) {
+        if (in.pushed >= 0) {
+            // the server waits for the bytes from the producer's server before it computes
+            rpc_peer.await(in.dst, s.pushes[in.pushed].id);
+        } else if (in.staged >= 0 && traits[sp.thread].async_io) {
             // queued on this device's stream ahead of the split's compute: the host does not wait for the transfer
             ggml_backend_tensor_set_async(sp.backend, in.dst, s.staging[in.staged], 0, ggml_nbytes(in.dst));
         } else if (in.staged >= 0) {
@@ -274,6 +277,10 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
     const ggml_status st = ggml_backend_sched_split_compute_async(s.sched.get(), i);
     if (st != GGML_STATUS_SUCCESS) {
         return st;
+    }
+    for (int idx : sp.push_out) {
+        // queued right behind the computation: the server sends the result while it goes on with its next split
+        s.pushes[idx].id = rpc_peer.push(s.pushes[idx].src, s.pushes[idx].dst);
     }
     trace.mark("split launched", s.task, rec.device);
     if (clock.on_device()) {
@@ -307,6 +314,7 @@ void llama_turbo::plan_splits(slot & s) {
     const int n_splits = ggml_backend_sched_get_n_splits(sched);
     s.splits.assign(n_splits, {});
     s.staging_src.clear();
+    s.pushes.clear();
     std::map<ggml_tensor *, int> staged_index;
 
     for (int i = 0; i < n_splits; ++i) {
@@ -344,8 +352,10 @@ void llama_turbo::plan_splits(slot & s) {
             const bool through_host = !from || from->rpc || to.rpc || gpus_without_peer_copy || options.host_staging;
             // host memory, or two devices of this process that copy to each other (CUDA to CUDA with peer copies): the
             // consumer copies directly, the producer has finished and the slot's memory stays untouched until it is done
+            int pushed = -1;
             if (!src_in_host_memory && through_host) {
-                // the last earlier split on the source's backend has computed it: that thread stages it
+                // the last earlier split on the source's backend has computed it: that thread stages it, or has its
+                // server send it to the consumer's server
                 int producer = -1;
                 for (int p = i - 1; p >= 0; --p) {
                     if (s.splits[p].backend == src_backend) {
@@ -353,7 +363,11 @@ void llama_turbo::plan_splits(slot & s) {
                         break;
                     }
                 }
-                if (producer >= 0) {
+                if (producer >= 0 && from->rpc && to.rpc && servers_copy(src_thread, sp.thread)) {
+                    pushed = (int) s.pushes.size();
+                    s.pushes.push_back({src, dst});
+                    s.splits[producer].push_out.push_back(pushed);
+                } else if (producer >= 0) {
                     auto found = staged_index.find(src);
                     if (found == staged_index.end()) {
                         staged = (int) s.staging_src.size();
@@ -365,10 +379,41 @@ void llama_turbo::plan_splits(slot & s) {
                     }
                 }
             }
-            sp.inputs.push_back({src, dst, staged});
+            sp.inputs.push_back({src, dst, staged, pushed});
         }
     }
     allocate_staging(s);
+}
+
+// Whether the servers of two RPC stage threads send tensors to each other (asked once per pair and context: a round
+// trip to each); `transfers` says how the latest plan moves them, and why not directly.
+bool llama_turbo::servers_copy(int from_thread, int to_thread) {
+    auto checked = server_copy_checked.find({from_thread, to_thread});
+    if (checked == server_copy_checked.end()) {
+        std::string why;
+        if (options.relay_rpc) {
+            why = "relayed as asked";
+        } else if (!rpc_peer.reachable || !rpc_peer.push || !rpc_peer.await) {
+            why = "this build's ggml-rpc has no server-to-server copies";
+        } else {
+            char buf[256] = "";
+            if (!rpc_peer.reachable(traits[from_thread].endpoint.c_str(), traits[to_thread].endpoint.c_str(), buf, sizeof(buf))) {
+                why = buf;
+            }
+        }
+        if (!why.empty()) {
+            LLAMA_LOG_WARN("%s: tensors from %s to %s go through this process: %s\n", __func__,
+                           traits[from_thread].endpoint.c_str(), traits[to_thread].endpoint.c_str(), why.c_str());
+        }
+        checked = server_copy_checked.emplace(std::make_pair(from_thread, to_thread), why).first;
+    }
+    const std::string & why = checked->second;
+    if (!why.empty()) {
+        transfers = "through this process: " + why;
+    } else if (transfers.empty()) {
+        transfers = "server-to-server";
+    }
+    return why.empty();
 }
 
 // Under no lock: the slot is not in flight (submit() waited for it), so nothing reads or writes its staging memory.

@@ -41,7 +41,15 @@ struct turbo_batch {
 struct split_input {
     ggml_tensor * src;
     ggml_tensor * dst;
-    int           staged; // index into slot::staging, or -1 to copy src directly (host memory or persistent data)
+    int           staged;      // index into slot::staging, or -1 to copy src directly (host memory or persistent data)
+    int           pushed = -1; // index into slot::pushes: src's server sends it to dst's server itself
+};
+
+// A tensor that one RPC server sends to another directly (patches/0011), instead of through this process.
+struct server_copy {
+    ggml_tensor * src;
+    ggml_tensor * dst;
+    uint64_t      id = 0;  // the transfer, set by the producer's thread when it queues the push
 };
 
 // One split (the part of a graph that runs on one backend) of a ubatch, as its stage thread runs it.
@@ -51,6 +59,7 @@ struct split_plan {
     int                      stage;     // index among the layer devices, -1 for other work
     std::vector<split_input> inputs;
     std::vector<int>         stage_out; // staging entries this split fills right after it ran
+    std::vector<int>         push_out;  // server copies this split sends once its computation is queued
     ggml_tensor *            fence;     // read after the split when nothing is staged: see run_split
 };
 
@@ -77,6 +86,7 @@ struct slot {
 
     std::vector<split_plan>      splits;
     std::vector<deferred_output> outputs;
+    std::vector<server_copy>     pushes;
 
     // Host copies of the tensors that cross between devices through host memory (split_input::staged): pinned memory
     // where a GPU can provide it, so that the producer's read and the consumer's write are asynchronous DMA on their
@@ -93,6 +103,14 @@ struct backend_traits {
     bool gpu      = false;
     bool events   = false;  // orders work with events; a CUDA build without peer copies has none (nor peer copies)
     bool async_io = false;  // tensor_set_async/get_async are queued on the device's stream
+    std::string endpoint;   // an RPC device's server (host:port)
+};
+
+// ggml-rpc's server-to-server copies (patches/0011), looked up in its registry: none in a build without RPC.
+struct rpc_peer_functions {
+    bool     (*reachable)(const char * src_endpoint, const char * dst_endpoint, char * why, size_t why_size) = nullptr;
+    uint64_t (*push)(const ggml_tensor * src, const ggml_tensor * dst) = nullptr;
+    void     (*await)(const ggml_tensor * dst, uint64_t id) = nullptr;
 };
 
 // When a stage thread's splits ran: timing events on the device where it has them (CUDA), else the host clock.
@@ -180,6 +198,7 @@ struct llama_turbo : llama_ubatch_executor {
     void   finish(slot & s, std::unique_lock<std::mutex> & lock);
     ggml_status run_split(slot & s, int i, stage_clock & clock, llama_turbo_record & rec);
     void   plan_splits(slot & s);
+    bool   servers_copy(int from_thread, int to_thread);
     void   allocate_staging(slot & s);
     bool   all_idle() const;
     template <typename Cond> bool wait_host(Cond cond, ggml_status & ret);
@@ -220,6 +239,9 @@ struct llama_turbo : llama_ubatch_executor {
     void * record_cb_data = nullptr;
 
     std::vector<backend_traits>     traits;
+    rpc_peer_functions              rpc_peer;
+    std::map<std::pair<int, int>, std::string> server_copy_checked; // (from, to thread) -> "" or why not directly
+    std::string                     transfers;              // how tensors went between RPC servers (the result's)
     ggml_backend_buffer_type_t      pinned_buft = nullptr; // a GPU's pinned host memory, for staging (nullptr: none)
     std::vector<slot>               slots;
     std::vector<ggml_backend_t>     prev_split_backends;

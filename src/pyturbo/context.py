@@ -57,6 +57,12 @@ def _exclusive(check: bool = True):
     return wrap
 
 
+# How the pipeline moves activations between RPC workers: "direct" (each worker sends its result to the next worker
+# itself, patches/0011; through this process only where the workers cannot reach each other, and the result says why)
+# or "relay" (always through this process, as llama.cpp does)
+RPC_TRANSFERS = ("direct", "relay")
+
+
 @dataclass
 class PrefillResult:
     n_tokens: int
@@ -73,6 +79,8 @@ class PrefillResult:
     # where the host's time went (pipelined path), seconds: "until_first_ubatch" (path decision, llama.cpp's batch
     # and KV bookkeeping), "first_graph" (building and queueing the first ubatch's graph), "graphs" (all ubatches')
     host_times: dict = field(default_factory=dict)
+    # how activations went between RPC workers (pipelined path): "server-to-server", or "through this process: why"
+    transfers: str = ""
 
     @property
     def tokens_per_second(self) -> float:
@@ -119,6 +127,11 @@ class Context(_native.NativeHandle):
     other shapes and the logits differ by rounding (bound: FIRST_UBATCH_TOLERANCE of the largest logit and the same
     top token; tests/test_pipeline.py, tests/test_cuda.py).
 
+    rpc_transfers: how the pipeline moves activations between RPC workers. "direct" (default): each worker sends its
+    result to the next worker itself, while it computes the next ubatch, so they do not cross this process's link
+    (where a worker cannot reach the next one they are relayed, and PrefillResult.transfers says why); "relay":
+    always through this process, as llama.cpp's own path does. The bytes are the same either way.
+
     Before anything is allocated, the KV cache and compute buffers are checked against each device's free memory:
     MemoryError says what does not fit and what to lower. One call at a time: a call from a second thread while one
     runs raises ContextBusyError; close() from another thread stops the running call first (see close()).
@@ -131,7 +144,7 @@ class Context(_native.NativeHandle):
 
     def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
                  n_threads: int | None = None, flash_attn: bool | str | None = None, max_in_flight: int = 0,
-                 first_ubatch: int | None = None):
+                 first_ubatch: int | None = None, rpc_transfers: str = "direct"):
         if model.closed:
             raise ValueError("the model is closed")
         # bool is an int subclass: n_ctx=True would otherwise be a context of one token
@@ -152,7 +165,10 @@ class Context(_native.NativeHandle):
         if n_threads is not None and (not _is_int(n_threads) or not 0 <= n_threads <= MAX_THREADS):
             raise ValueError(f"n_threads must be an int from 1 to {MAX_THREADS}, or None or 0 (automatic), "
                              f"not {n_threads!r}")
+        if rpc_transfers not in RPC_TRANSFERS:
+            raise ValueError(f"rpc_transfers must be one of {RPC_TRANSFERS}, not {rpc_transfers!r}")
         self.first_ubatch = first_ubatch
+        self.rpc_transfers = rpc_transfers
         n_threads = n_threads or default_threads(model.devices)
         self.model = model
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
@@ -179,7 +195,8 @@ class Context(_native.NativeHandle):
         ffi, lib = _native.ffi(), _native.lib()
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_context_new, model._ptr, n_ctx, n_batch, n_ubatch, n_threads,
-                                       FLASH_ATTN[flash_attn], max_in_flight, int(host_staging)),
+                                       FLASH_ATTN[flash_attn], max_in_flight, int(host_staging),
+                                       int(rpc_transfers == "relay")),
             undo=lambda r: lib.pt_context_free(r[0]), disconnect=interrupted)
         _native.drain_log()
         if ptr == ffi.NULL:
@@ -264,7 +281,8 @@ class Context(_native.NativeHandle):
             n_tokens=len(toks), seconds=seconds, logits=self.logits(), path=path,
             fallback_reason=refused or ffi.string(result.fallback_reason).decode(), decision=decision,
             n_ubatches=result.n_ubatches, n_stages=result.n_stages, n_in_flight=result.n_in_flight,
-            slot_buffer_bytes=result.slot_buffer_bytes, timeline=timeline, host_times=host_times)
+            slot_buffer_bytes=result.slot_buffer_bytes, timeline=timeline, host_times=host_times,
+            transfers=ffi.string(result.transfers).decode())
 
     def _measured(self, key: str, path: str, asked_pipeline: bool, n_ubatches: int, tokens_per_second: float) -> None:
         """Record a prefill's throughput for auto's decisions. Not when the executor fell back for safety (that says

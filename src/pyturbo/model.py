@@ -440,6 +440,17 @@ class Model(_native.NativeHandle):
             cap = n
         raise RuntimeError("the string changed size between two calls")
 
+    def rpc_traffic(self) -> dict[str, tuple[int, int]]:
+        """Bytes this process has sent to each RPC worker and received from it so far, {endpoint: (sent, received)}:
+        what crossed this process's link (connections are shared by the models of a process)."""
+        ffi, lib = _native.ffi(), _native.lib()
+        sent, received = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        traffic = {}
+        for endpoint in self.rpc_servers:
+            lib.pt_rpc_traffic(endpoint.encode(), sent, received)
+            traffic[endpoint] = (int(sent[0]), int(received[0]))
+        return traffic
+
     def context(self, **kwargs) -> "Context":
         """A new inference context on this model; see `Context` for the parameters."""
         from .context import Context

@@ -1,0 +1,81 @@
+"""Server-to-server copies (patches/0011): on the pipelined path each RPC worker sends its result to the next worker
+itself, so the activations no longer cross this process's link; the logits are the same bits as the relayed ones and
+the standard path's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyturbo
+from pyturbo import workers
+
+from conftest import prompt
+
+N_WORKERS = 3
+N_UBATCH = 64
+
+
+def prefill(model, tokens, pipeline, rpc_transfers):
+    """(logits, PrefillResult, bytes through this process during the prefill)."""
+    with model.context(n_ctx=1024, n_batch=1024, n_ubatch=N_UBATCH, n_threads=1, rpc_transfers=rpc_transfers) as ctx:
+        ctx.prefill(prompt(8, seed=99), pipeline=pipeline)   # the first graphs and buffers are not what is measured
+        ctx.reset()
+        before = model.rpc_traffic()
+        result = ctx.prefill(tokens, pipeline=pipeline)
+        after = model.rpc_traffic()
+        moved = sum(a[0] + a[1] - b[0] - b[1] for a, b in zip(after.values(), before.values()))
+        return ctx.logits().copy(), result, moved
+
+
+@pytest.fixture(scope="module")
+def split_model(tiny_model):
+    with workers.local(N_WORKERS, threads=1) as pool, \
+            pyturbo.Model(tiny_model, rpc_servers=pool.endpoints, tensor_split="even") as model:
+        yield model
+
+
+def test_direct_copies_give_the_relayed_and_the_standard_bits(split_model):
+    tokens = prompt(600)
+    standard, _, _ = prefill(split_model, tokens, "off", "direct")
+    relayed, relay_result, _ = prefill(split_model, tokens, "force", "relay")
+    direct, direct_result, _ = prefill(split_model, tokens, "force", "direct")
+    assert relay_result.path == direct_result.path == "pipelined"
+    assert direct_result.transfers == "server-to-server"
+    assert relay_result.transfers.startswith("through this process")
+    assert np.array_equal(direct, standard) and np.array_equal(relayed, standard)
+
+
+def test_the_activations_no_longer_cross_this_process(split_model):
+    """Relayed, each boundary between two workers crosses this process's link twice per ubatch (worker -> here ->
+    next worker); direct, not at all: what is left is the first stage's input, the last stage's output, the graphs
+    and small reads. The difference must be at least 90% of those 2 (S-1) A bytes per ubatch."""
+    tokens = prompt(640)
+    n_ubatches = len(tokens) // N_UBATCH
+    activation = N_UBATCH * split_model.n_embd * 4   # A: one ubatch's hidden state, F32
+    _, relay_result, relayed = prefill(split_model, tokens, "force", "relay")
+    _, direct_result, direct = prefill(split_model, tokens, "force", "direct")
+    assert relay_result.n_ubatches == direct_result.n_ubatches == n_ubatches
+    boundary_bytes = 2 * (N_WORKERS - 1) * activation * n_ubatches
+    assert relayed - direct >= 0.9 * boundary_bytes, (relayed, direct, boundary_bytes)
+
+
+def test_a_worker_that_dies_during_direct_copies_ends_the_prefill_with_an_error(tiny_model):
+    """A killed middle worker: its peers wait for bytes that never come; the prefill raises ContextDeadError
+    (bounded by the RPC timeout, not a hang) and the context reports itself dead."""
+    import threading
+    with workers.local(N_WORKERS, threads=1) as pool, \
+            pyturbo.Model(tiny_model, rpc_servers=pool.endpoints, tensor_split="even", rpc_timeout=20) as model, \
+            model.context(n_ctx=4096, n_batch=4096, n_ubatch=16, n_threads=1) as ctx:
+        ctx.prefill(prompt(64), pipeline="force")
+        ctx.reset()
+        killer = threading.Timer(0.05, lambda: pool.procs[1].kill())
+        killer.start()
+        try:
+            with pytest.raises(pyturbo.ContextDeadError):
+                for _ in range(50):   # bounded: one of these runs while the worker dies
+                    ctx.prefill(prompt(4000), pipeline="force")
+                    ctx.reset()
+        finally:
+            killer.join()
+        with pytest.raises(pyturbo.ContextDeadError):
+            ctx.logits()
