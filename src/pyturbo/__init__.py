@@ -22,9 +22,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # the tools (pyturbo.tools) load on first use; pyturbo/synth.py and pyturbo/workers.py make `import
+    # the tools (pyturbo.tools) load on first use; pyturbo/synth.py, workers.py and links.py make `import
     # pyturbo.workers` give the same module as `from pyturbo import workers` and `pyturbo.workers` after `import pyturbo`
-    if name in ("synth", "workers"):
+    if name in ("synth", "workers", "links"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'pyturbo' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping, Sequence
 
 from ..errors import WorkerError
 
@@ -68,12 +68,27 @@ def _stop_procs(procs: list) -> None:
 class WorkerPool:
     """RPC worker processes on 127.0.0.1; `endpoints` go to Model(rpc_servers=...). stop() always ends them, and so
     does dropping the pool (or the end of this process). Each worker binds its own port (`--port 0`) and reports it,
-    so no other program can take a port between its choice and its use."""
+    so no other program can take a port between its choice and its use.
+
+    For workers elsewhere than this host's loopback (pyturbo.tools.links runs them in network namespaces): `host` is
+    the address each worker binds and its endpoint names (one for all, or one per worker); `prefix[i]` is put before
+    worker i's command and must exec it in the same process (`ip netns exec NAME`), so that kill, pause and
+    --exit-with-parent reach the worker itself; `env` adds environment variables (e.g. PYTURBO_RPC_TOKEN) and
+    `extra_args` arguments of `python -m pyturbo.worker`."""
 
     def __init__(self, n: int, threads: int = 1, device: str = "", start_timeout: float = 60.0,
-                 log_dir: str | os.PathLike | None = None):
+                 log_dir: str | os.PathLike | None = None, *, host: str | Sequence[str] = "127.0.0.1",
+                 prefix: Sequence[Sequence[str]] | None = None, env: Mapping[str, str] | None = None,
+                 extra_args: Sequence[str] = ()):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"need at least one worker, not {n!r}")
+        self.hosts = [host] * n if isinstance(host, str) else list(host)
+        self.prefix = [[]] * n if prefix is None else [list(p) for p in prefix]
+        if len(self.hosts) != n or len(self.prefix) != n:
+            raise ValueError(f"{n} workers need one host and one prefix each, not {len(self.hosts)} and "
+                             f"{len(self.prefix)}")
+        self.env = dict(os.environ, **env) if env else None
+        self.extra_args = [str(a) for a in extra_args]
         self.threads, self.device, self.start_timeout = threads, device, start_timeout
         self.log_dir = Path(log_dir) if log_dir else None
         self.procs: list[subprocess.Popen | None] = [None] * n
@@ -90,19 +105,22 @@ class WorkerPool:
             raise
 
     def _spawn(self, i: int, port: int) -> None:
-        cmd = [sys.executable, "-m", "pyturbo.worker", "--port", str(port), "--threads", str(self.threads),
-               "--exit-with-parent", str(os.getpid())]
+        cmd = [*self.prefix[i], sys.executable, "-m", "pyturbo.worker", "--port", str(port),
+               "--threads", str(self.threads), "--exit-with-parent", str(os.getpid())]
+        if self.hosts[i] != "127.0.0.1":
+            cmd += ["--host", self.hosts[i]]
         if self.device:
             cmd += ["--device", self.device]
+        cmd += self.extra_args
         log = open(self.log_dir / f"worker{i}.log", "w+b") if self.log_dir else tempfile.TemporaryFile()
         if self._logs[i] is not None:
             self._logs[i].close()
         self._logs[i] = log
-        self.procs[i] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        self.procs[i] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=self.env)
 
     @property
     def endpoints(self) -> list[str]:
-        return [f"127.0.0.1:{p}" for p in self.ports]
+        return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in zip(self.hosts, self.ports)]
 
     def kill(self, i: int) -> None:
         """Kill worker i at once (SIGKILL; for failure tests)."""
