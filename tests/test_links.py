@@ -5,6 +5,7 @@ everything listens on addresses inside the namespaces the test made."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import signal
 import socket
@@ -19,9 +20,10 @@ import pytest
 
 from pyturbo import Context, Model
 from pyturbo.tools import links
+from pyturbo.tools.bench import parse_args
 from conftest import prompt
 
-pytestmark = pytest.mark.skipif(not links.available(), reason=f"shaped links: {links.unavailable_reason()}")
+needs_links = pytest.mark.skipif(not links.available(), reason=f"shaped links: {links.unavailable_reason()}")
 
 # A one-connection TCP peer run inside a namespace. serve HOST MODE N: prints its port, then with MODE "sink" reads
 # N bytes and answers one byte, with "source" sends N bytes; connect HOST PORT MODE N: the other side of it, prints
@@ -109,6 +111,7 @@ def leftovers(tag: str) -> list[str]:
     return [n for n in spaces + os.listdir("/sys/class/net") if n.startswith(f"{links.PREFIX}{tag}")]
 
 
+@needs_links
 def test_up_and_down_leaves_nothing():
     delay = 0 if links.delay_unavailable_reason() else 1     # netem, where the kernel has it
     with links.Links(2, rate=50, model="per-worker", delay_ms=delay) as net:
@@ -122,6 +125,7 @@ def test_up_and_down_leaves_nothing():
                for pid in pids)
 
 
+@needs_links
 def test_teardown_when_the_block_fails():
     with pytest.raises(ZeroDivisionError):
         with links.Links(1, rate=None) as net:
@@ -130,6 +134,7 @@ def test_teardown_when_the_block_fails():
     assert leftovers(tag) == []
 
 
+@needs_links
 def test_leftovers_of_a_killed_run_are_removed():
     # a process builds a harness with a worker, then dies without tearing anything down
     code = ("import os, sys; from pyturbo.tools import links; net = links.Links(1, rate=10); "
@@ -143,6 +148,7 @@ def test_leftovers_of_a_killed_run_are_removed():
     assert leftovers(tag) == []
 
 
+@needs_links
 @pytest.mark.parametrize("model", links.MODELS)
 def test_shaping_limits_and_counters_see_the_bytes(model):
     with links.Links(2, rate=RATE, model=model, workers=False) as net:
@@ -183,6 +189,7 @@ def prefill(model, pipe: str, net: links.Links | None = None, transfers: str | N
         return res.logits.copy(), res, moved
 
 
+@needs_links
 @pytest.mark.parametrize("model,rate", [("coordinator", 100), ("per-worker", 100), ("coordinator", None)])
 def test_prefill_behind_links_equals_loopback(tiny_model, loopback_logits, model, rate):
     with links.Links(3, rate=rate, model=model) as net, \
@@ -197,6 +204,7 @@ def test_prefill_behind_links_equals_loopback(tiny_model, loopback_logits, model
                 assert moved.received >= (s - 1) * a and moved.sent >= s * a, moved
 
 
+@needs_links
 @pytest.mark.skipif(TRANSFERS == (None,), reason="this build has no direct copies between RPC workers (issue 22 item 1)")
 def test_direct_copies_skip_the_coordinator(tiny_model):
     """With direct copies the coordinator receives no activation: only the last stage's output (the logits)."""
@@ -206,6 +214,7 @@ def test_direct_copies_skip_the_coordinator(tiny_model):
         assert moved.received < N_TOKENS * m.n_embd * 4, moved
 
 
+@needs_links
 def test_bad_arguments():
     with pytest.raises(ValueError, match="model must be one of"):
         links.Links(1, model="ring")
@@ -213,3 +222,49 @@ def test_bad_arguments():
         links.Links(1, rate=0)
     with pytest.raises(links.LinksError, match="overlaps"):
         links.Links(1, subnet="127.0.0.0/24", workers=False)
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyturbo.bench", *args], capture_output=True, text=True, timeout=600)
+
+
+@needs_links
+def test_bench_behind_links(tmp_path):
+    out = tmp_path / "bench"
+    proc = bench("--preset", "tiny", "--workers", "3", "--threads", "1", "--lengths", "512", "--ubatch", "64",
+                 "--repeat", "1", "--no-sweep", "--no-ceiling", "--link-rate", "100", "--link-model", "per-worker",
+                 "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "behind links: 100 Mbit/s each way: a link per worker" in proc.stdout.splitlines()[0]
+    assert "bytes through the coordinator's link per ubatch" in proc.stdout
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["links"]["model"] == "per-worker" and doc["links"]["rate_mbit"] == 100
+    row, = doc["results"]
+    assert row["outputs_equal"]
+    a = 64 * doc["links"]["n_embd"] * 4
+    split_runs = [r for r in row["runs"].values() if r["on"] == "split"]
+    assert len(split_runs) == 4
+    for r in split_runs:   # every run on the workers was counted: at least the first stage's input crossed
+        assert len(r["coordinator_bytes"]) == 1 and r["coordinator_sent_per_ubatch"] >= a * 0.9, r
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--link-model", "per-worker"], "--link-model goes with --link-rate"),
+    (["--link-delay", "5"], "--link-delay goes with --link-rate"),
+    (["--link-rate", "50", "--rpc", "127.0.0.1:1"], "not with --rpc, --gpu or --devices"),
+    (["--link-rate", "-1"], "--link-rate is in Mbit/s"),
+    (["--link-rate", "50", "--link-model", "ring"], "invalid choice: 'ring'"),
+])
+def test_bench_link_options_are_checked(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        parse_args([*argv, "--out", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_without_root_says_why(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(links, "_available", "network namespaces and tc need root")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--link-rate", "50", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert ("--link-rate needs root and iproute2 (ip, tc), and network namespaces: network namespaces and tc need "
+            "root") in capsys.readouterr().err

@@ -87,9 +87,16 @@ class LinkBytes(NamedTuple):
         return LinkBytes(self.sent - other.sent, self.received - other.received)
 
 
+def _bin(tool: str) -> str:
+    """Where ip or tc is (also in the sbin folders, which a PATH may lack)."""
+    return shutil.which(tool) or next((f"{d}/{tool}" for d in ("/usr/sbin", "/sbin") if os.access(f"{d}/{tool}", os.X_OK)),
+                                      tool)
+
+
 def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=IP_TIMEOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.run([_bin(cmd[0]), *cmd[1:]], capture_output=True, text=True, timeout=IP_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
     except FileNotFoundError as e:
         raise LinksError(f"`{cmd[0]}` is not installed (iproute2 provides ip and tc)") from e
     except subprocess.TimeoutExpired as e:
@@ -222,7 +229,7 @@ def _probe() -> str:
         return "network namespaces need Linux"
     if os.geteuid() != 0:
         return "network namespaces and tc need root"
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    missing = [tool for tool in ("ip", "tc") if not os.path.isabs(_bin(tool))]
     if missing:
         return f"{' and '.join(missing)} not found: install iproute2 (apt-get install iproute2)"
     try:
@@ -426,7 +433,7 @@ class Links:
 
     def exec_prefix(self, i: int) -> list[str]:
         """The command prefix that runs a program in worker i's namespace (it replaces itself by the program)."""
-        return ["ip", "netns", "exec", self.worker_ns[i]]
+        return [_bin("ip"), "netns", "exec", self.worker_ns[i]]
 
     def _start_workers(self, threads, device, start_timeout, token, env, extra_args, log_dir) -> None:
         env = dict(env or {})

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .. import synth
+from .. import links, synth
 from ...devices import list_devices
 from ...errors import PyturboError
 from ...model import gguf_block_count, parse_endpoints
@@ -33,7 +33,11 @@ the pipelined outputs equal stock's bit for bit and prints a table with a legend
 Duration: the default run (4 workers x 1 thread on 2 cores, bench-8l, prompts of 1024 and 4096 tokens, 7-8 settings x
 3 runs each, after auto's one-time calibration) took about 9 minutes on a 2-core box (--no-sweep saves about a
 quarter); --quick takes 20-40 seconds there (bench/results/2026-11-26-default-2core.md).
-Machines with more cores are faster; when other work shares the cores, it takes longer and the spreads grow."""
+Machines with more cores are faster; when other work shares the cores, it takes longer and the spreads grow.
+
+Across hosts, on one machine: --link-rate MBIT [--link-model coordinator|per-worker] runs the local workers behind
+shaped network links (network namespaces and tc; root and iproute2 needed) and also reports the bytes through the
+coordinator's link per ubatch; --link-rate 0 is the same path unshaped, the baseline."""
 
 
 def build_parser(d: dict) -> argparse.ArgumentParser:
@@ -72,6 +76,13 @@ def build_parser(d: dict) -> argparse.ArgumentParser:
         help=f"20-40 seconds on a 2-core machine (CI, smoke test): sets the model to {QUICK['preset']}, --lengths to "
         f"{QUICK['lengths']}, --repeat to {QUICK['repeat']} and --no-sweep, unless given; the layout (--workers, "
         "--threads) stays; what it sets is printed")
+    add("--link-rate", type=float, metavar="MBIT", help="run the local workers behind shaped network links of this "
+        "rate, Mbit/s each way (0: the same links unshaped, the baseline to compare with): each worker in a network "
+        "namespace, joined by a bridge, tc htb on the links (pyturbo.tools.links); needs root and iproute2 (ip, tc). "
+        "A second table gives the bytes through the coordinator's link per ubatch")
+    add("--link-model", choices=links.MODELS, help="with --link-rate: 'coordinator' (default), one link at this "
+        "process shared by all workers (worker-to-worker traffic is not shaped), or 'per-worker', a link per worker")
+    add("--link-delay", type=float, metavar="MS", help="with --link-rate: one-way delay per shaped link, ms (netem)")
     add("--out", type=Path, help="output folder (default bench-out/DATE); checked for writing before the run")
     add("--json", action="store_true", help="print results.json to stdout instead of the table")
     return ap
@@ -124,6 +135,7 @@ def check_args(ap, args, d: dict) -> None:
         ap.error(f"--rpc: {e}")
     if args.rpc is not None and not args.endpoints:
         ap.error("--rpc: give at least one host:port")
+    check_links(ap, args)
     args.devices = check_devices(ap, args)
     args.on_gpu = any(dev.startswith("CUDA") for dev in args.devices or [])
     args.ubatches = ([STOCK_UBATCH if args.on_gpu else CPU_PIPELINE_UBATCH] if args.ubatch == "auto"
@@ -166,6 +178,32 @@ def apply_quick(args) -> None:
         set_.append("--no-sweep")
     print(f"--quick sets: {', '.join(set_) or 'nothing'}" + (f"; kept as given: {', '.join(kept)}" if kept else "")
           + "; the layout (--workers, --threads) is not changed", file=sys.stderr)
+
+
+def check_links(ap, args) -> None:
+    """--link-rate/--link-model/--link-delay: the workers are local ones, and this machine can shape links."""
+    if args.link_rate is None:
+        for name in ("link_model", "link_delay"):
+            if getattr(args, name) is not None:
+                ap.error(f"--{name.replace('_', '-')} goes with --link-rate")
+        return
+    if args.rpc is not None or args.gpu or args.devices is not None:
+        ap.error("--link-rate puts the bench's own local workers behind links: not with --rpc, --gpu or --devices")
+    if not 0 <= args.link_rate < 1e6:
+        ap.error(f"--link-rate is in Mbit/s, > 0 (0: unshaped), not {args.link_rate:g}")
+    args.link_model = args.link_model or "coordinator"
+    args.link_delay = args.link_delay or 0.0
+    if not 0 <= args.link_delay <= 10000:
+        ap.error(f"--link-delay must be from 0 to 10000 ms, not {args.link_delay:g}")
+    why = links.delay_unavailable_reason() if args.link_delay else links.unavailable_reason()
+    if why:
+        ap.error(f"--link-rate needs root and iproute2 (ip, tc), and network namespaces: {why}")
+
+
+def link_shaping(args) -> "links.Shaping | None":
+    if getattr(args, "link_rate", None) is None:
+        return None
+    return links.Shaping(args.link_model, args.link_rate or None, args.link_delay)
 
 
 def check_devices(ap, args) -> list[str] | None:
@@ -246,14 +284,16 @@ def layout_text(args, d: dict) -> str:
         return f"split over {', '.join(args.devices)}"
     if args.endpoints:
         return f"{len(args.endpoints)} RPC workers at {', '.join(args.endpoints)}"
+    shaping = link_shaping(args)
+    behind = f"; behind links: {shaping.describe()}" if shaping else ""
     if (args.workers, args.threads) == (d["workers"], d["threads"]):
-        return d["why"]
+        return d["why"] + behind
     text = (f"{args.workers} local RPC workers x {args.threads} thread{'s' if args.threads > 1 else ''} (as asked; "
             f"the default here: {d['workers']} x {d['threads']})")
     if args.workers < 3:
         text += (f"; note: stock llama.cpp already overlaps {args.workers} RPC stage{'s' if args.workers > 1 else ''} "
                  "on a CPU, so expect about 1.0x (the effect needs 3 or more stages)")
-    return text
+    return text + behind
 
 
 def cached_preset(preset: str) -> bool:

@@ -47,6 +47,7 @@ class Series:
     setting: Setting
     n_tokens: int
     results: list = field(default_factory=list)   # the PrefillResult of every run, in order
+    link_bytes: list = field(default_factory=list)  # behind links (--link-rate): (sent, received) by the coordinator
 
     @property
     def seconds(self) -> list[float]:
@@ -76,7 +77,17 @@ class Series:
                 "pipeline": self.setting.pipeline, "on": self.setting.on, "seconds": self.seconds,
                 "median_seconds": self.median_seconds, "tps": self.tps, "tps_min": lo, "tps_max": hi,
                 "paths": [r.path for r in self.results], "n_ubatches": last.n_ubatches,
-                "fallback_reason": last.fallback_reason, "decision": str(getattr(last, "decision", "") or "")}
+                "fallback_reason": last.fallback_reason, "decision": str(getattr(last, "decision", "") or ""),
+                "transfers": str(getattr(last, "transfers", "") or "")} | self.link_summary()
+
+    def link_summary(self) -> dict:
+        """Bytes through the coordinator's link per ubatch, medians over the runs (behind links only)."""
+        if not self.link_bytes:
+            return {}
+        per_ubatch = [(s / r.n_ubatches, v / r.n_ubatches) for (s, v), r in zip(self.link_bytes, self.results)]
+        return {"coordinator_bytes": [list(b) for b in self.link_bytes],
+                "coordinator_sent_per_ubatch": statistics.median(s for s, _ in per_ubatch),
+                "coordinator_received_per_ubatch": statistics.median(v for _, v in per_ubatch)}
 
 
 def bench_tokens(n_vocab: int, n: int) -> np.ndarray:
@@ -123,8 +134,10 @@ def measure_length(models: dict, n: int, settings: list[Setting], opts, progress
     """Run every setting opts.repeat times on an n-token prompt, interleaved; Series by Setting.key.
 
     models: {"split": Model, "ceiling": Model or None}; opts: client_threads, ceiling_threads, flash_attn,
-    in_flight, repeat, on_gpu. Each run is appended to schedule as (n, round, key, seconds, path).
+    in_flight, repeat, on_gpu, and link_counter (behind links: the coordinator's byte counters, read around each
+    run of the split model). Each run is appended to schedule as (n, round, key, seconds, path).
     """
+    counter = getattr(opts, "link_counter", None)
     tokens = bench_tokens(models["split"].n_vocab, n)
     n_stages = len(models["split"].devices)
     contexts = {}
@@ -139,11 +152,16 @@ def measure_length(models: dict, n: int, settings: list[Setting], opts, progress
         series = {s.key: Series(s, n) for s in settings}
         for r in range(-settling_rounds(opts.on_gpu), opts.repeat):
             for s in round_order(settings, r):
+                count = counter is not None and s.on == "split"
+                before = counter() if count else None
                 res = run_once(contexts[s.key], tokens, s.pipeline)
+                moved = tuple(a - b for a, b in zip(counter(), before)) if count else None
                 schedule.append({"prompt_tokens": n, "round": r, "setting": s.key, "seconds": res.seconds,
-                                 "path": res.path})
+                                 "path": res.path} | ({"coordinator_bytes": list(moved)} if count else {}))
                 if r >= 0:
                     series[s.key].results.append(res)
+                    if count:
+                        series[s.key].link_bytes.append(moved)
                     progress.update(1)
         return series
     finally:

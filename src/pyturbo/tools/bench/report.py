@@ -74,6 +74,29 @@ def cells(r: Row) -> list[str]:
     return out + [eff, bound, equal]
 
 
+def link_table(rows: list[Row], n_embd: int, links_text: str) -> str:
+    """Behind links (--link-rate): the bytes through the coordinator's link per ubatch of every setting run on the
+    split model, medians, against A = n_ubatch x n_embd x 4 bytes (one boundary activation in F32)."""
+    out = [f"bytes through the coordinator's link per ubatch ({links_text}; medians; sent = to the workers; "
+           "A = n_ubatch x n_embd x 4, one activation)", "",
+           "| prompt tokens | setting | path | sent per ubatch | received per ubatch | sent+received / A |",
+           "|---|---|---|---|---|---|"]
+    seen = set()
+    for r in rows:
+        if r.prompt_tokens in seen:
+            continue
+        seen.add(r.prompt_tokens)
+        for key, run in r.runs.items():
+            if "coordinator_sent_per_ubatch" not in run:
+                continue
+            sent, received = run["coordinator_sent_per_ubatch"], run["coordinator_received_per_ubatch"]
+            a = run["n_ubatch"] * n_embd * 4
+            path = "/".join(sorted(set(run["paths"]))) + (f" ({run['transfers']})" if run.get("transfers") else "")
+            out.append(f"| {r.prompt_tokens} | {key} | {path} | {sent / 1024:.0f} KiB | {received / 1024:.0f} KiB | "
+                       f"{(sent + received) / a:.2f} |")
+    return "\n".join(out)
+
+
 def table(rows: list[Row], reference: str = "ceiling") -> str:
     """A markdown table, padded so that it also reads on a terminal."""
     header = columns([name for name, _ in PIPELINE_MODES], reference)

@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import synth, workers
+from .. import links, synth, workers
 from ...devices import usable_cpu_cores
 from ...model import Model
 from . import report
@@ -33,7 +33,7 @@ def run(args) -> int:
     if load_before and load_before[0] >= 1:
         print(f"note: load average {load_before[0]} before the run: other processes share the {cores} cores, so "
               "expect noise (the spreads show it)", file=sys.stderr)
-    rows, schedule, timeline, pool, models = [], [], None, None, {"ceiling": None}
+    rows, schedule, timeline, pool, net, models = [], [], None, None, None, {"ceiling": None}
     try:
         with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as progress:
             one_device = {}
@@ -42,7 +42,11 @@ def run(args) -> int:
                 with Model(model_path, devices=[args.devices[0]]) as one:
                     one_device = one_device_series(one, args.lengths, args, progress)
             endpoints = args.endpoints
-            if not endpoints and not args.devices:
+            if not endpoints and not args.devices and getattr(args, "link_rate", None) is not None:
+                net = links.Links(args.workers, rate=args.link_rate or None, model=args.link_model,
+                                  delay_ms=args.link_delay, threads=args.threads)
+                endpoints, args.link_counter = net.endpoints, net.coordinator_bytes
+            elif not endpoints and not args.devices:
                 pool = workers.WorkerPool(args.workers, threads=args.threads)
                 endpoints = pool.endpoints
             models["split"] = Model(model_path, rpc_servers=endpoints or None, devices=args.devices,
@@ -58,6 +62,7 @@ def run(args) -> int:
                 fastest = max(length_rows, key=lambda r: r.pipelined_tps)
                 timeline = series[fastest.pipelined_run].median_result().timeline
             devices = models["split"].devices
+            n_embd = models["split"].n_embd
             split_choice = {"layers_per_stage": models["split"].layers_per_stage,
                             "why": models["split"].split_choice}
     finally:
@@ -66,9 +71,13 @@ def run(args) -> int:
                 m.close()
         if pool is not None:
             pool.stop()
+        if net is not None:
+            net.close(raise_errors=False)    # what it cannot remove is a warning; the next harness removes it
 
     doc = make_doc(args, model_path, devices, rows, schedule, timeline, load_before)
     doc["layout"]["split"] = split_choice
+    if net is not None:
+        doc["links"] = net.describe() | {"n_embd": n_embd}
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
     else:
@@ -79,6 +88,9 @@ def run(args) -> int:
         print(report.table(rows, doc["table"]["reference"]))
         print()
         print(report.legend(doc["table"]))
+        if net is not None:
+            print()
+            print(report.link_table(rows, n_embd, net.shaping.describe()))
     for r in rows:
         if "standard" in r.path:
             print(f"note: at {r.prompt_tokens} tokens, ubatch {r.ubatch}, {PIPELINE_MODES[0][0]} ran the standard "
