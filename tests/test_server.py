@@ -30,10 +30,19 @@ def chat_model(model_dir):
 
 
 @pytest.fixture(scope="module")
-def endless(chat_model) -> dict:
-    """Sampling settings that draw from the whole vocabulary but never end before max_tokens (no EOS)."""
+def no_eos(chat_model) -> dict:
+    """A logit bias against end-of-generation tokens (and the few without text): when a random-weight model would end
+    depends on the CPU's numerics, so an answer of a known length, with text, must not be left to it."""
     with pyturbo.Model(chat_model, devices=[]) as model:
-        return {"temperature": 1.0, "extra_body": {"top_k": 0, "min_p": 0.0, "logit_bias": {str(model.eos_id): -100}}}
+        banned = [t for t in range(model.n_vocab) if model.is_eog(t) or not model.token_bytes(t)]
+        assert model.eos_id in banned
+    return {"logit_bias": {str(t): -100 for t in banned}}
+
+
+@pytest.fixture(scope="module")
+def endless(no_eos) -> dict:
+    """Sampling settings that draw from the whole vocabulary but never end before max_tokens (no EOS)."""
+    return {"temperature": 1.0, "extra_body": {"top_k": 0, "min_p": 0.0} | no_eos}
 
 
 def server_args(model, pool) -> list[str]:
@@ -74,22 +83,22 @@ def test_models_health_and_page(server, client):
     assert "http://" not in page.text and "https://" not in page.text and 'src="//' not in page.text  # nothing fetched
 
 
-def test_completion_and_chat_report_usage_and_timings(client, chat_model):
-    c = client.completions.create(model="chat", prompt=TEXT, max_tokens=8, temperature=0)
+def test_completion_and_chat_report_usage_and_timings(client, chat_model, no_eos):
+    c = client.completions.create(model="chat", prompt=TEXT, max_tokens=8, temperature=0, extra_body=no_eos)
     with pyturbo.Model(chat_model, devices=[]) as model:
         n_prompt = len(model.tokenize(TEXT, parse_special=True))
-    assert c.usage.prompt_tokens == n_prompt and 1 <= c.usage.completion_tokens <= 8
-    assert c.choices[0].finish_reason in ("stop", "length")
-    r = chat(client, "hello there", max_tokens=6, temperature=0, extra_body=NO_CACHE)
-    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
+    assert c.usage.prompt_tokens == n_prompt and c.usage.completion_tokens == 8
+    assert c.choices[0].finish_reason == "length"
+    r = chat(client, "hello there", max_tokens=6, temperature=0, extra_body=NO_CACHE | no_eos)
+    assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens == 6
     t = r.model_extra["timings"]
     assert t["prompt_n"] == r.usage.prompt_tokens and t["prompt_per_second"] > 0 and t["ttft_ms"] > 0
     assert t["prefill_path"] == "standard" and t["fallback_reason"]     # a short prompt: fewer than two ubatches
 
 
-def test_streamed_chat_equals_the_unstreamed_answer(client):
-    whole = chat(client, TEXT, max_tokens=24, temperature=0, extra_body=NO_CACHE)
-    chunks = list(chat(client, TEXT, max_tokens=24, temperature=0, stream=True, extra_body=NO_CACHE,
+def test_streamed_chat_equals_the_unstreamed_answer(client, no_eos):
+    whole = chat(client, TEXT, max_tokens=24, temperature=0, extra_body=NO_CACHE | no_eos)
+    chunks = list(chat(client, TEXT, max_tokens=24, temperature=0, stream=True, extra_body=NO_CACHE | no_eos,
                        stream_options={"include_usage": True}))
     deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(deltas) >= 2 and "".join(deltas) == whole.choices[0].message.content
@@ -97,19 +106,21 @@ def test_streamed_chat_equals_the_unstreamed_answer(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_stop_strings(client):
-    full = client.completions.create(model="chat", prompt=TEXT, max_tokens=30, temperature=0, extra_body=NO_CACHE)
+def test_stop_strings(client, no_eos):
+    full = client.completions.create(model="chat", prompt=TEXT, max_tokens=30, temperature=0,
+                                     extra_body=NO_CACHE | no_eos)
     text = full.choices[0].text
     stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert len(stop) == 2, text
     cut = client.completions.create(model="chat", prompt=TEXT, max_tokens=30, temperature=0, stop=[stop, "\x01zz"],
-                                    extra_body=NO_CACHE)
+                                    extra_body=NO_CACHE | no_eos)
     assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
-def test_seed_reproducibility(client):
+def test_seed_reproducibility(client, no_eos):
     def sample(seed):
         return chat(client, "tell me", max_tokens=20, temperature=1.0, top_p=1.0, seed=seed,
-                    extra_body={"top_k": 0, "min_p": 0.0}).choices[0].message.content
+                    extra_body={"top_k": 0, "min_p": 0.0} | no_eos).choices[0].message.content
 
     first = sample(5)
     assert sample(5) == first
@@ -144,7 +155,7 @@ def test_bad_requests_are_openai_errors(server, client):
     # JSON without a Content-Type is read as JSON, as llama-server reads it
     plain = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] >= 1, plain.text
+    assert plain.status_code == 200 and plain.json()["object"] == "text_completion", plain.text
     wrong_method = httpx.get(server.url + "/v1/chat/completions", headers=auth, timeout=10)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
 
@@ -181,36 +192,57 @@ def test_pipeline_on_and_off_per_request(client):
     assert (on.model_extra["timings"]["prefill_path"], off.model_extra["timings"]["prefill_path"]) == ("pipelined", "standard")
 
 
-def two_long_requests(client, endless) -> tuple[dict, dict]:
-    """The timings of two 500-token answers, the second asked 0.3 s after the first."""
-    results = {}
-
-    def ask(name, delay):
-        time.sleep(delay)
-        results[name] = chat(client, "a long answer please", max_tokens=500, seed=1, **endless)
-
-    threads = [threading.Thread(target=ask, args=("a", 0)), threading.Thread(target=ask, args=("b", 0.3))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return results["a"].model_extra["timings"], results["b"].model_extra["timings"]
+def health(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=10).json()
 
 
-def test_requests_queue_in_order(client, endless):
-    a, b = two_long_requests(client, endless)
-    assert a["predicted_n"] == b["predicted_n"] == 500
-    assert b["queue_ms"] >= 0.5 * a["predicted_ms"] - 300   # b waited for most of a's answer
+def while_two_answer(client, url: str, endless, until) -> tuple[dict | None, bool]:
+    """Answer a streams; once its first token has arrived (an observed event, not a delay: a then has ~1900 tokens
+    to go on any machine), answer b is asked from another thread, and /health is polled until until(health) holds.
+    Then a's stream is closed (which cancels it) and b's once it has started. Returns (the /health that held or
+    None, whether b's answer started)."""
+    a = chat(client, "a long answer please", max_tokens=1900, seed=1, stream=True, **endless)
+    b_stream = []
+    b_asked = threading.Thread(target=lambda: b_stream.append(
+        chat(client, "another long answer", max_tokens=1900, seed=2, stream=True, **endless)), daemon=True)
+    seen = None
+    try:
+        next(iter(a))
+        b_asked.start()
+        deadline = time.monotonic() + 60
+        while seen is None and time.monotonic() < deadline:
+            h = health(url)
+            seen = h if until(h) else None
+            time.sleep(0.01)
+    finally:
+        a.close()
+        if b_asked.is_alive() or b_stream:
+            b_asked.join(60)
+        for stream in b_stream:
+            next(iter(stream))
+            stream.close()
+        deadline = time.monotonic() + 30
+        while health(url)["slots_free"] != health(url)["slots"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return seen, bool(b_stream)
+
+
+def test_requests_queue_in_order(server, client, endless):
+    # one slot: b waits while a answers, and gets the slot when a leaves
+    seen, b_started = while_two_answer(client, server.url, endless, lambda h: h["queue"] == 1)
+    assert seen is not None and seen["slots_free"] == 0, "b was not seen waiting while a answered"
+    assert b_started
 
 
 def test_parallel_slots_serve_requests_at_once(chat_model, endless, tmp_path):
     with workers.local(2, threads=1) as pool, \
             ServerProcess(server_args(chat_model, pool) + ["--parallel", "2"], tmp_path / "server.log") as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-        a, b = two_long_requests(client, endless)
-        assert a["predicted_n"] == b["predicted_n"] == 500
-        assert b["queue_ms"] < 200 <= 0.5 * a["predicted_ms"]      # b had a slot of its own at once
-        assert httpx.get(srv.url + "/health", timeout=10).json()["slots"] == 2
+        # two slots: b answers while a does, nobody waits
+        seen, b_started = while_two_answer(client, srv.url, endless,
+                                           lambda h: h["slots_free"] == 0 and h["queue"] == 0)
+        assert seen is not None and seen["slots"] == 2, "a and b were not seen answering at once"
+        assert b_started
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server, client, endless):
@@ -221,16 +253,19 @@ def test_client_disconnect_mid_stream_frees_the_slot(server, client, endless):
             break
     stream.close()
     t0 = time.monotonic()
+    # generous (a loaded machine): what shows the cancel is that far fewer than the 1800 tokens were generated
     while httpx.get(server.url + "/health", timeout=10).json()["slots_free"] != 1:
-        assert time.monotonic() - t0 < 2.0, "the slot was not freed within 2 s of the disconnect"
+        assert time.monotonic() - t0 < 10, "the slot was not freed within 10 s of the disconnect"
         time.sleep(0.05)
-    time.sleep(0.3)
-    generated = metrics(server)[("pyturbo_generated_tokens_total", ())] - before
+    generated = metrics(server)[("pyturbo_generated_tokens_total", ())] - before   # recorded before the slot is freed
     assert 3 <= generated < 1800
 
 
-def test_metrics(server, client):
-    client.completions.create(model="chat", prompt=" ".join([TEXT] * 20), max_tokens=2, extra_body=NO_CACHE)
+def test_metrics(server, client, no_eos):
+    # a pipelined and a standard prefill whatever auto would choose on this machine ("on": forced)
+    client.completions.create(model="chat", prompt=" ".join([TEXT] * 20), max_tokens=2,
+                              extra_body=NO_CACHE | no_eos | {"pipeline": "on"})
+    client.completions.create(model="chat", prompt="hi", max_tokens=2, extra_body=NO_CACHE | no_eos)
     m = metrics(server)
     assert m[("pyturbo_prompt_tokens_total", ())] > 300 and m[("pyturbo_generated_tokens_total", ())] > 0
     assert m[("pyturbo_prefills_total", (("path", "pipelined"), ("reason", "")))] >= 1
@@ -245,7 +280,14 @@ def test_worker_killed_mid_request_gives_503_then_recovers(chat_model, endless, 
             ServerProcess(server_args(chat_model, pool), tmp_path / "server.log") as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         victim = pool.endpoints[1]
-        threading.Timer(0.5, pool.kill, args=(1,)).start()
+
+        def kill_once_busy():  # once the request holds its slot (an observed event, not a delay): 1900 tokens to go
+            deadline = time.monotonic() + 60
+            while httpx.get(srv.url + "/health", timeout=10).json().get("slots_free") != 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            pool.kill(1)
+
+        threading.Thread(target=kill_once_busy, daemon=True).start()
         t0 = time.monotonic()
         with pytest.raises(openai.InternalServerError) as e:
             chat(client, "go on", max_tokens=1900, **endless)
@@ -259,7 +301,7 @@ def test_worker_killed_mid_request_gives_503_then_recovers(chat_model, endless, 
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             srv.wait_healthy(30)
-            assert chat(client, "hi again", max_tokens=3).usage.completion_tokens >= 1
+            assert chat(client, "hi again", max_tokens=3, **endless).usage.completion_tokens == 3
             assert metrics(srv)[("pyturbo_model_reloads_total", ())] == 1
         finally:
             worker.kill()
