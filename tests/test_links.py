@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyturbo import Context, Model
+from pyturbo import Context, Model, WorkerError
 from pyturbo.tools import links
 from pyturbo.tools.bench import parse_args
 from conftest import prompt
@@ -212,6 +212,17 @@ def test_direct_copies_skip_the_coordinator(tiny_model):
         _, res, moved = prefill(m, "force", net, "direct")
         assert "through this process" not in res.transfers, res.transfers
         assert moved.received < N_TOKENS * m.n_embd * 4, moved
+
+
+@needs_links
+@pytest.mark.skipif("rpc_token" not in inspect.signature(Model).parameters, reason="no RPC secrets in this build")
+def test_workers_behind_links_with_a_secret(tiny_model, monkeypatch):
+    monkeypatch.delenv(links.TOKEN_ENV, raising=False)
+    with links.Links(2, rate=None, token="links-test-secret") as net:
+        with pytest.raises(WorkerError):
+            Model(tiny_model, rpc_servers=net.endpoints, rpc_token="")
+        with Model(tiny_model, rpc_servers=net.endpoints, tensor_split="even", rpc_token=net.token) as m:
+            assert len(prefill(m, "off")[0]) == m.n_vocab
 
 
 @needs_links

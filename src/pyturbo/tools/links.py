@@ -513,16 +513,6 @@ def _teardown(pool: WorkerPool | None, spaces: list[str], ifaces: list[str], tag
         _live_tags.discard(tag)
 
 
-@contextlib.contextmanager
-def shaped(n: int, rate: float | None = None, model: str = "coordinator", **kwargs):
-    """`with links.shaped(3, rate=50, model="per-worker", threads=1) as net:` -- Links as a with block."""
-    net = Links(n, rate, model, **kwargs)
-    try:
-        yield net
-    finally:
-        net.close(raise_errors=sys.exc_info()[0] is None)
-
-
-__all__ = ["Links", "LinkBytes", "LinksError", "Shaping", "MODELS", "shaped", "available", "unavailable_reason",
+__all__ = ["Links", "LinkBytes", "LinksError", "Shaping", "MODELS", "available", "unavailable_reason",
            "delay_unavailable_reason",
            "require", "cleanup_leftovers", "worker_accepts"]
