@@ -279,8 +279,9 @@ def test_worker_exits_nonzero_when_it_cannot_bind():
         busy = subprocess.run([sys.executable, "-m", "pyturbo.worker", "--port", str(port)], capture_output=True,
                               text=True, timeout=60)
     assert busy.returncode == 1 and "Address already in use" in busy.stderr and "--port" in busy.stderr
+    # (with a secret: a non-loopback address without one is refused before binding, tests/test_rpc_auth.py)
     bad = subprocess.run([sys.executable, "-m", "pyturbo.worker", "--port", "0", "--host", "300.1.2.3"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTURBO_RPC_TOKEN="s"))
     assert bad.returncode == 1 and "cannot listen on 300.1.2.3:0" in bad.stderr
 
 

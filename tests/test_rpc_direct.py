@@ -79,3 +79,25 @@ def test_a_worker_that_dies_during_direct_copies_ends_the_prefill_with_an_error(
             killer.join()
         with pytest.raises(pyturbo.ContextDeadError):
             ctx.logits()
+
+
+@pytest.mark.parametrize("wire", ["f16", "bf16"])
+def test_a_compact_wire_rounds_within_its_tolerance(split_model, wire):
+    """Opt-in: activations travel between workers in half the bytes, rounded once per boundary. The logits are not
+    the exact ones (the rounding must show, or the option did nothing) but within RPC_WIRE_TOLERANCE of them."""
+    from pyturbo.context import RPC_WIRE_TOLERANCE, within_tolerance
+    tokens = prompt(400, seed=3)
+    exact, _, _ = prefill(split_model, tokens, "force", "direct")
+    with split_model.context(n_ctx=1024, n_batch=1024, n_ubatch=N_UBATCH, n_threads=1, rpc_wire=wire) as ctx:
+        result = ctx.prefill(tokens, pipeline="force")
+        compact = ctx.logits().copy()
+    assert result.transfers == "server-to-server"
+    assert not np.array_equal(compact, exact)
+    assert within_tolerance(compact, exact, RPC_WIRE_TOLERANCE)
+
+
+def test_bad_transfer_settings_are_refused(split_model):
+    with pytest.raises(ValueError, match="rpc_transfers"):
+        split_model.context(n_ctx=256, rpc_transfers="carrier pigeon")
+    with pytest.raises(ValueError, match="rpc_wire"):
+        split_model.context(n_ctx=256, rpc_wire="f8")

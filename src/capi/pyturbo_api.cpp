@@ -315,7 +315,7 @@ int32_t pt_token_to_piece(pt_model * model, int32_t token, char * buf, int32_t c
 
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
                             int32_t n_threads, int32_t flash_attn, int32_t max_in_flight, int32_t host_staging,
-                            int32_t relay_rpc) {
+                            int32_t relay_rpc, int32_t rpc_wire) {
     return guarded<pt_context *>(nullptr, "creating the context failed", [&]() -> pt_context * {
         init_once();
         clear_recent_errors();
@@ -339,7 +339,7 @@ pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, 
             }
         }
         llama_set_abort_callback(c, abort_callback, ctx);
-        const llama_turbo_options options = {max_in_flight, host_staging != 0, relay_rpc != 0};
+        const llama_turbo_options options = {max_in_flight, host_staging != 0, relay_rpc != 0, rpc_wire};
         llama_turbo_attach(c, &options);
         return ctx;
     });

@@ -68,11 +68,11 @@ int32_t    pt_model_stage_names(pt_model * model, const char ** names, int32_t c
 int32_t    pt_tokenize(pt_model * model, const char * text, int32_t text_len, int32_t * tokens, int32_t capacity, int32_t add_special);
 int32_t    pt_token_to_piece(pt_model * model, int32_t token, char * buf, int32_t capacity);
 
-// flash_attn: -1 auto, 0 off, 1 on. max_in_flight: 0 = one per stage plus one. host_staging, relay_rpc: see
-// llama_turbo_options.
+// flash_attn: -1 auto, 0 off, 1 on. max_in_flight: 0 = one per stage plus one. host_staging, relay_rpc, rpc_wire
+// (enum llama_turbo_wire): see llama_turbo_options.
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
                             int32_t n_threads, int32_t flash_attn, int32_t max_in_flight, int32_t host_staging,
-                            int32_t relay_rpc);
+                            int32_t relay_rpc, int32_t rpc_wire);
 void         pt_context_free(pt_context * ctx);
 int32_t      pt_context_n_past(pt_context * ctx);
 int32_t      pt_context_is_dead(pt_context * ctx);

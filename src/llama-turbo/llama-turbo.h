@@ -85,6 +85,13 @@ struct llama_turbo_result {
 };
 // cffi-end
 
+// How activations travel between RPC servers that copy to each other (llama_turbo_options::rpc_wire).
+enum llama_turbo_wire {
+    LLAMA_TURBO_WIRE_EXACT = 0,  // as computed (F32): bit-identical results
+    LLAMA_TURBO_WIRE_F16   = 1,  // half the bytes, rounded to F16 on the way (results within a tolerance)
+    LLAMA_TURBO_WIRE_BF16  = 2,  // half the bytes, rounded to BF16
+};
+
 // Settings of a context's executor, fixed when it is attached.
 struct llama_turbo_options {
     int32_t max_in_flight;  // most ubatches in flight at once (each holds its own compute buffers); 0: stages + 1
@@ -92,6 +99,7 @@ struct llama_turbo_options {
                             // copy to each other; tests force it with this)
     bool    relay_rpc;      // tensors between RPC servers go through this process even where the servers could send
                             // them to each other (the comparison the direct copies are measured against)
+    int32_t rpc_wire;       // enum llama_turbo_wire: the format of server-to-server copies
 };
 
 // Installs the executor on ctx (once; a second call returns -1).

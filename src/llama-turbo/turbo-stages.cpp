@@ -280,7 +280,9 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
     }
     for (int idx : sp.push_out) {
         // queued right behind the computation: the server sends the result while it goes on with its next split
-        s.pushes[idx].id = rpc_peer.push(s.pushes[idx].src, s.pushes[idx].dst);
+        const ggml_type wire = options.rpc_wire == LLAMA_TURBO_WIRE_F16  ? GGML_TYPE_F16  :
+                               options.rpc_wire == LLAMA_TURBO_WIRE_BF16 ? GGML_TYPE_BF16 : s.pushes[idx].src->type;
+        s.pushes[idx].id = rpc_peer.push(s.pushes[idx].src, s.pushes[idx].dst, wire);
     }
     trace.mark("split launched", s.task, rec.device);
     if (clock.on_device()) {

@@ -109,7 +109,7 @@ struct backend_traits {
 // ggml-rpc's server-to-server copies (patches/0011), looked up in its registry: none in a build without RPC.
 struct rpc_peer_functions {
     bool     (*reachable)(const char * src_endpoint, const char * dst_endpoint, char * why, size_t why_size) = nullptr;
-    uint64_t (*push)(const ggml_tensor * src, const ggml_tensor * dst) = nullptr;
+    uint64_t (*push)(const ggml_tensor * src, const ggml_tensor * dst, ggml_type wire_type) = nullptr;
     void     (*await)(const ggml_tensor * dst, uint64_t id) = nullptr;
 };
 
