@@ -61,6 +61,9 @@ def _exclusive(check: bool = True):
 # itself, patches/0011; through this process only where the workers cannot reach each other, and the result says why)
 # or "relay" (always through this process, as llama.cpp does)
 RPC_TRANSFERS = ("direct", "relay")
+# The format of those direct copies (enum llama_turbo_wire): None sends the F32 activations as computed (bit-identical
+# results); "f16" / "bf16" send half the bytes, rounded on the way (within RPC_WIRE_TOLERANCE)
+RPC_WIRE = {None: 0, "f16": 1, "bf16": 2}
 
 
 @dataclass
@@ -106,11 +109,22 @@ def default_threads(layer_devices: list[str]) -> int:
 FIRST_UBATCH_TOLERANCE = 3e-2
 
 
+# rpc_wire="f16"/"bf16" rounds each activation once per stage boundary: measured 0.06% (F16) and 0.3% (BF16) of the
+# largest logit over 4 CPU workers (tests/test_rpc_direct.py prints nothing; bench/results/2026-12-04-shaped-links.md);
+# the bound leaves a factor of ten for deeper models and more stages.
+RPC_WIRE_TOLERANCE = 3e-2
+
+
+def within_tolerance(logits: np.ndarray, exact: np.ndarray, tolerance: float) -> bool:
+    """Whether logits agree with exact ones as far as rounding can explain: within tolerance of the largest logit
+    (at least of 1), with the same top token."""
+    bound = tolerance * max(1.0, float(np.max(np.abs(exact))))
+    return float(np.max(np.abs(logits - exact))) <= bound and int(np.argmax(logits)) == int(np.argmax(exact))
+
+
 def within_first_ubatch_tolerance(logits: np.ndarray, uniform: np.ndarray) -> bool:
-    """Whether logits computed with a first_ubatch agree with uniform ubatches' as far as rounding can explain:
-    within FIRST_UBATCH_TOLERANCE of the largest logit (at least of 1), with the same top token."""
-    bound = FIRST_UBATCH_TOLERANCE * max(1.0, float(np.max(np.abs(uniform))))
-    return float(np.max(np.abs(logits - uniform))) <= bound and int(np.argmax(logits)) == int(np.argmax(uniform))
+    """Logits computed with a first_ubatch against uniform ubatches': within FIRST_UBATCH_TOLERANCE."""
+    return within_tolerance(logits, uniform, FIRST_UBATCH_TOLERANCE)
 
 
 class Context(_native.NativeHandle):
@@ -131,6 +145,8 @@ class Context(_native.NativeHandle):
     result to the next worker itself, while it computes the next ubatch, so they do not cross this process's link
     (where a worker cannot reach the next one they are relayed, and PrefillResult.transfers says why); "relay":
     always through this process, as llama.cpp's own path does. The bytes are the same either way.
+    rpc_wire (opt-in): "f16" or "bf16" sends those copies in half the bytes, for slow links between workers; the
+    activations are rounded on the way, so the logits differ from the exact path within RPC_WIRE_TOLERANCE.
 
     Before anything is allocated, the KV cache and compute buffers are checked against each device's free memory:
     MemoryError says what does not fit and what to lower. One call at a time: a call from a second thread while one
@@ -144,7 +160,7 @@ class Context(_native.NativeHandle):
 
     def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
                  n_threads: int | None = None, flash_attn: bool | str | None = None, max_in_flight: int = 0,
-                 first_ubatch: int | None = None, rpc_transfers: str = "direct"):
+                 first_ubatch: int | None = None, rpc_transfers: str = "direct", rpc_wire: str | None = None):
         if model.closed:
             raise ValueError("the model is closed")
         # bool is an int subclass: n_ctx=True would otherwise be a context of one token
@@ -167,8 +183,10 @@ class Context(_native.NativeHandle):
                              f"not {n_threads!r}")
         if rpc_transfers not in RPC_TRANSFERS:
             raise ValueError(f"rpc_transfers must be one of {RPC_TRANSFERS}, not {rpc_transfers!r}")
+        if rpc_wire not in RPC_WIRE:
+            raise ValueError(f"rpc_wire must be one of {tuple(RPC_WIRE)}, not {rpc_wire!r}")
         self.first_ubatch = first_ubatch
-        self.rpc_transfers = rpc_transfers
+        self.rpc_transfers, self.rpc_wire = rpc_transfers, rpc_wire
         n_threads = n_threads or default_threads(model.devices)
         self.model = model
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
@@ -196,7 +214,7 @@ class Context(_native.NativeHandle):
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_context_new, model._ptr, n_ctx, n_batch, n_ubatch, n_threads,
                                        FLASH_ATTN[flash_attn], max_in_flight, int(host_staging),
-                                       int(rpc_transfers == "relay")),
+                                       int(rpc_transfers == "relay"), RPC_WIRE[rpc_wire]),
             undo=lambda r: lib.pt_context_free(r[0]), disconnect=interrupted)
         _native.drain_log()
         if ptr == ffi.NULL:
