@@ -14,6 +14,7 @@ import numpy as np
 from . import _calls, _memory, _native, balance, policy
 from .devices import GPU, IGPU, Device, choose_devices, list_devices
 from .errors import ContextDeadError, ModelLoadError, WorkerError
+from .rpc_auth import resolve_rpc_token
 
 SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
 
@@ -25,17 +26,6 @@ DEFAULT_RPC_TIMEOUT = 300.0
 # Connecting and the handshake take milliseconds on a live worker: a silent one fails after this (or rpc_timeout, if
 # smaller)
 RPC_CONNECT_TIMEOUT = 10.0
-# The shared secret of the coordinator and its workers (patches/0010): a worker started with one serves only clients
-# that prove they know it, and the coordinator connects only to workers that prove it in return.
-RPC_TOKEN_ENV = "PYTURBO_RPC_TOKEN"
-
-
-def resolve_rpc_token(given: str | None = None) -> str:
-    """The RPC secret to use: the one given, else $PYTURBO_RPC_TOKEN, else "" (none)."""
-    token = os.environ.get(RPC_TOKEN_ENV, "") if given is None else given
-    if not isinstance(token, str) or "\0" in token:
-        raise ValueError(f"the RPC token must be a string without NUL characters, not {type(token).__name__}")
-    return token
 
 
 def parse_endpoints(rpc_servers: str | Iterable[str] | None) -> list[str]:

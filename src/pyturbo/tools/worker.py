@@ -18,7 +18,7 @@ import time
 
 from .. import _native
 from ..devices import usable_cpu_cores
-from ..model import RPC_TOKEN_ENV, resolve_rpc_token
+from ..rpc_auth import RPC_TOKEN_ENV, resolve_rpc_token
 
 
 def is_loopback(host: str) -> bool:
