@@ -55,14 +55,18 @@ def context(model):
     return model.context(n_ctx=1024, n_batch=1024, n_ubatch=16, n_threads=1)
 
 
-def reference(path: str, toks: list[np.ndarray], pipeline: bool) -> list[np.ndarray]:
-    """Logits of each prompt in a fresh context on fresh workers."""
-    out = []
+def reference(path: str, toks: list[np.ndarray], pipeline) -> tuple[list[np.ndarray], list[float]]:
+    """Logits of each prompt in a fresh context on fresh workers, and how long each call took (a fault is timed
+    relative to that: a fixed delay would land after the call on a fast machine and rarely before its end on a slow
+    one)."""
+    out, seconds = [], []
     with workers.local(N_WORKERS) as pool, pyturbo.Model(path, rpc_servers=pool.endpoints) as model:
         for t in toks:
             with context(model) as ctx:
+                t0 = time.monotonic()
                 out.append(ctx.prefill(t, pipeline=pipeline).logits)
-    return out
+                seconds.append(time.monotonic() - t0)
+    return out, seconds
 
 
 def inject(fault: str, pool: workers.WorkerPool, victim: int) -> None:
@@ -92,7 +96,8 @@ def heal(pool: workers.WorkerPool) -> None:
 def run(path: str, seed: int, iterations: int, budget: float) -> dict:
     rng = random.Random(seed)
     toks = prompts()
-    refs = reference(path, toks, pipeline=False)
+    refs, standard_s = reference(path, toks, pipeline=False)
+    call_s = {False: standard_s, True: reference(path, toks, pipeline=True)[1]}
     sigint = Sigint()
     outcomes: collections.Counter = collections.Counter()
     failures: list[str] = []
@@ -106,7 +111,8 @@ def run(path: str, seed: int, iterations: int, budget: float) -> dict:
                 heal(pool)
                 model = pyturbo.Model(path, rpc_servers=pool.endpoints, rpc_timeout=RPC_TIMEOUT)
             p, pipeline = rng.randrange(len(toks)), rng.random() < 0.6
-            fault, delay, victim = rng.choice(FAULTS), rng.uniform(0.0, 0.25), rng.randrange(N_WORKERS)
+            # the fault lands within the call's duration (measured above) most of the time, after it sometimes
+            fault, delay, victim = rng.choice(FAULTS), rng.uniform(0.0, 1.25) * call_s[pipeline][p], rng.randrange(N_WORKERS)
             label = f"#{done} {fault}@{delay:.2f}s worker {victim} {'pipelined' if pipeline else 'standard'} {len(toks[p])}"
             ctx = context(model)
             timer = threading.Timer(delay, inject, args=(fault, pool, victim))
@@ -147,7 +153,7 @@ def run(path: str, seed: int, iterations: int, budget: float) -> dict:
         if model is not None:
             model.close()
     # a model on fresh workers gives the reference logits, on both paths
-    final_ok = all(np.array_equal(a, b) for a, b in zip(reference(path, toks, pipeline="force"), refs))
+    final_ok = all(np.array_equal(a, b) for a, b in zip(reference(path, toks, pipeline="force")[0], refs))
     return {"iterations": done, "outcomes": dict(outcomes), "failures": failures, "final_ok": final_ok,
             "slowest_call_s": round(slowest, 2), "late_sigints": sigint.late}
 

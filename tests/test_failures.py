@@ -116,7 +116,9 @@ def test_ctrl_c_returns_within_a_second_from_a_stopped_worker(tiny_model):
     """, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DEAD after" in proc.stdout and "STILL DEAD" in proc.stdout and "CLOSED" in proc.stdout, proc.stdout
-    assert float(proc.stdout.split("DEAD after", 1)[1].split()[0]) < 2.0, proc.stdout
+    # nominally 2 * STOP_GRACE_S (1 s); the slack is for a loaded machine: what this guards against is the minutes
+    # of the default rpc_timeout
+    assert float(proc.stdout.split("DEAD after", 1)[1].split()[0]) < 3.0, proc.stdout
 
 
 def test_a_server_that_never_answers_fails_the_handshake(tiny_model):

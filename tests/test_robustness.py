@@ -50,11 +50,14 @@ def test_abort_from_another_thread(tiny_model, rpc3):
     from pyturbo import _native
     with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:
         with model.context(n_ctx=4096, n_batch=4096, n_ubatch=16, n_threads=1) as ctx:
-            timer = threading.Timer(0.3, lambda: _native.lib().pt_request_abort(ctx._ptr))
-            timer.start()
+            # the abort comes from another thread once the prefill has produced a record (249 ubatches to go), not
+            # after a delay that a fast machine would outlast
+            running = threading.Event()
+            aborter = threading.Thread(target=lambda: running.wait(60) and _native.lib().pt_request_abort(ctx._ptr))
+            aborter.start()
             with pytest.raises(KeyboardInterrupt):
-                ctx.prefill(prompt(4000), pipeline="force")
-            timer.join()
+                ctx.prefill(prompt(4000), pipeline="force", on_ubatch=lambda rec: running.set())
+            aborter.join()
             assert ctx.n_past == 0
             assert ctx.prefill(prompt(100), pipeline="force").path == "pipelined"
 
@@ -70,7 +73,17 @@ def test_worker_killed_mid_prefill_raises_instead_of_aborting(pipeline, n_batch,
         with workers.local(2, threads=1) as pool:
             model = pyturbo.Model(path, rpc_servers=pool.endpoints)
             ctx = model.context(n_ctx=8192, n_batch={n_batch}, n_ubatch=16, n_threads=1)
-            threading.Timer(0.5, pool.kill, args=({victim},)).start()
+
+            def cpu_ticks(pid):
+                return sum(int(x) for x in open(f"/proc/{{pid}}/stat").read().rsplit(")", 1)[1].split()[11:13])
+
+            def kill_once_computing(pid, base):  # mid-prefill on any machine, not after a guessed delay
+                while cpu_ticks(pid) == base:
+                    time.sleep(0.002)
+                pool.kill({victim})
+
+            pid = pool.procs[{victim}].pid
+            threading.Thread(target=kill_once_computing, args=(pid, cpu_ticks(pid)), daemon=True).start()
             t0 = time.monotonic()
             try:
                 ctx.prefill(np.arange(8000) % 500, pipeline={pipeline!r})
