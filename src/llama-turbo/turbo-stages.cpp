@@ -273,6 +273,11 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
             ggml_backend_tensor_copy(in.src, in.dst);
         }
     }
+    for (int idx : sp.forward_out) {
+        // an input from host memory that later stages need too (the KQ mask): this server passes its copy on, so
+        // this process sends it once per ubatch instead of once per stage
+        s.pushes[idx].id = rpc_peer.push(s.pushes[idx].src, s.pushes[idx].dst, s.pushes[idx].src->type);
+    }
     trace.mark("inputs queued", s.task, rec.device);
     const ggml_status st = ggml_backend_sched_split_compute_async(s.sched.get(), i);
     if (st != GGML_STATUS_SUCCESS) {
@@ -318,6 +323,8 @@ void llama_turbo::plan_splits(slot & s) {
     s.staging_src.clear();
     s.pushes.clear();
     std::map<ggml_tensor *, int> staged_index;
+    std::map<ggml_tensor *, std::pair<int, ggml_tensor *>> host_input_copies; // host tensor -> (split, its copy) of
+                                                                               // the RPC server that got it last
 
     for (int i = 0; i < n_splits; ++i) {
         split_plan & sp = s.splits[i];
@@ -355,6 +362,19 @@ void llama_turbo::plan_splits(slot & s) {
             // host memory, or two devices of this process that copy to each other (CUDA to CUDA with peer copies): the
             // consumer copies directly, the producer has finished and the slot's memory stays untouched until it is done
             int pushed = -1;
+            if (src_in_host_memory && to.rpc) {
+                auto prev = host_input_copies.find(src);
+                if (prev != host_input_copies.end()) {
+                    split_plan & from_split = s.splits[prev->second.first];
+                    if (from_split.thread != sp.thread && traits[from_split.thread].rpc &&
+                        servers_copy(from_split.thread, sp.thread)) {
+                        pushed = (int) s.pushes.size();
+                        s.pushes.push_back({prev->second.second, dst});
+                        from_split.forward_out.push_back(pushed);
+                    }
+                }
+                host_input_copies[src] = {i, dst};
+            }
             if (!src_in_host_memory && through_host) {
                 // the last earlier split on the source's backend has computed it: that thread stages it, or has its
                 // server send it to the consumer's server

@@ -60,6 +60,7 @@ struct split_plan {
     std::vector<split_input> inputs;
     std::vector<int>         stage_out; // staging entries this split fills right after it ran
     std::vector<int>         push_out;  // server copies this split sends once its computation is queued
+    std::vector<int>         forward_out; // server copies of its inputs from host memory, sent on before it computes
     ggml_tensor *            fence;     // read after the split when nothing is staged: see run_split
 };
 
