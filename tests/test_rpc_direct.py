@@ -101,3 +101,22 @@ def test_bad_transfer_settings_are_refused(split_model):
         split_model.context(n_ctx=256, rpc_transfers="carrier pigeon")
     with pytest.raises(ValueError, match="rpc_wire"):
         split_model.context(n_ctx=256, rpc_wire="f8")
+
+
+def test_a_worker_that_cannot_reach_the_next_one_relays_with_the_reason(tiny_model):
+    """The first worker in a network namespace of its own, the second on this host's loopback: this process reaches
+    both, but 127.0.0.1 means the namespace itself from the first worker's side. That hop is relayed, the result says
+    why, and the logits are the standard path's."""
+    from pyturbo.tools import links
+    reason = links.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with links.Links(1, rate=None) as net, workers.local(1, threads=1) as local, \
+            pyturbo.Model(tiny_model, rpc_servers=net.endpoints + local.endpoints, tensor_split="even") as model:
+        tokens = prompt(300)
+        standard, _, _ = prefill(model, tokens, "off", "direct")
+        direct, result, _ = prefill(model, tokens, "force", "direct")
+        assert result.path == "pipelined"
+        assert result.transfers.startswith("through this process") and local.endpoints[0] in result.transfers
+        assert "cannot reach" in result.transfers or "another server" in result.transfers, result.transfers
+        assert np.array_equal(direct, standard)

@@ -1,0 +1,136 @@
+"""Prefill over RPC workers behind shaped links: stock, the pipeline relaying activations through the coordinator, the
+pipeline with server-to-server copies, and those with the compact F16 wire (issue 22's table).
+
+    sudo python bench/shaped_links.py                       # the full table (~15 min on 2 cores)
+    sudo python bench/shaped_links.py --rates 50 --models per-worker --repeat 1     # one row, quickly
+
+Every topology is built by pyturbo.tools.links (network namespaces, veth, htb; root only): "coordinator" puts one
+link of the rate at the coordinator, shared by all workers; "per-worker" gives each worker its own link (both ways),
+so a worker-to-worker copy crosses two. The unshaped rows use the same topology with no shaping, measured first and
+last; each shaped row is compared with the same mode unshaped (median of the two). Within a topology the modes run
+interleaved, `--repeat` times, and the table shows medians with min-max. Bytes through the coordinator are counted on
+its interface (headers included) and given per ubatch in units of A = n_ubatch x n_embd x 4 bytes (one ubatch's
+activations). transfer/stage: the time to send A over one link at the rate, over one stage's time per ubatch
+(n_ubatch / the unshaped direct pipeline's tok/s): below 1 a transfer can hide behind a stage's computation.
+Every mode's logits are compared with stock's: bit-identical, except the compact wire (within RPC_WIRE_TOLERANCE).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pyturbo
+from pyturbo import synth
+from pyturbo.context import RPC_WIRE_TOLERANCE, within_tolerance
+from pyturbo.tools import links
+
+# (label, pipeline, rpc_transfers, rpc_wire)
+MODES = [("stock", "off", "direct", None), ("relay", "force", "relay", None),
+         ("direct", "force", "direct", None), ("direct+f16", "force", "direct", "f16")]
+
+
+def measure_topology(args, rate, model_kind, tokens) -> dict:
+    """{mode: {"tps": [...], "bytes": [...], "logits": array, "transfers": str}} for one topology."""
+    out = {label: {"tps": [], "bytes": [], "logits": None, "transfers": ""} for label, *_ in MODES}
+    with links.Links(args.workers, rate=rate, model=model_kind, threads=args.threads) as net, \
+            pyturbo.Model(args.model, rpc_servers=net.endpoints, tensor_split="even") as model:
+        contexts = {label: model.context(n_ctx=len(tokens) + 64, n_batch=args.n_batch, n_ubatch=args.n_ubatch,
+                                         n_threads=1, rpc_transfers=transfers, rpc_wire=wire)
+                    for label, _, transfers, wire in MODES}
+        try:
+            for label, pipeline, _, _ in MODES:     # one untimed run each: buffers, graphs, the peer links
+                contexts[label].prefill(tokens[:2 * args.n_ubatch], pipeline=pipeline)
+                contexts[label].reset()
+            for r in range(args.repeat):
+                order = MODES if r % 2 == 0 else MODES[::-1]
+                for label, pipeline, _, _ in order:
+                    ctx = contexts[label]
+                    before = net.coordinator_bytes()
+                    t0 = time.perf_counter()
+                    res = ctx.prefill(tokens, pipeline=pipeline)
+                    seconds = time.perf_counter() - t0
+                    after = net.coordinator_bytes()
+                    out[label]["tps"].append(len(tokens) / seconds)
+                    out[label]["bytes"].append((after.sent - before.sent + after.received - before.received)
+                                               / res.n_ubatches)
+                    out[label]["logits"] = ctx.logits().copy()
+                    out[label]["transfers"] = res.transfers
+                    ctx.reset()
+                    print(f"  {model_kind:11} {rate or 'unshaped'!s:>8} {label:11} {len(tokens) / seconds:7.0f} tok/s",
+                          file=sys.stderr, flush=True)
+        finally:
+            for ctx in contexts.values():
+                ctx.close()
+        out["_n_embd"] = model.n_embd
+    return out
+
+
+def spread(values) -> str:
+    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", default="200,100,50", help="Mbit/s, comma-separated")
+    ap.add_argument("--models", default="coordinator,per-worker")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="threads per worker")
+    ap.add_argument("--preset", default="bench-8l")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--n-batch", type=int, default=2048)
+    ap.add_argument("--n-ubatch", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="write the raw numbers here")
+    args = ap.parse_args(argv)
+    problem = links.unavailable_reason()
+    if problem:
+        ap.error(problem)
+    args.model = synth.cached_model(args.preset)
+    rates = [int(r) for r in args.rates.split(",")]
+    kinds = args.models.split(",")
+    tokens = np.random.default_rng(0).integers(0, 500, args.tokens).astype(np.int32)
+
+    unshaped = [measure_topology(args, None, kinds[0], tokens)]
+    shaped = {(k, r): measure_topology(args, r, k, tokens) for k in kinds for r in rates}
+    unshaped.append(measure_topology(args, None, kinds[0], tokens))
+
+    n_embd = unshaped[0]["_n_embd"]
+    a_bytes = args.n_ubatch * n_embd * 4
+    reference = {label: statistics.median(unshaped[0][label]["tps"] + unshaped[1][label]["tps"]) for label, *_ in MODES}
+    stage_s = args.n_ubatch / reference["direct"]
+    exact = unshaped[0]["stock"]["logits"]
+
+    print(f"# {args.workers} workers x {args.threads} thread, {args.preset}, {args.tokens} tokens, n_batch "
+          f"{args.n_batch}, n_ubatch {args.n_ubatch}; A = {a_bytes / 1024:.0f} KiB; medians of {args.repeat} "
+          f"(min-max); ratio = vs the same mode unshaped\n")
+    print("| link | rate (Mbit/s) | transfer/stage | mode | tok/s | vs unshaped | coordinator bytes/ubatch (A) | "
+          "outputs | transfers |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = [("unshaped", None, unshaped[0])] + [(k, r, shaped[(k, r)]) for k in kinds for r in rates]
+    for kind, rate, res in rows:
+        ratio_ts = "" if rate is None else f"{a_bytes * 8 / (rate * 1e6) / stage_s:.2f}"
+        for label, *_ in MODES:
+            m = res[label]
+            if label == "direct+f16":
+                same = "within tol." if within_tolerance(m["logits"], exact, RPC_WIRE_TOLERANCE) else "OUT OF TOL."
+            else:
+                same = "bit-equal" if np.array_equal(m["logits"], exact) else "DIFFER"
+            vs = statistics.median(m["tps"]) / reference[label]
+            print(f"| {kind} | {rate or '-'} | {ratio_ts} | {label} | {spread(m['tps'])} | {vs:.2f} | "
+                  f"{statistics.median(m['bytes']) / a_bytes:.2f} | {same} | {m['transfers'] or '-'} |")
+    if args.json:
+        raw = {f"{k}|{r}": {label: {"tps": res[label]["tps"], "bytes": res[label]["bytes"]} for label, *_ in MODES}
+               for k, r, res in rows + [("unshaped-end", None, unshaped[1])]}
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "A": a_bytes,
+                                         "rows": raw}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
