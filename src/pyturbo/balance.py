@@ -11,6 +11,7 @@ them; later loads take the stored counts at once. `Calibration.clear()` (or dele
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Sequence
@@ -73,9 +74,36 @@ class Balance:
                 "n_tokens": self.n_tokens, "n_ubatch": self.n_ubatch}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Balance":
-        return cls([int(x) for x in d["layers"]], [int(x) for x in d["measured_layers"]],
-                   [float(x) for x in d["stage_seconds"]], int(d["n_tokens"]), int(d["n_ubatch"]))
+    def from_json(cls, d) -> "Balance":
+        """The inverse of to_json(). What it reads comes from a file (policy.Calibration): anything of another shape
+        (a missing field, a count that is not a positive int, lists of unequal lengths) raises ValueError saying what."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a stored split is an object, not {type(d).__name__}")
+        missing = [name for name in ("layers", "measured_layers", "stage_seconds", "n_tokens", "n_ubatch") if name not in d]
+        if missing:
+            raise ValueError(f"a stored split lacks {', '.join(missing)}")
+        layers, measured = _counts(d["layers"], "layers"), _counts(d["measured_layers"], "measured_layers")
+        seconds = d["stage_seconds"]
+        if (not isinstance(seconds, list) or not all(_number(t) and math.isfinite(t) and t >= 0 for t in seconds)):
+            raise ValueError("a stored split's stage_seconds must be a list of times >= 0")
+        if not len(layers) == len(measured) == len(seconds):
+            raise ValueError("a stored split's layers, measured_layers and stage_seconds differ in length")
+        n_tokens, n_ubatch = d["n_tokens"], d["n_ubatch"]
+        if not all(_number(n) and isinstance(n, int) and n > 0 for n in (n_tokens, n_ubatch)):
+            raise ValueError("a stored split's n_tokens and n_ubatch must be positive ints")
+        return cls(layers, measured, [float(t) for t in seconds], n_tokens, n_ubatch)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)   # JSON true/false are not counts
+
+
+def _counts(values, name: str) -> list[int]:
+    """Layer counts per stage: a non-empty list of ints >= 1 (a stage without layers is not a stage)."""
+    if not isinstance(values, list) or not values or not all(_number(n) and isinstance(n, int) and n >= 1
+                                                              for n in values):
+        raise ValueError(f"a stored split's {name} must be a non-empty list of layer counts >= 1")
+    return list(values)
 
 
 def propose(measured_layers: Sequence[int], stage_seconds: Sequence[float], n_tokens: int, n_ubatch: int) -> Balance:

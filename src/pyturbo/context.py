@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -249,8 +250,11 @@ class Context(_native.NativeHandle):
         mode = policy.normalize_mode(pipeline)
         toks = self._check_tokens(tokens)
         key = self._calibration_key(len(toks), self.n_past)
-        measured = policy.calibration().measured(key) if mode == "auto" else None
-        ask_pipeline, decision = policy.decide(mode, self.layout, self._pipeline_override, measured)
+        # a context's first prefill decides from first runs (fresh-context costs), later ones from warm runs
+        decide_key = key if self._warm_paths else policy.first_run_key(key)
+        now = time.time()
+        measured = policy.calibration().runs(decide_key, now) if mode == "auto" else None
+        ask_pipeline, decision = policy.decide(mode, self.layout, self._pipeline_override, measured, now)
         refused = ""
         if ask_pipeline:  # its buffers must fit before its first use
             ask_pipeline, refused = self._pipeline_fits(True, toks)
@@ -304,11 +308,12 @@ class Context(_native.NativeHandle):
 
     def _measured(self, key: str, path: str, asked_pipeline: bool, n_ubatches: int, tokens_per_second: float) -> None:
         """Record a prefill's throughput for auto's decisions. Not when the executor fell back for safety (that says
-        nothing about the choice), nor a path's first run in this context (it allocates: slots, compute buffers)."""
+        nothing about the choice). A path's first run in this context allocates (slots, compute buffers): it is
+        recorded apart (policy.first_run_key), so that contexts used for one prompt each still calibrate."""
         if n_ubatches < 2 or (path == "standard" and asked_pipeline):
             return
-        if path in self._warm_paths:
-            policy.calibration().record(key, path, tokens_per_second)
+        policy.calibration().record(key if path in self._warm_paths else policy.first_run_key(key), path,
+                                    tokens_per_second)
         self._warm_paths.add(path)
 
     def calibrate(self, tokens: str | Sequence[int] | np.ndarray, runs: int = policy.SAMPLES_PER_PATH) -> dict:

@@ -2,20 +2,34 @@
 src/llama-turbo/ checks whether it is *safe*, and falls back to the standard path with its reason when it is not).
 
 auto decides from measurement, not from a rule fitted to one machine: every prefill's throughput is recorded per
-setting (model, layout, batch sizes, prompt-length bucket) and path, and once both paths have been measured the faster
-one is taken (`Calibration`, persisted per machine). `decide()` is a pure function of what the caller asked, the
-layout and those measurements, so it is tested without devices (tests/test_policy.py).
+setting (model, layout, batch sizes, prompt-length bucket, and whether it was a context's first run of its path) and
+path, with the time it ran, and once both paths have been measured the faster one is taken (`Calibration`, persisted
+per machine). What was measured is not trusted forever (`current`): runs older than a day are forgotten, and where
+runs depart from what their path measured before (a load came or went), what came before is forgotten and the other
+path is measured again; where the paths are close, the slower one is re-run now and then. `decide()` is a pure
+function of what the caller asked, the layout, those measurements and the time, so it is tested without devices
+(tests/test_policy.py, with recorded timings).
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
+import fcntl
 import json
+import logging
+import math
 import os
+import stat
 import statistics
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
+
+log = logging.getLogger("pyturbo")
 
 MODES = ("auto", "force", "off")
 
@@ -47,25 +61,124 @@ class Layout:
     stock_overlaps: bool      # llama.cpp's own pipeline parallelism is on (every device has events, async copies)
 
 
-def decide(mode: str, layout: Layout, override: str | None = None,
-           measured: dict[str, list[float]] | None = None) -> tuple[bool, str]:
+def decide(mode: str, layout: Layout, override: str | None = None, measured: dict | None = None,
+           now: float | None = None) -> tuple[bool, str]:
     """(ask the executor for the pipeline?, why). mode is normalize_mode()'s, override env_override()'s, measured
-    the Calibration's samples for this setting."""
+    the Calibration's runs for this setting ({path: [(tok/s, time.time() of the run), ...]}; bare tok/s numbers are
+    runs of unknown time), now the time.time() to judge their age by (None: no run is too old)."""
     if mode == "auto" and override is not None:
         return override == "force", f"PYTURBO_PIPELINE={override}"
     if mode == "off":
         return False, "pipeline not requested"
     if mode == "force":
         return True, "pipeline forced"
-    return decide_from_measurements(layout, measured or {})
+    return decide_from_measurements(layout, measured or {}, now)
 
 
-# ---- calibration: measured throughput per setting, what "auto" decides from ------------------------------------------
+# ---- the decision from measured runs -------------------------------------------------------------------------------
 
-SAMPLES_PER_PATH = 2   # warm runs of each path before auto trusts the comparison: one run of stock is too noisy
-                       # (bench/results/2026-11-25-2xh100.md)
-KEEP_SAMPLES = 8       # the newest samples kept per path and setting
-SAVE_INTERVAL_S = 60.0  # samples beyond what a decision needs are written at most this often, and at exit
+PATHS = ("pipelined", "standard")
+SAMPLES_PER_PATH = 2    # runs of each path before auto trusts a close comparison: one run of stock is too noisy
+                        # (bench/results/2026-11-25-2xh100.md)
+CLEAR_MARGIN = 0.25     # ...but where one path is this much faster than the other, one run of each decides: run-to-run
+                        # noise (±15% for stock on GPUs) does not reach it. Closer paths are also re-explored.
+ESTIMATE_RUNS = 3       # a path's throughput: the median of its newest runs (older ones are history for DRIFT)
+DRIFT = 0.25            # a run departs from its path's earlier runs when it is this much faster, or slower (1/1.25)
+EXPLORE_EVERY = 16      # where the paths are within CLEAR_MARGIN, the slower one runs again after this many runs of
+                        # the faster (costs at most CLEAR_MARGIN / EXPLORE_EVERY, 1.6%, of the time)
+KEEP_SAMPLES = 16       # the newest runs kept per path and setting (at least EXPLORE_EVERY: they count the runs)
+MAX_AGE_S = 24 * 3600.0  # a run older than this is forgotten: each path of a setting is measured at least once a day
+
+Sample = tuple[float, float]   # (tok/s, time.time() when it ran)
+
+
+def _as_samples(runs: Iterable) -> list[Sample]:
+    """One path's runs as (tok/s, time), oldest first; a bare number is a run of unknown time (0)."""
+    out = [(float(r), 0.0) if isinstance(r, (int, float)) else (float(r[0]), float(r[1])) for r in runs]
+    return sorted(out, key=lambda s: s[1])   # stable: runs of equal times keep their order
+
+
+def _departs(tps: float, reference: float) -> int:
+    """+1 (faster) or -1 (slower) where tps departs from reference by more than DRIFT, else 0."""
+    ratio = tps / reference
+    return 1 if ratio > 1 + DRIFT else -1 if ratio < 1 / (1 + DRIFT) else 0
+
+
+def departing_tail(runs: list[Sample]) -> list[Sample]:
+    """The newest runs of one path that all depart, the same way, from the median of that path's runs before them
+    (at least one): what the path measures now differs from what it measured before. [] where the newest does not."""
+    tail: list[Sample] = []
+    for k in range(1, len(runs)):
+        reference = statistics.median(tps for tps, _ in runs[:-k])
+        ways = {_departs(tps, reference) for tps, _ in runs[-k:]}
+        if ways in ({1}, {-1}):
+            tail = runs[-k:]
+    return tail
+
+
+def current(measured: dict, now: float | None = None) -> dict[str, list[Sample]]:
+    """What a decision may use of one setting's runs ({path: runs}, pure): runs more than MAX_AGE_S from now are
+    forgotten; where two or more runs (of one path or of both) depart from what their path measured before, the
+    conditions changed with the first of them, and every run before it, of either path, is forgotten (the comparison
+    was made under other conditions); at most KEEP_SAMPLES runs per path, the newest. current(current(m)) == current(m)."""
+    runs = {path: _as_samples(measured.get(path, ())) for path in PATHS}
+    if now is not None:
+        runs = {path: [s for s in r if abs(now - s[1]) <= MAX_AGE_S] for path, r in runs.items()}
+    while True:
+        runs = {path: r[-KEEP_SAMPLES:] for path, r in runs.items()}
+        tails = [departing_tail(r) for r in runs.values()]
+        if sum(map(len, tails)) < 2:   # one departing run may be noise: the re-check in decide_from_measurements
+            return runs
+        since = min(t for tail in tails for _, t in tail)
+        kept = {path: [s for s in r if s[1] >= since] for path, r in runs.items()}
+        if kept == runs:               # runs without times: nothing to cut by
+            return runs
+        runs = kept
+
+
+def _estimate(runs: list[Sample]) -> float:
+    return statistics.median(tps for tps, _ in runs[-ESTIMATE_RUNS:])
+
+
+def decide_from_measurements(layout: Layout, measured: dict, now: float | None = None) -> tuple[bool, str]:
+    """auto's choice from one setting's runs (see current()): the faster path by the medians of the newest runs,
+    once each path has SAMPLES_PER_PATH runs, or one each where one path is CLEAR_MARGIN faster; before that the path
+    with fewer runs (the pipeline first; where stock llama.cpp cannot overlap the stages that is the expected
+    winner, but stock is measured as well: a slow CPU stage can make the pipeline the slower path). Once decided, the
+    other path runs instead where it must be measured again: a run of one path departed from its earlier ones
+    (re-checking) or, where the paths are close, after EXPLORE_EVERY runs of the faster (exploring)."""
+    runs = current(measured, now)
+    p, s = runs["pipelined"], runs["standard"]
+    margin = max(_estimate(p), _estimate(s)) / min(_estimate(p), _estimate(s)) - 1 if p and s else 0.0
+    if not p or not s or (min(len(p), len(s)) < SAMPLES_PER_PATH and margin < CLEAR_MARGIN):
+        pipeline = len(p) <= len(s)
+        why = (f"calibrating: {'pipelined' if pipeline else 'standard'} run {min(len(p), len(s)) + 1} of "
+               f"{SAMPLES_PER_PATH} (pipelined {len(p)}, standard {len(s)} runs so far)")
+        if pipeline and not layout.stock_overlaps and len(p) == len(s):
+            why = f"llama.cpp's own pipeline parallelism is off on this layout (it would serialize the stages); {why}"
+        return pipeline, why
+    mp, ms = _estimate(p), _estimate(s)
+    pipeline = mp >= ms
+    why = (f"calibrated: pipelined {mp:.0f} vs standard {ms:.0f} tok/s (medians of the newest {min(len(p), ESTIMATE_RUNS)}"
+           f" and {min(len(s), ESTIMATE_RUNS)} runs)")
+    for path, other in (("pipelined", "standard"), ("standard", "pipelined")):
+        tail = departing_tail(runs[path])   # one run at most here: two would have been a change (current())
+        if tail and runs[other][-1][1] < tail[0][1]:
+            return other == "pipelined", (f"{why}; re-checking: {path}'s last run ({tail[0][0]:.0f} tok/s) departs from "
+                                          f"its earlier ones by more than {DRIFT:.0%}, so {other} is measured again")
+    chosen, other = ("pipelined", "standard") if pipeline else ("standard", "pipelined")
+    since = sum(1 for _, t in runs[chosen] if t > runs[other][-1][1])
+    if margin < CLEAR_MARGIN and since >= EXPLORE_EVERY:
+        return other == "pipelined", (f"{why}; exploring: {other} is measured again after {since} runs of {chosen} "
+                                      f"(they are within {CLEAR_MARGIN:.0%})")
+    return pipeline, why
+
+
+# ---- calibration: the runs per setting, kept in a file ------------------------------------------------------------
+
+SAVE_INTERVAL_S = 60.0    # runs that change no decision are written at most this often, and at exit
+LOCK_TIMEOUT_S = 2.0      # how long a write waits for another process's write (it takes milliseconds)
+MAX_FILE_BYTES = 16 << 20  # a calibration file is kilobytes; a larger one is someone else's file
 
 
 def length_bucket(n: int) -> int:
@@ -87,21 +200,176 @@ def calibration_key(model_id: str, stages: Sequence[tuple[str, str]], n_batch: i
     return f"{model_id}|{layout}|b{n_batch}|ub{n_ubatch}{first}|fa{flash_attn}|len{length_bucket(n_tokens)}|at{start}"
 
 
+def first_run_key(key: str) -> str:
+    """The key of a context's first runs of a path: they allocate (slots, compute buffers), so they are measured
+    apart, as what a prefill costs in a fresh context (the one-prompt-per-context pattern decides from these)."""
+    return key + "|first-run"
+
+
+class Unusable(Exception):
+    """The calibration file cannot be used (not a regular file, unreadable, too large): the message says why."""
+
+
+def parse_calibration(doc) -> tuple[dict, dict, list[str]]:
+    """A calibration file's content (as json.loads gives it) -> (samples, splits, problems): what has the right shape,
+    and what was wrong with the rest (ignored, so measured again). Pure; never raises."""
+    from .balance import Balance
+    if not isinstance(doc, dict):
+        return {}, {}, [f"it holds {type(doc).__name__}, not an object"]
+    problems: list[str] = []
+    samples: dict[str, dict[str, list[Sample]]] = {}
+    raw = doc.get("samples", {})
+    if not isinstance(raw, dict):
+        problems.append(f"'samples' is {type(raw).__name__}, not an object")
+        raw = {}
+    for key, paths in raw.items():
+        if not isinstance(paths, dict):
+            problems.append(f"samples[{_short(key)}] is {type(paths).__name__}, not an object")
+            continue
+        entry = {}
+        for path, runs in paths.items():
+            if path not in PATHS or not isinstance(runs, list):
+                problems.append(f"samples[{_short(key)}][{_short(path)}] is not a list of runs of a known path")
+                continue
+            good = [r for r in map(_sample, runs) if r is not None]
+            if len(good) != len(runs):
+                problems.append(f"samples[{_short(key)}][{path!r}] has runs that are not [tok/s > 0, time]")
+            if good:
+                entry[path] = sorted(good, key=lambda r: r[1])
+        if entry:
+            samples[key] = entry
+    splits = {}
+    raw = doc.get("splits", {})
+    if not isinstance(raw, dict):
+        problems.append(f"'splits' is {type(raw).__name__}, not an object")
+        raw = {}
+    for key, split in raw.items():
+        try:
+            Balance.from_json(split)
+            splits[key] = split
+        except ValueError as e:
+            problems.append(f"splits[{_short(key)}]: {e}")
+    return samples, splits, problems
+
+
+def _sample(run) -> Sample | None:
+    """A stored run: [tok/s, time] (a bare tok/s number: a file from before runs had times, too old to use)."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if number(run):
+        tps, t = run, 0.0
+    elif isinstance(run, list) and len(run) == 2 and all(map(number, run)):
+        tps, t = run
+    else:
+        return None
+    return (float(tps), float(t)) if tps > 0 else None
+
+
+def _short(key) -> str:
+    text = repr(key)
+    return text if len(text) <= 60 else text[:57] + "...'"
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_calibration(target: Path) -> tuple[dict, dict, list[str]] | None:
+    """The file's (samples, splits, problems), None where there is none. Only a regular file is opened, and without
+    waiting (should it have become a FIFO since it was looked at); anything else raises Unusable."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise Unusable(f"cannot be looked at ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Unusable(f"is {_kind(st.st_mode)}, not a regular file")
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise Unusable(f"cannot be read ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unusable(f"is {_kind(st.st_mode)}, not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise Unusable(f"has {st.st_size} bytes, far more than a calibration file")
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise Unusable(f"has more than {MAX_FILE_BYTES} bytes, far more than a calibration file")
+    except OSError as e:
+        raise Unusable(f"cannot be read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(b"".join(chunks).decode("utf-8"))
+    except (ValueError, RecursionError):    # not UTF-8, not JSON, nested too deep
+        return {}, {}, ["it is not JSON"]
+    return parse_calibration(doc)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float):
+    """An exclusive flock on path (a side file, created if need be; never a FIFO or device: O_NOFOLLOW, checked),
+    waited for at most timeout seconds: yields whether it was taken. OSError where it cannot be opened."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"the lock file {path} is not a regular file")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.005)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class Calibration:
-    """Prefill throughput (tok/s) measured per calibration_key() and path, kept in a JSON file so that a setting is
-    calibrated once per machine. The file is $PYTURBO_CALIBRATION, or ~/.cache/pyturbo/calibration.json;
-    PYTURBO_CALIBRATION=off keeps it in memory only. It also keeps the layer splits that tensor_split="auto" measured
-    (pyturbo.balance). Entries name the model file's size and mtime and the native
-    library's build, so a changed model or a rebuild starts afresh; `clear()` (or deleting the file) forgets all."""
+    """Prefill throughput (tok/s) measured per calibration_key() and path, each run with its time, kept in a JSON file
+    so that a setting is calibrated once per machine (and re-checked as decide_from_measurements says). The file is
+    $PYTURBO_CALIBRATION, or ~/.cache/pyturbo/calibration.json; PYTURBO_CALIBRATION=off keeps it in memory only.
+    It also keeps the layer splits that tensor_split="auto" measured (pyturbo.balance). Entries name the model file's
+    size and mtime and the native library's build, so a changed model or a rebuild starts afresh; `clear()` (or
+    deleting the file) forgets all.
+
+    The file is data from outside: entries of the wrong shape are ignored with a warning (and measured again); a path
+    that is not a regular file (a device, a FIFO, a directory) is never opened for reading, written or replaced: the
+    runs stay in memory. Writes merge with what other processes wrote meanwhile, under a lock on a side file
+    (<file>.lock), and replace the file atomically; a write that fails leaves no temporary file. Warnings go to the
+    "pyturbo" logger, once per problem. Thread-safe."""
 
     def __init__(self, path: Path | None):
         self.path = path
-        self.samples: dict[str, dict[str, list[float]]] = {}
+        self.samples: dict[str, dict[str, list[Sample]]] = {}
         self.splits: dict[str, dict] = {}     # balance.Balance.to_json() per balance.balance_key()
+        self._own_splits: set[str] = set()    # stored by this process: they win a merge
         self._loaded = False
-        self._dirty = False                   # samples recorded since the last write
+        self._dirty = False                   # runs recorded since the last write
         self._saved_at = float("-inf")        # time.monotonic() of the last write
         self._flush_registered = False
+        self._unusable: str | None = None     # why the file is neither read nor written (memory only)
+        self._warned: set[str] = set()
+        self._lock = threading.RLock()
 
     @classmethod
     def from_env(cls, env: dict) -> "Calibration":
@@ -110,70 +378,176 @@ class Calibration:
             return cls(None)
         return cls(Path(where).expanduser() if where else Path.home() / ".cache" / "pyturbo" / "calibration.json")
 
-    def measured(self, key: str) -> dict[str, list[float]]:
-        """A copy of the samples for key: what a decision was made from stays as it was when later runs are recorded."""
-        self._load()
-        return {path: list(runs) for path, runs in self.samples.get(key, {}).items()}
+    def runs(self, key: str, now: float | None = None) -> dict[str, list[Sample]]:
+        """The runs for key that a decision may use (current(); now: time.time() unless given), as a snapshot: what a
+        decision was made from stays as it was when later runs are recorded."""
+        with self._lock:
+            self._load()
+            return current(self.samples.get(key, {}), time.time() if now is None else now)
 
-    def record(self, key: str, path: str, tokens_per_second: float) -> None:
-        """Add a sample. Written at once while the setting is still being calibrated (a later process must see it);
-        after that every prefill records one, so the file is rewritten at most every SAVE_INTERVAL_S (and at exit)."""
-        self._load()
-        runs = self.samples.setdefault(key, {}).setdefault(path, [])
-        calibrating = len(runs) < SAMPLES_PER_PATH
-        runs.append(round(float(tokens_per_second), 1))
-        del runs[:-KEEP_SAMPLES]
-        if calibrating or time.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
-            self._save()
-        else:
-            self._dirty = True
-            if not self._flush_registered:
-                self._flush_registered = True
-                atexit.register(self.flush)
+    def measured(self, key: str, now: float | None = None) -> dict[str, list[float]]:
+        """runs() as tok/s only, paths without runs left out."""
+        return {path: [tps for tps, _ in runs] for path, runs in self.runs(key, now).items() if runs}
+
+    def record(self, key: str, path: str, tokens_per_second: float, now: float | None = None) -> None:
+        """Add a run (now: its time.time(), unless given). Written at once while its path is still being calibrated
+        or when it made earlier runs of the setting void (a later process must see that); otherwise at most every
+        SAVE_INTERVAL_S (and at exit)."""
+        if path not in PATHS or not (math.isfinite(tokens_per_second) and tokens_per_second > 0):
+            return   # nothing a decision could use
+        with self._lock:
+            self._load()
+            now = time.time() if now is None else now
+            before = {p: list(self.samples.get(key, {}).get(p, ())) for p in PATHS}
+            runs = current({**before, path: before[path] + [(round(float(tokens_per_second), 1), round(now, 6))]}, now)
+            self.samples[key] = {p: r for p, r in runs.items() if r}
+            # fewer runs than before (plus this one, up to the cap): a change or age made some void
+            voided = any(len(runs[p]) < min(len(before[p]) + (p == path), KEEP_SAMPLES) for p in PATHS)
+            if len(before[path]) < SAMPLES_PER_PATH or voided or time.monotonic() - self._saved_at >= SAVE_INTERVAL_S:
+                self._save()
+            else:
+                self._mark_dirty()
 
     def flush(self) -> None:
-        """Write samples not written yet."""
-        if self._dirty:
-            self._save()
+        """Write runs not written yet."""
+        with self._lock:
+            if self._dirty:
+                self._save()
 
     def stored_split(self, key: str) -> dict | None:
-        """The layer split stored for key (balance.balance_key), as balance.Balance.to_json() made it, or None."""
-        self._load()
-        return self.splits.get(key)
+        """The layer split stored for key (balance.balance_key), as balance.Balance.to_json() made it (checked by
+        Balance.from_json when read), or None."""
+        with self._lock:
+            self._load()
+            split = self.splits.get(key)
+            return None if split is None else dict(split)
 
     def store_split(self, key: str, split: dict) -> None:
-        self._load()
-        self.splits[key] = split
-        self._save()
+        with self._lock:
+            self._load()
+            self.splits[key] = split
+            self._own_splits.add(key)
+            self._save()
 
     def clear(self) -> None:
-        self.samples, self.splits = {}, {}
-        self._loaded = True
-        if self.path is not None and self.path.exists():
-            self.path.unlink()
+        """Forget every run and split, here and in the file (deleted; only ever a regular file)."""
+        with self._lock:
+            self.samples, self.splits, self._own_splits = {}, {}, set()
+            self._loaded, self._dirty = True, False
+            if self.path is None or self._unusable:
+                return
+            target = self._target()
+            try:
+                with _file_lock(target.with_name(target.name + ".lock"), LOCK_TIMEOUT_S):
+                    if stat.S_ISREG(os.stat(target).st_mode):
+                        target.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self._warn(f"pyturbo: cannot delete the calibration file {self.path} ({e.strerror or e})")
+
+    # ---- the file -----------------------------------------------------------------------------------------------
+
+    def _target(self) -> Path:
+        """The file written: where a symlink points (replacing the link would cut it)."""
+        return Path(os.path.realpath(self.path))
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
+
+    def _problems(self, problems: list[str]) -> None:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        self._warn(f"pyturbo: the calibration file {self.path} has entries of the wrong shape ({shown}): they are "
+                   "ignored and measured again (the file is rewritten without them)")
+
+    def _give_up_file(self, why: str) -> None:
+        self._unusable = why
+        self._warn(f"pyturbo: the calibration file {self.path} {why}: it is neither read nor written, and the "
+                   "measurements stay in this process's memory (PYTURBO_CALIBRATION=off does that without a warning)")
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+        if not self._flush_registered:
+            self._flush_registered = True
+            atexit.register(self.flush)
 
     def _load(self) -> None:
         if self._loaded:
             return
         self._loaded = True
-        if self.path is not None and self.path.exists():
-            try:
-                stored = json.loads(self.path.read_text())
-                self.samples, self.splits = stored.get("samples", {}), stored.get("splits", {})
-            except (OSError, ValueError, AttributeError):
-                self.samples, self.splits = {}, {}   # unreadable: calibrate again rather than fail a prefill
-
-    def _save(self) -> None:
-        self._dirty, self._saved_at = False, time.monotonic()
         if self.path is None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"samples": self.samples, "splits": self.splits}, indent=1))
-            tmp.replace(self.path)   # atomic: a concurrent reader sees the old file or the new one
-        except OSError:
-            pass   # a read-only home must not fail prefills; the measurements stay in memory
+            read = read_calibration(self._target())
+        except Unusable as e:
+            self._give_up_file(str(e))
+            return
+        if read is not None:
+            self.samples, self.splits, problems = read
+            if problems:
+                self._problems(problems)
+
+    def _merge(self, samples: dict, splits: dict) -> None:
+        """Take in what the file holds now (other processes' runs and splits): runs are united per key and path (then
+        current() again), splits this process stored win, others' are taken."""
+        now = time.time()
+        merged = {}
+        for key in self.samples.keys() | samples.keys():
+            mine, theirs = self.samples.get(key, {}), samples.get(key, {})
+            union = {}
+            for p in PATHS:   # by time; runs of the same time keep their order (this process's first)
+                ours = list(mine.get(p, ()))
+                union[p] = sorted(ours + [r for r in theirs.get(p, ()) if r not in ours], key=lambda r: r[1])
+            runs = current(union, now)
+            if any(runs.values()):
+                merged[key] = {p: r for p, r in runs.items() if r}
+        self.samples = merged
+        self.splits = {**self.splits, **splits, **{k: self.splits[k] for k in self._own_splits if k in self.splits}}
+
+    def _save(self) -> None:
+        self._dirty, self._saved_at = False, time.monotonic()
+        if self.path is None or self._unusable:
+            return
+        target = self._target()
+        tmp = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _file_lock(target.with_name(target.name + ".lock"), LOCK_TIMEOUT_S) as locked:
+                if not locked:
+                    self._mark_dirty()   # tried again at the next write or at exit
+                    self._warn(f"pyturbo: the calibration file {self.path} was locked by another process for "
+                               f"{LOCK_TIMEOUT_S:.0f} s: its write is postponed")
+                    return
+                try:
+                    read = read_calibration(target)
+                except Unusable as e:
+                    self._give_up_file(str(e))
+                    return
+                if read is not None:
+                    samples, splits, problems = read
+                    if problems:
+                        self._problems(problems)
+                    self._merge(samples, splits)
+                    if not os.access(target, os.W_OK):
+                        self._give_up_file("is not writable")
+                        return
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"version": 2, "samples": self.samples, "splits": self.splits}, f, indent=1)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, target)   # atomic: a concurrent reader sees the old file or the new one
+                tmp = None
+        except OSError as e:
+            # a read-only home must not fail prefills: the runs stay in memory, and a later write tries again
+            self._mark_dirty()
+            self._warn(f"pyturbo: cannot write the calibration file {self.path} ({e.strerror or e}): the "
+                       "measurements stay in memory")
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 _calibration: Calibration | None = None
@@ -187,17 +561,13 @@ def calibration() -> Calibration:
     return _calibration
 
 
-def decide_from_measurements(layout: Layout, measured: dict[str, list[float]]) -> tuple[bool, str]:
-    """auto's choice: the faster path by the medians of warm runs, once both paths have SAMPLES_PER_PATH of them;
-    before that, where stock llama.cpp cannot overlap the stages, the pipeline; elsewhere the path with fewer runs
-    (calibrating: each setting costs a few runs of the slower path once per machine)."""
-    p, s = measured.get("pipelined", []), measured.get("standard", [])
-    if len(p) >= SAMPLES_PER_PATH and len(s) >= SAMPLES_PER_PATH:
-        mp, ms = statistics.median(p), statistics.median(s)
-        return mp >= ms, (f"calibrated: pipelined {mp:.0f} vs standard {ms:.0f} tok/s "
-                          f"(medians of {len(p)} and {len(s)} runs)")
-    if not layout.stock_overlaps:
-        return True, "llama.cpp's own pipeline parallelism is off on this layout (it would serialize the stages)"
-    pipeline = len(p) <= len(s)
-    return pipeline, (f"calibrating: {'pipelined' if pipeline else 'standard'} run {min(len(p), len(s)) + 1} of "
-                      f"{SAMPLES_PER_PATH} (pipelined {len(p)}, standard {len(s)} runs so far)")
+@contextlib.contextmanager
+def calibration_scope(cal: Calibration):
+    """calibration() is cal within (one thread at a time: it is the process's): a benchmark measures with its own,
+    never with what was stored under other conditions, and keeps its reference runs out of auto's."""
+    global _calibration
+    before, _calibration = _calibration, cal
+    try:
+        yield cal
+    finally:
+        _calibration = before
