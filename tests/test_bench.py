@@ -49,8 +49,9 @@ def test_quick_bench_writes_every_output(tmp_path):
     for r in doc["results"]:
         # the forced pipeline pipelines; the default takes the path its (calibrated) decision names
         assert r["outputs_equal"] and r["modes"]["forced"]["paths"] == ["pipelined"]
-        if "standard" in r["path"]:   # auto chose stock: by measurement, and the row says from which numbers
-            assert r["fallback_reason"].startswith("calibrated: "), r["fallback_reason"]
+        if "standard" in r["path"]:   # auto chose stock: by measurement, and the row says from which numbers (or,
+            # where the runs departed from the calibration's under a changing load, that it measures again)
+            assert r["fallback_reason"].startswith(("calibrated: ", "calibrating: ")), r["fallback_reason"]
         runs = r["runs"]
         best, pipe = runs[r["stock_best_run"]], runs[r["pipelined_run"]]
         # the headline: stock-best vs pipelined, both reported, medians of their runs

@@ -324,3 +324,33 @@ def test_fresh_contexts_reach_a_decision_within_four_prefills(tiny_model, rpc3, 
     first_decided = next((i for i, d in enumerate(decisions) if not d.startswith(("calibrating", "llama.cpp"))), None)
     assert first_decided is not None and first_decided <= 4, decisions
     assert decisions[first_decided].startswith("calibrated: "), decisions
+
+
+# ---- the bench never inherits a decision ------------------------------------------------------------------------------
+
+def test_the_bench_measures_with_a_calibration_of_its_own(tmp_path, monkeypatch, capsys):
+    """python -m pyturbo.bench runs with a fresh in-memory calibration (a stored decision may come from a loaded
+    machine) and leaves the stored file as it was; its reference modes record apart from the default's."""
+    from pyturbo.tools.bench import measure, run
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"samples": {KEY: GOOD_RUNS}}))
+    before = path.read_bytes()
+    stored = Calibration(path)
+    monkeypatch.setattr(policy, "_calibration", stored)
+    seen = {}
+
+    def fake_run(args):
+        seen["auto"] = policy.calibration()
+        policy.calibration().record(KEY, "standard", 1.0)
+        with measure.recorded_for("force"):
+            seen["force"] = policy.calibration()
+        with measure.recorded_for("auto"):
+            seen["default"] = policy.calibration()
+        return 0
+    monkeypatch.setattr(run, "_run", fake_run)
+    assert run.run(None) == 0
+    assert seen["auto"] is not stored and seen["auto"].path is None and seen["default"] is seen["auto"]
+    assert seen["auto"].measured(KEY) == {"standard": [1.0]}   # nothing of the stored runs
+    assert seen["force"] is not seen["auto"] and seen["force"].path is None
+    assert policy.calibration() is stored and path.read_bytes() == before
+    assert "calibration: measured in this run" in capsys.readouterr().err

@@ -28,10 +28,11 @@ With no options it writes a synthetic model once (cached in ~/.cache/pyturbo), s
 127.0.0.1 (a layout chosen from this machine's cores, and why, is printed), and for each prompt length runs, interleaved
 and repeated: stock at llama-server's defaults, stock at the pipelined ubatch, a small sweep of stock settings, the same
 model in one process with every core (the ceiling a split of one CPU must match), and the pipelined path. It checks that
-the pipelined outputs equal stock's bit for bit and prints a table with a legend; files go to --out.
+the pipelined outputs equal stock's bit for bit and prints a table with a legend; files go to --out. The default
+column's auto calibrates afresh in every run, in memory: the stored calibration file is neither read nor written.
 
 Duration: the default run (4 workers x 1 thread on 2 cores, bench-8l, prompts of 1024 and 4096 tokens, 7-8 settings x
-3 runs each, after auto's one-time calibration) took about 9 minutes on a 2-core box (--no-sweep saves about a
+3 runs each, after auto's calibration) took about 9 minutes on a 2-core box (--no-sweep saves about a
 quarter); --quick takes 20-40 seconds there (bench/results/2026-11-26-default-2core.md).
 Machines with more cores are faster; when other work shares the cores, it takes longer and the spreads grow.
 

@@ -7,12 +7,14 @@ alike. Each setting is summarised by the median of its runs and their spread.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 from dataclasses import dataclass, field
 from itertools import zip_longest
 
 import numpy as np
 
+from ... import policy
 from ...context import within_first_ubatch_tolerance
 
 STOCK_BATCH, STOCK_UBATCH = 2048, 512            # llama-server's defaults
@@ -169,22 +171,31 @@ def measure_length(models: dict, n: int, settings: list[Setting], opts, progress
             ctx.close()
 
 
+def recorded_for(pipeline):
+    """Where a setting's runs are recorded: auto's runs in the run's calibration (policy.calibration_scope in
+    run.py), every other mode's in a throwaway one, so that the default decides from its own runs only, as it would
+    for a user (the forced and stock runs of the same ubatch would otherwise count as its measurements)."""
+    return contextlib.nullcontext() if pipeline in (True, "auto") else policy.calibration_scope(policy.Calibration(None))
+
+
 def prepare(ctx, s: Setting, tokens: np.ndarray, n_warmup: int) -> None:
     """The untimed start of a context: a warm-up prefill; where the setting leaves the path to pipeline="auto",
-    its calibration on this prompt (what auto does once per machine and setting), so that the timed runs see the
-    decision and not the measuring."""
-    ctx.prefill(tokens[:n_warmup], pipeline=s.pipeline)
-    ctx.reset()
-    if s.pipeline in (True, "auto"):
-        ctx.calibrate(tokens)
+    its calibration on this prompt (what auto does once per setting, measured afresh in every bench run), so that
+    the timed runs see the decision and not the measuring."""
+    with recorded_for(s.pipeline):
+        ctx.prefill(tokens[:n_warmup], pipeline=s.pipeline)
         ctx.reset()
+        if s.pipeline in (True, "auto"):
+            ctx.calibrate(tokens)
+            ctx.reset()
 
 
 def run_once(ctx, tokens: np.ndarray, pipeline):
     """One timed prefill from an empty cache; pipeline is prefill's pipeline= value (every mode goes through here)."""
-    ctx.reset()
-    res = ctx.prefill(tokens, pipeline=pipeline)
-    ctx.reset()
+    with recorded_for(pipeline):
+        ctx.reset()
+        res = ctx.prefill(tokens, pipeline=pipeline)
+        ctx.reset()
     return res
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import links, synth, workers
+from ... import policy
 from ...devices import usable_cpu_cores
 from ...model import Model
 from . import report
@@ -16,6 +17,16 @@ from .measure import CEILING_UBATCHES, PIPELINE_MODES, STOCK_BATCH, STOCK_UBATCH
 
 
 def run(args) -> int:
+    """The run, with auto's calibration (and tensor_split="auto"'s balance) measured afresh in memory: a decision
+    stored under other conditions (another load on this machine) is never reused, and this run stores nothing."""
+    stored = policy.calibration().path
+    print(f"calibration: measured in this run, in memory ({f'{stored} is neither read nor written' if stored else 'PYTURBO_CALIBRATION=off'})",
+          file=sys.stderr)
+    with policy.calibration_scope(policy.Calibration(None)):
+        return _run(args)
+
+
+def _run(args) -> int:
     from tqdm import tqdm
 
     model_path = args.model or synth.cached_model(args.preset, progress=True)
