@@ -259,7 +259,7 @@ def test_memory_plan_names_each_device_and_what_to_lower(tiny_model, monkeypatch
             needs = model._plan.needs(65536, 512, 512, -1)
             worker_need = max(n["context"] + n["compute"] for d, n in needs.items() if d != _memory.HOST)
             monkeypatch.setattr(_memory, "device_memory", lambda d: (worker_need, 1 << 50) if d != _memory.HOST else real(d))
-            with pytest.raises(MemoryError, match=r"RPC\d \(127\.0\.0\.1:\d+\) needs [\d.]+ GiB \(RPC\d [\d.]+ GiB \(KV"):
+            with pytest.raises(MemoryError, match=r"RPC\d+ \(127\.0\.0\.1:\d+\) needs [\d.]+ GiB \(RPC\d+ [\d.]+ GiB \(KV"):
                 model.context(n_ctx=65536, n_batch=512, n_ubatch=512, n_threads=1)
             # fits once (a tenth more than the need), not three times over: the pipeline falls back
             monkeypatch.setattr(_memory, "device_memory", lambda d: (int(worker_need * 1.2), 1 << 50) if d != _memory.HOST else real(d))
