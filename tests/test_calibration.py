@@ -195,16 +195,19 @@ def no_temp_files(folder) -> bool:
     return not [name for name in os.listdir(folder) if name.endswith(".tmp") or ".tmp" in name]
 
 
-@pytest.mark.parametrize("failing", ["replace", "write"])
+@pytest.mark.parametrize("failing", ["replace", "write", "create"])
 def test_a_failed_write_leaves_no_temporary_file(tmp_path, caplog, monkeypatch, failing):
+    """The rename fails, the write fails (disk full), the folder refuses a new file (as an unwritable folder does
+    for a user other than root, who is not refused)."""
     path = tmp_path / "cal.json"
     Calibration(path).record(KEY, "pipelined", 100.0)
     before = path.read_bytes()
 
     def fail(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(policy.os if failing == "replace" else policy.json, "replace" if failing == "replace" else "dump",
-                        fail)
+        raise OSError(28, "No space left on device") if failing != "create" else PermissionError(13, "Permission denied")
+    where, name = {"replace": (policy.os, "replace"), "write": (policy.json, "dump"),
+                   "create": (policy.tempfile, "mkstemp")}[failing]
+    monkeypatch.setattr(where, name, fail)
     cal = Calibration(path)
     cal.record(KEY, "standard", 90.0)
     cal.flush()
@@ -219,6 +222,21 @@ def test_a_parent_that_is_a_file_is_a_warning(tmp_path, caplog):
     exercise(cal)
     assert cal.measured(KEY) == {"standard": [90.0]} and sorted(os.listdir(tmp_path)) == ["afile"]
     assert warnings_of(caplog)
+
+
+def test_a_read_only_file_is_read_not_replaced(tmp_path, caplog, monkeypatch):
+    """As a user for whom the file is not writable (root's os.access says every file is: simulated)."""
+    path = tmp_path / "cal.json"
+    Calibration(path).record(KEY, "pipelined", 100.0)
+    before = path.read_bytes()
+    real_access = os.access
+    monkeypatch.setattr(policy.os, "access", lambda p, mode, **kw: False if mode == os.W_OK else real_access(p, mode))
+    cal = Calibration(path)
+    cal.record(KEY, "standard", 90.0)
+    cal.flush()
+    assert path.read_bytes() == before and no_temp_files(tmp_path)
+    assert cal.measured(KEY) == {"pipelined": [100.0], "standard": [90.0]}
+    assert any("is not writable" in w for w in warnings_of(caplog))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the permissions say")

@@ -154,7 +154,7 @@ def decide_from_measurements(layout: Layout, measured: dict, now: float | None =
         pipeline = len(p) <= len(s)
         why = (f"calibrating: {'pipelined' if pipeline else 'standard'} run {min(len(p), len(s)) + 1} of "
                f"{SAMPLES_PER_PATH} (pipelined {len(p)}, standard {len(s)} runs so far)")
-        if pipeline and not layout.stock_overlaps and len(p) == len(s):
+        if pipeline and not layout.stock_overlaps:
             why = f"llama.cpp's own pipeline parallelism is off on this layout (it would serialize the stages); {why}"
         return pipeline, why
     mp, ms = _estimate(p), _estimate(s)
