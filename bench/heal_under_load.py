@@ -3,9 +3,9 @@
 Local RPC workers and a synthetic model, as `python -m pyturbo.bench` uses them; three contexts of the same settings:
 the default (pipeline="auto", with a fresh in-memory calibration: what a new user's process does) and the two paths
 it chooses between, the forced pipeline and stock (pipeline="off"), as references. They run round by round,
-interleaved, the order rotated each round, for --before seconds with the machine as it is, --load seconds while
---busy busy-loop processes compete for the cores, and --after seconds once they are stopped. The references record
-their runs into a throwaway calibration, so the default decides from its own runs only.
+interleaved (the default every other run), the order rotated each round, for --before seconds with the machine as it
+is, --load seconds while --busy busy-loop processes compete for the cores, and --after seconds once they are stopped.
+The references record their runs into a throwaway calibration, so the default decides from its own runs only.
 
 Per window of --window seconds (after the load, counted from its stop) it prints each mode's throughput (its tokens
 over its seconds: the default's re-measuring and exploring runs count against it) and the default's ratio to the
@@ -160,12 +160,14 @@ def main(argv=None) -> int:
             with recorded_for(MODES[mode]):
                 ctx.prefill(tokens[:min(args.tokens, (args.workers + 2) * args.ubatch)], pipeline=MODES[mode])
                 ctx.reset()
-        order = list(MODES)
+        # the default runs every other prefill, as often as both references together: a window then holds enough of
+        # its runs for its one-off re-measuring runs to weigh about as they do in a process that only prefills
+        order = ["default", "forced", "default", "off"]
         t0 = time.monotonic()
         loaded = False
         r = 0
         while time.monotonic() - t0 < total:
-            for mode in order[r % 3:] + order[:r % 3]:
+            for mode in order[r % len(order):] + order[:r % len(order)]:
                 t = time.monotonic() - t0
                 if t >= total:
                     break
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
     worst = min((row["ratio"] for row in after), default=float("nan"))
     print(f"\nafter the load: default / faster mode {worst:.3f} at worst over {len(after)} full window(s) of "
           f"{args.window:.0f} s: {'within' if ok else 'NOT within'} {args.target}")
-    median_round = statistics.median(r["seconds"] for r in runs) * 3 if runs else float("nan")
+    median_round = statistics.median(r["seconds"] for r in runs) * len(order) if runs else float("nan")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join(["python", *sys.argv]),

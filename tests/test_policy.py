@@ -254,3 +254,15 @@ def test_first_runs_are_a_setting_of_their_own():
     simulate(lambda i: {"pipelined": 1100.0, "standard": 1000.0}, range(15), cal, key=first, why=why)
     assert cal.measured(key) == {}
     assert all(w.startswith("calibrating") for w in why[:2]) and not any(w.startswith("calibrating") for w in why[4:])
+
+
+def test_a_recheck_needs_two_earlier_runs_to_judge_by():
+    """Right after a change a path has one run: the next one differing from it by more than DRIFT is as likely the
+    noise of either, so it is not re-checked (two such runs still are a change)."""
+    runs = {"pipelined": [(1500.0, 1.0), (1100.0, 3.0)], "standard": [(1000.0, 2.0), (1010.0, 2.5)]}
+    assert departing_tail(runs["pipelined"]) == [(1100.0, 3.0)]
+    on, why = decide("auto", RPC4, measured=runs)
+    assert on and why.startswith("calibrated") and "re-checking" not in why
+    runs["pipelined"].insert(0, (1450.0, 0.5))   # a second earlier run: now it is
+    on, why = decide("auto", RPC4, measured=runs)
+    assert not on and "re-checking: pipelined's last run (1100 tok/s)" in why

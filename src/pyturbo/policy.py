@@ -104,11 +104,12 @@ def _departs(tps: float, reference: float) -> int:
     return 1 if ratio > 1 + DRIFT else -1 if ratio < 1 / (1 + DRIFT) else 0
 
 
-def departing_tail(runs: list[Sample]) -> list[Sample]:
+def departing_tail(runs: list[Sample], before: int = 1) -> list[Sample]:
     """The newest runs of one path that all depart, the same way, from the median of that path's runs before them
-    (at least one): what the path measures now differs from what it measured before. [] where the newest does not."""
+    (at least `before` of them): what the path measures now differs from what it measured before. [] where the newest
+    does not."""
     tail: list[Sample] = []
-    for k in range(1, len(runs)):
+    for k in range(1, len(runs) - before + 1):
         reference = statistics.median(tps for tps, _ in runs[:-k])
         ways = {_departs(tps, reference) for tps, _ in runs[-k:]}
         if ways in ({1}, {-1}):
@@ -162,7 +163,9 @@ def decide_from_measurements(layout: Layout, measured: dict, now: float | None =
     why = (f"calibrated: pipelined {mp:.0f} vs standard {ms:.0f} tok/s (medians of the newest {min(len(p), ESTIMATE_RUNS)}"
            f" and {min(len(s), ESTIMATE_RUNS)} runs)")
     for path, other in (("pipelined", "standard"), ("standard", "pipelined")):
-        tail = departing_tail(runs[path])   # one run at most here: two would have been a change (current())
+        # one run at most here (two would have been a change, current()); judged against two earlier runs at least,
+        # as one earlier run is as noisy as the departing one
+        tail = departing_tail(runs[path], before=SAMPLES_PER_PATH)
         if tail and runs[other][-1][1] < tail[0][1]:
             return other == "pipelined", (f"{why}; re-checking: {path}'s last run ({tail[0][0]:.0f} tok/s) departs from "
                                           f"its earlier ones by more than {DRIFT:.0%}, so {other} is measured again")
