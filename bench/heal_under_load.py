@@ -51,8 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--busy", type=int, default=2, help="busy-loop processes during the load (default 2)")
     ap.add_argument("--preset", default=d["preset"], choices=sorted(synth.PRESETS),
                     help=f"synthetic model (default here {d['preset']})")
-    ap.add_argument("--workers", type=int, default=d["workers"], help=f"local RPC workers (default here {d['workers']})")
-    ap.add_argument("--threads", type=int, default=d["threads"], help=f"threads per worker (default here {d['threads']})")
+    ap.add_argument("--workers", type=int, default=d["workers"],
+                    help=f"local RPC workers (default here {d['workers']})")
+    ap.add_argument("--threads", type=int, default=d["threads"],
+                    help=f"threads per worker (default here {d['threads']})")
     ap.add_argument("--tokens", type=int, default=4096, help="prompt tokens (default 4096)")
     ap.add_argument("--n-batch", type=int, default=2048)
     ap.add_argument("--ubatch", type=int, default=128, help="n_ubatch of all three modes (default 128, the bench's)")

@@ -204,7 +204,9 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, caplog, monkeypatch, 
     before = path.read_bytes()
 
     def fail(*args, **kwargs):
-        raise OSError(28, "No space left on device") if failing != "create" else PermissionError(13, "Permission denied")
+        if failing == "create":
+            raise PermissionError(13, "Permission denied")
+        raise OSError(28, "No space left on device")
     where, name = {"replace": (policy.os, "replace"), "write": (policy.json, "dump"),
                    "create": (policy.tempfile, "mkstemp")}[failing]
     monkeypatch.setattr(where, name, fail)
@@ -344,7 +346,7 @@ def test_fresh_contexts_reach_a_decision_within_four_prefills(tiny_model, rpc3, 
     assert decisions[first_decided].startswith("calibrated: "), decisions
 
 
-# ---- the bench never inherits a decision ------------------------------------------------------------------------------
+# ---- the bench never inherits a decision ----------------------------------------------------------------------------
 
 def test_the_bench_measures_with_a_calibration_of_its_own(tmp_path, monkeypatch, capsys):
     """python -m pyturbo.bench runs with a fresh in-memory calibration (a stored decision may come from a loaded

@@ -76,10 +76,12 @@ class Balance:
     @classmethod
     def from_json(cls, d) -> "Balance":
         """The inverse of to_json(). What it reads comes from a file (policy.Calibration): anything of another shape
-        (a missing field, a count that is not a positive int, lists of unequal lengths) raises ValueError saying what."""
+        (a missing field, a count that is not a positive int, lists of unequal lengths) raises ValueError saying
+        what."""
         if not isinstance(d, dict):
             raise ValueError(f"a stored split is an object, not {type(d).__name__}")
-        missing = [name for name in ("layers", "measured_layers", "stage_seconds", "n_tokens", "n_ubatch") if name not in d]
+        missing = [name for name in ("layers", "measured_layers", "stage_seconds", "n_tokens", "n_ubatch")
+                   if name not in d]
         if missing:
             raise ValueError(f"a stored split lacks {', '.join(missing)}")
         layers, measured = _counts(d["layers"], "layers"), _counts(d["measured_layers"], "measured_layers")

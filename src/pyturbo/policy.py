@@ -121,7 +121,8 @@ def current(measured: dict, now: float | None = None) -> dict[str, list[Sample]]
     """What a decision may use of one setting's runs ({path: runs}, pure): runs more than MAX_AGE_S from now are
     forgotten; where two or more runs (of one path or of both) depart from what their path measured before, the
     conditions changed with the first of them, and every run before it, of either path, is forgotten (the comparison
-    was made under other conditions); at most KEEP_SAMPLES runs per path, the newest. current(current(m)) == current(m)."""
+    was made under other conditions); at most KEEP_SAMPLES runs per path, the newest.
+    current(current(m)) == current(m)."""
     runs = {path: _as_samples(measured.get(path, ())) for path in PATHS}
     if now is not None:
         runs = {path: [s for s in r if abs(now - s[1]) <= MAX_AGE_S] for path, r in runs.items()}
@@ -160,15 +161,16 @@ def decide_from_measurements(layout: Layout, measured: dict, now: float | None =
         return pipeline, why
     mp, ms = _estimate(p), _estimate(s)
     pipeline = mp >= ms
-    why = (f"calibrated: pipelined {mp:.0f} vs standard {ms:.0f} tok/s (medians of the newest {min(len(p), ESTIMATE_RUNS)}"
-           f" and {min(len(s), ESTIMATE_RUNS)} runs)")
+    why = (f"calibrated: pipelined {mp:.0f} vs standard {ms:.0f} tok/s (medians of the newest "
+           f"{min(len(p), ESTIMATE_RUNS)} and {min(len(s), ESTIMATE_RUNS)} runs)")
     for path, other in (("pipelined", "standard"), ("standard", "pipelined")):
         # one run at most here (two would have been a change, current()); judged against two earlier runs at least,
         # as one earlier run is as noisy as the departing one
         tail = departing_tail(runs[path], before=SAMPLES_PER_PATH)
         if tail and runs[other][-1][1] < tail[0][1]:
-            return other == "pipelined", (f"{why}; re-checking: {path}'s last run ({tail[0][0]:.0f} tok/s) departs from "
-                                          f"its earlier ones by more than {DRIFT:.0%}, so {other} is measured again")
+            return other == "pipelined", (f"{why}; re-checking: {path}'s last run ({tail[0][0]:.0f} tok/s) departs "
+                                          f"from its earlier ones by more than {DRIFT:.0%}, so {other} is measured "
+                                          "again")
     chosen, other = ("pipelined", "standard") if pipeline else ("standard", "pipelined")
     since = sum(1 for _, t in runs[chosen] if t > runs[other][-1][1])
     if margin < CLEAR_MARGIN and since >= EXPLORE_EVERY:

@@ -175,7 +175,9 @@ def recorded_for(pipeline):
     """Where a setting's runs are recorded: auto's runs in the run's calibration (policy.calibration_scope in
     run.py), every other mode's in a throwaway one, so that the default decides from its own runs only, as it would
     for a user (the forced and stock runs of the same ubatch would otherwise count as its measurements)."""
-    return contextlib.nullcontext() if pipeline in (True, "auto") else policy.calibration_scope(policy.Calibration(None))
+    if pipeline in (True, "auto"):
+        return contextlib.nullcontext()
+    return policy.calibration_scope(policy.Calibration(None))
 
 
 def prepare(ctx, s: Setting, tokens: np.ndarray, n_warmup: int) -> None:

@@ -20,8 +20,8 @@ def run(args) -> int:
     """The run, with auto's calibration (and tensor_split="auto"'s balance) measured afresh in memory: a decision
     stored under other conditions (another load on this machine) is never reused, and this run stores nothing."""
     stored = policy.calibration().path
-    print(f"calibration: measured in this run, in memory ({f'{stored} is neither read nor written' if stored else 'PYTURBO_CALIBRATION=off'})",
-          file=sys.stderr)
+    where = f"{stored} is neither read nor written" if stored else "PYTURBO_CALIBRATION=off"
+    print(f"calibration: measured in this run, in memory ({where})", file=sys.stderr)
     with policy.calibration_scope(policy.Calibration(None)):
         return _run(args)
 
