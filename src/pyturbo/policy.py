@@ -443,6 +443,10 @@ class Calibration:
                 return
             target = self._target()
             try:
+                mode = os.stat(target).st_mode
+                if not stat.S_ISREG(mode):   # before the lock file is made beside it (/dev/null.lock)
+                    self._give_up_file(f"is {_kind(mode)}, not a regular file")
+                    return
                 with _file_lock(target.with_name(target.name + ".lock"), LOCK_TIMEOUT_S):
                     if stat.S_ISREG(os.stat(target).st_mode):
                         target.unlink()
