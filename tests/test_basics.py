@@ -274,6 +274,8 @@ def test_default_threads_follow_where_the_layers_are(monkeypatch):
     assert context.default_threads(["RPC0[127.0.0.1:50052]", "RPC1[127.0.0.1:50053]"]) == context.EMBEDDINGS_ONLY_THREADS
     monkeypatch.setattr(context, "usable_cpu_cores", lambda: 2)
     assert context.default_threads(["CUDA0", "CUDA1"]) == 2
+    monkeypatch.setattr(context, "usable_cpu_cores", lambda: 1024)
+    assert context.default_threads(["CPU"]) == context.MAX_THREADS
 
 
 # ---- the package as a user meets it (issue 20.4) -------------------------------------------------------------------

@@ -99,7 +99,7 @@ EMBEDDINGS_ONLY_THREADS = 4
 
 def default_threads(layer_devices: list[str]) -> int:
     """Threads of the CPU backend when the caller gives none: every usable core where the CPU holds layers."""
-    cores = usable_cpu_cores()
+    cores = min(usable_cpu_cores(), MAX_THREADS)  # a bigger host than ggml's thread pool holds: what it takes
     return cores if "CPU" in layer_devices else min(EMBEDDINGS_ONLY_THREADS, cores)
 
 
