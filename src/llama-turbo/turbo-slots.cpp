@@ -122,6 +122,9 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
         s.barrier  = k > 0 && backends_now != prev_split_backends;
         s.n_done   = 0;
         s.running  = false;
+        for (auto & sp : s.splits) {
+            sp.prefetched = false;
+        }
         s.outputs.clear();
         host_submitting = false;
     }

@@ -256,8 +256,15 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
     clock.begin(rec);
     trace.mark("split begin", s.task, rec.device);
 
+    bool prefetched;
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        prefetched = sp.prefetched;
+    }
     for (const auto & in : sp.inputs) {
-        if (in.pushed >= 0) {
+        if (in.prefetch && prefetched) {
+            continue;
+        } else if (in.pushed >= 0) {
             // the server waits for the bytes from the producer's server before it computes
             rpc_peer.await(in.dst, s.pushes[in.pushed].id);
         } else if (in.staged >= 0 && traits[sp.thread].async_io) {
@@ -288,6 +295,9 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
         const ggml_type wire = options.rpc_wire == LLAMA_TURBO_WIRE_F16  ? GGML_TYPE_F16  :
                                options.rpc_wire == LLAMA_TURBO_WIRE_BF16 ? GGML_TYPE_BF16 : s.pushes[idx].src->type;
         s.pushes[idx].id = rpc_peer.push(s.pushes[idx].src, s.pushes[idx].dst, wire);
+    }
+    if (traits[sp.thread].rpc) {
+        prefetch_next(s, sp.backend);
     }
     trace.mark("split launched", s.task, rec.device);
     if (clock.on_device()) {
@@ -375,6 +385,18 @@ void llama_turbo::plan_splits(slot & s) {
                 }
                 host_input_copies[src] = {i, dst};
             }
+            // from host memory to an RPC server: the next ubatch's copy can cross the link while the server computes
+            // this one (prefetch_next). A graph input is set when the ubatch is submitted, a CPU split's result once
+            // that split has run.
+            const bool prefetch = src_in_host_memory && to.rpc && pushed < 0 && !options.relay_rpc;
+            if (prefetch && !(src->flags & GGML_TENSOR_FLAG_INPUT)) {
+                for (int p = i - 1; p >= 0; --p) {
+                    if (s.splits[p].backend == src_backend) {
+                        sp.prefetch_after = std::max(sp.prefetch_after, p);
+                        break;
+                    }
+                }
+            }
             if (!src_in_host_memory && through_host) {
                 // the last earlier split on the source's backend has computed it: that thread stages it, or has its
                 // server send it to the consumer's server
@@ -401,10 +423,44 @@ void llama_turbo::plan_splits(slot & s) {
                     }
                 }
             }
-            sp.inputs.push_back({src, dst, staged, pushed});
+            sp.inputs.push_back({src, dst, staged, pushed, prefetch});
         }
     }
     allocate_staging(s);
+}
+
+// Called by an RPC stage thread right after it queued a split's computation: the inputs from host memory of the next
+// ubatch's split on the same server are queued behind it when they exist, so they cross the link while the server
+// computes (its commands run in order, and the next ubatch has its own buffers); else that split sends them itself
+// when it starts. Queued any earlier, they would delay this computation, which waits behind them on the connection.
+void llama_turbo::prefetch_next(const slot & s, ggml_backend_t backend) {
+    std::vector<std::pair<ggml_tensor *, ggml_tensor *>> sends;
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        slot * next = const_cast<slot *>(find_task(s.task + 1));
+        if (!next) {
+            return;
+        }
+        for (int j = next->n_done; j < (int) next->splits.size(); ++j) {
+            split_plan & sp = next->splits[j];
+            if (sp.backend != backend) {
+                continue;
+            }
+            if (sp.prefetched || (next->running && j == next->n_done) || sp.prefetch_after >= next->n_done) {
+                return; // done already, running, or its inputs are not computed yet
+            }
+            for (const auto & in : sp.inputs) {
+                if (in.prefetch) {
+                    sends.emplace_back(in.src, in.dst);
+                }
+            }
+            sp.prefetched = !sends.empty();
+            break;
+        }
+    }
+    for (const auto & [src, dst] : sends) {
+        ggml_backend_tensor_set_async(backend, dst, src->data, 0, ggml_nbytes(dst));
+    }
 }
 
 // Whether the servers of two RPC stage threads send tensors to each other (asked once per pair and context: a round

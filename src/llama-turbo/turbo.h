@@ -43,6 +43,7 @@ struct split_input {
     ggml_tensor * dst;
     int           staged;      // index into slot::staging, or -1 to copy src directly (host memory or persistent data)
     int           pushed = -1; // index into slot::pushes: src's server sends it to dst's server itself
+    bool          prefetch = false; // from host memory to an RPC server: may be sent ahead (see prefetch_next)
 };
 
 // A tensor that one RPC server sends to another directly (patches/0011), instead of through this process.
@@ -61,6 +62,9 @@ struct split_plan {
     std::vector<int>         stage_out; // staging entries this split fills right after it ran
     std::vector<int>         push_out;  // server copies this split sends once its computation is queued
     std::vector<int>         forward_out; // server copies of its inputs from host memory, sent on before it computes
+    int                      prefetch_after = -1; // its prefetch inputs exist once this split has run (-1: graph
+                                                  // inputs only, set when the ubatch is submitted)
+    bool                     prefetched = false;  // they were sent ahead (under mtx; reset when the slot is reused)
     ggml_tensor *            fence;     // read after the split when nothing is staged: see run_split
 };
 
@@ -199,6 +203,7 @@ struct llama_turbo : llama_ubatch_executor {
     void   finish(slot & s, std::unique_lock<std::mutex> & lock);
     ggml_status run_split(slot & s, int i, stage_clock & clock, llama_turbo_record & rec);
     void   plan_splits(slot & s);
+    void   prefetch_next(const slot & s, ggml_backend_t backend);
     bool   servers_copy(int from_thread, int to_thread);
     void   allocate_staging(slot & s);
     bool   all_idle() const;
