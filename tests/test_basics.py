@@ -241,6 +241,9 @@ def test_worker_refuses_a_bad_port():
     bad = subprocess.run([sys.executable, "-m", "pyturbo.worker", "--port", "70000"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode != 0 and "--port" in bad.stderr
+    many = subprocess.run([sys.executable, "-m", "pyturbo.worker", "--port", "0", "--threads", "100000"],
+                          capture_output=True, text=True, timeout=60)
+    assert many.returncode == 2 and "--threads must be from 1 to 512" in many.stderr
 
 
 def test_gpu_streams_decision():

@@ -17,6 +17,7 @@ import threading
 import time
 
 from .. import _native
+from ..context import MAX_THREADS
 from ..devices import usable_cpu_cores
 from ..rpc_auth import RPC_TOKEN_ENV, resolve_rpc_token
 
@@ -47,15 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-unauthenticated", action="store_true",
                     help=f"serve a non-loopback address without a secret: anyone who reaches the port can use this "
                          f"machine's device and memory (only on a network you trust completely)")
-    ap.add_argument("--threads", type=int, default=usable_cpu_cores(), help="CPU threads for the computation")
+    ap.add_argument("--threads", type=int, default=min(usable_cpu_cores(), MAX_THREADS),
+                    help="CPU threads for the computation")
     ap.add_argument("--device", default="", help="local device to serve (default: the CPU), e.g. CUDA0")
     ap.add_argument("--exit-with-parent", type=int, default=0, metavar="PID", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if not 0 <= args.port < 65536:
         ap.error(f"--port must be in 0..65535 (0: any free port), not {args.port}")
-    if args.threads < 1:
-        ap.error(f"--threads must be >= 1, not {args.threads}")
+    if not 1 <= args.threads <= MAX_THREADS:
+        ap.error(f"--threads must be from 1 to {MAX_THREADS}, not {args.threads}")
     try:
         token = resolve_rpc_token()
     except ValueError as e:
