@@ -28,6 +28,7 @@ import numpy as np
 import pyturbo
 from pyturbo import synth
 from pyturbo.context import RPC_WIRE_TOLERANCE, within_tolerance
+from pyturbo.model import INPUT_LAYERS
 from pyturbo.tools import links
 
 # (label, pipeline, rpc_transfers, rpc_wire)
@@ -39,7 +40,8 @@ def measure_topology(args, rate, model_kind, tokens) -> dict:
     """{mode: {"tps": [...], "bytes": [...], "logits": array, "transfers": str}} for one topology."""
     out = {label: {"tps": [], "bytes": [], "logits": None, "transfers": ""} for label, *_ in MODES}
     with links.Links(args.workers, rate=rate, model=model_kind, threads=args.threads) as net, \
-            pyturbo.Model(args.model, rpc_servers=net.endpoints, tensor_split="even") as model:
+            pyturbo.Model(args.model, rpc_servers=net.endpoints, tensor_split="even",
+                          input_layer=args.input_layer) as model:
         contexts = {label: model.context(n_ctx=len(tokens) + 64, n_batch=args.n_batch, n_ubatch=args.n_ubatch,
                                          n_threads=1, rpc_transfers=transfers, rpc_wire=wire)
                     for label, _, transfers, wire in MODES}
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-batch", type=int, default=2048)
     ap.add_argument("--n-ubatch", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--input-layer", default="cpu", choices=INPUT_LAYERS,
+                    help="where the token embeddings live (Model(input_layer=)); every mode uses it")
     ap.add_argument("--json", type=Path, help="write the raw numbers here")
     args = ap.parse_args(argv)
     problem = links.unavailable_reason()
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
     stage_s = args.n_ubatch / reference["direct"]
     exact = unshaped[0]["stock"]["logits"]
 
-    print(f"# {args.workers} workers x {args.threads} thread, {args.preset}, {args.tokens} tokens, n_batch "
+    print(f"# {args.workers} workers x {args.threads} thread, {args.preset}, input layer on {args.input_layer}, "
+          f"{args.tokens} tokens, n_batch "
           f"{args.n_batch}, n_ubatch {args.n_ubatch}; A = {a_bytes / 1024:.0f} KiB; medians of {args.repeat} "
           f"(min-max); ratio = vs the same mode unshaped\n")
     print("| link | rate (Mbit/s) | transfer/stage | mode | tok/s | vs unshaped | coordinator bytes/ubatch (A) | "

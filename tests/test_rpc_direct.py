@@ -120,3 +120,27 @@ def test_a_worker_that_cannot_reach_the_next_one_relays_with_the_reason(tiny_mod
         assert result.transfers.startswith("through this process") and local.endpoints[0] in result.transfers
         assert "cannot reach" in result.transfers or "another server" in result.transfers, result.transfers
         assert np.array_equal(direct, standard)
+
+
+def test_the_input_layer_on_the_first_worker_sends_token_ids_instead_of_embeddings(tiny_model):
+    """Model(input_layer="first-device") (patches/0012): the same logits as with the embeddings on the CPU (a lookup
+    is a copy), and the first worker's embeddings no longer cross this process's link: at least 90% of A per ubatch
+    fewer bytes."""
+    tokens = prompt(640)
+    with workers.local(N_WORKERS, threads=1) as pool:
+        measured = {}
+        for layer in ("cpu", "first-device"):
+            with pyturbo.Model(tiny_model, rpc_servers=pool.endpoints, tensor_split="even", input_layer=layer) as m:
+                for pipeline in ("off", "force"):
+                    measured[layer, pipeline] = prefill(m, tokens, pipeline, "direct")
+                activation = N_UBATCH * m.n_embd * 4
+    reference = measured["cpu", "off"][0]
+    assert all(np.array_equal(logits, reference) for logits, _, _ in measured.values())
+    n_ubatches = measured["cpu", "force"][1].n_ubatches
+    saved = measured["cpu", "force"][2] - measured["first-device", "force"][2]
+    assert saved >= 0.9 * activation * n_ubatches, (saved, activation * n_ubatches)
+
+
+def test_a_bad_input_layer_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="input_layer"):
+        pyturbo.Model(tiny_model, input_layer="gpu")

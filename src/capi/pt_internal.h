@@ -62,8 +62,8 @@ T guarded(T on_error, const char * what, F && body) {
 // arrays mp points to. Returns "" or what is wrong with the arguments.
 std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                             const float * tensor_split, int32_t n_tensor_split, const char * const * devices,
-                            int32_t n_devices, int32_t use_mmap, std::vector<ggml_backend_dev_t> & devs,
-                            std::vector<float> & split);
+                            int32_t n_devices, int32_t input_on_first_device, int32_t use_mmap,
+                            std::vector<ggml_backend_dev_t> & devs, std::vector<float> & split);
 
 // llama_context_params as pt_context_new documents its arguments (one sequence, no performance counters).
 llama_context_params pt_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,

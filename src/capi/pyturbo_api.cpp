@@ -107,9 +107,10 @@ void pt_set_error(const std::string & msg) { g_last_error = msg; }
 
 std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                             const float * tensor_split, int32_t n_tensor_split, const char * const * devices,
-                            int32_t n_devices, int32_t use_mmap, std::vector<ggml_backend_dev_t> & devs,
-                            std::vector<float> & split) {
+                            int32_t n_devices, int32_t input_on_first_device, int32_t use_mmap,
+                            std::vector<ggml_backend_dev_t> & devs, std::vector<float> & split) {
     mp->n_gpu_layers = n_gpu_layers;
+    mp->input_on_first_layer_device = input_on_first_device != 0;
     mp->split_mode   = (llama_split_mode) split_mode;
     mp->main_gpu     = main_gpu;
     mp->load_mode    = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
@@ -256,7 +257,8 @@ int32_t pt_rpc_add_server(const char * endpoint) {
 
 pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                          const float * tensor_split, int32_t n_tensor_split,
-                         const char * const * devices, int32_t n_devices, int32_t use_mmap) {
+                         const char * const * devices, int32_t n_devices, int32_t input_on_first_device,
+                         int32_t use_mmap) {
     return guarded<pt_model *>(nullptr, (std::string("loading ") + path + " failed").c_str(), [&]() -> pt_model * {
         init_once();
         clear_recent_errors();
@@ -264,7 +266,7 @@ pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_
         std::vector<ggml_backend_dev_t> devs;
         std::vector<float> split;
         const std::string bad = pt_model_params(&mp, n_gpu_layers, split_mode, main_gpu, tensor_split, n_tensor_split,
-                                                devices, n_devices, use_mmap, devs, split);
+                                                devices, n_devices, input_on_first_device, use_mmap, devs, split);
         if (!bad.empty()) {
             return pt_fail_null<pt_model>(bad);
         }

@@ -26,6 +26,7 @@ DEFAULT_RPC_TIMEOUT = 300.0
 # Connecting and the handshake take milliseconds on a live worker: a silent one fails after this (or rpc_timeout, if
 # smaller)
 RPC_CONNECT_TIMEOUT = 10.0
+INPUT_LAYERS = ("cpu", "first-device")
 
 
 def parse_endpoints(rpc_servers: str | Iterable[str] | None) -> list[str]:
@@ -149,6 +150,9 @@ class Model(_native.NativeHandle):
     min(RPC_CONNECT_TIMEOUT, rpc_timeout). Models sharing a worker share its connection, and so its timeout.
     `rpc_token` is the workers' shared secret (default $PYTURBO_RPC_TOKEN; "" for none): proven to each worker without
     sending it, and a worker that does not prove it in return is refused (WorkerError).
+    `input_layer`: where the token embeddings live: "cpu" (llama.cpp's choice: a lookup is cheap and the table stays
+    off the devices) or "first-device", with the first layer (patches/0012): when that device is an RPC worker on
+    another host, a ubatch's token ids cross the network instead of its embeddings (n_ubatch x n_embd x 4 bytes).
     Before the weights are loaded, they are checked against each device's free memory (MemoryError if they cannot
     fit), and so is every context (see `Context`).
     """
@@ -156,7 +160,8 @@ class Model(_native.NativeHandle):
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | str = "all", split_mode: str = "layer",
                  main_gpu: int = 0, tensor_split: Sequence[float] | str | None = None, devices: Sequence[str] | None = None,
                  rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True,
-                 rpc_timeout: float | None = DEFAULT_RPC_TIMEOUT, rpc_token: str | None = None):
+                 rpc_timeout: float | None = DEFAULT_RPC_TIMEOUT, rpc_token: str | None = None,
+                 input_layer: str = "cpu"):
         self._contexts: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.RLock()       # C calls on the model pointer, and freeing it
         self._holds: set[int] = set()        # contexts whose freeing waits for an abandoned call: free the model after
@@ -166,6 +171,9 @@ class Model(_native.NativeHandle):
         self.rpc_servers: list[str] = []
         self.path = Path(path)
         check_gguf(self.path)
+        if input_layer not in INPUT_LAYERS:
+            raise ValueError(f"input_layer must be one of {INPUT_LAYERS}, not {input_layer!r}")
+        self.input_layer = input_layer
         if split_mode not in SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {sorted(SPLIT_MODES)}, not {split_mode!r}")
         if n_gpu_layers == "all":
@@ -205,7 +213,7 @@ class Model(_native.NativeHandle):
         c_dev_array = ffi.new("const char *[]", c_devices or 1)
         c_split = ffi.new("float[]", tensor_split) if tensor_split else ffi.NULL
         load_args = (n_gpu_layers, SPLIT_MODES[split_mode], main_gpu, c_split, len(tensor_split or []), c_dev_array,
-                     len(c_devices))
+                     len(c_devices), int(input_layer == "first-device"))
         self._plan_memory(load_args, use_mmap)
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_model_load, str(self.path).encode(), *load_args, int(use_mmap)),
@@ -232,7 +240,7 @@ class Model(_native.NativeHandle):
         self.layers_per_stage = (layers_from_split(tensor_split, self.n_layer)
                                  if tensor_split and n_gpu_layers < 0 and len(tensor_split) == len(self.devices) else None)
         #: this model file as loaded by this build (measurements of another file or build do not apply)
-        self.identity = model_identity(self.path)
+        self.identity = model_identity(self.path) + ("" if input_layer == "cpu" else f"|input:{input_layer}")
 
     def _auto_split(self, devices: list[str], available: list[Device], n_gpu_layers: int, split_mode: str,
                     use_mmap: bool) -> list[float]:
@@ -258,7 +266,7 @@ class Model(_native.NativeHandle):
                     "balance is stored for later loads)", self.path.name, ", ".join(devices))
         try:
             with Model(self.path, devices=devices, tensor_split=even, use_mmap=use_mmap,
-                       rpc_timeout=self.rpc_timeout) as probe:
+                       rpc_timeout=self.rpc_timeout, input_layer=self.input_layer) as probe:
                 n_tokens, n_ubatch = balance.measuring_shape(probe, on_gpu)
                 seconds = balance.measure_stage_seconds(probe, n_tokens, n_ubatch)
                 chosen = balance.propose(probe.layers_per_stage, seconds, n_tokens, n_ubatch)
