@@ -79,8 +79,10 @@ void init_once(int32_t cuda_devices_per_gpu = 0) {
     static std::once_flag once;
     std::call_once(once, [cuda_devices_per_gpu] {
         llama_log_set(log_callback, nullptr);
-        // ggml-cuda reads GGML_CUDA_DEVICES once, when its backend registers (in llama_backend_init)
-        if (cuda_devices_per_gpu > 1 && !getenv("GGML_CUDA_DEVICES")) {
+        // ggml-cuda reads GGML_CUDA_DEVICES once, when its backend registers (in llama_backend_init). Whether the
+        // user's own value wins is decided in Python (devices.decide_gpu_streams passes 0 then); setenv does not
+        // overwrite it either way.
+        if (cuda_devices_per_gpu > 1) {
             setenv("GGML_CUDA_DEVICES", std::to_string(cuda_devices_per_gpu).c_str(), 0);
         }
         llama_backend_init();

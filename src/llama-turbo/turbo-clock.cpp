@@ -67,10 +67,14 @@ void stage_clock::finish(llama_turbo_record & rec) {
     }
 }
 
+const char * turbo_switch(const char * name) {
+    return getenv(name);
+}
+
 // ---- host trace ---------------------------------------------------------------------------------------------------------
 
 void turbo_trace::begin() {
-    on = getenv("LLAMA_TURBO_TRACE") != nullptr; // per replay: set before the stage threads start, read by them
+    on = turbo_switch("LLAMA_TURBO_TRACE") != nullptr; // per replay: set before the stage threads start, read by them
     if (on) {
         std::lock_guard<std::mutex> lock(mtx);
         entries.clear();

@@ -41,7 +41,7 @@ static int usable_cores() {
 }
 
 bool llama_turbo::spin_wanted() const {
-    if (const char * env = getenv("LLAMA_TURBO_SPIN")) { // "0" or "1": off or on whatever the layout (measurements, tests)
+    if (const char * env = turbo_switch("LLAMA_TURBO_SPIN")) { // "0" or "1": off or on whatever the layout (measurements, tests)
         return strcmp(env, "0") != 0;
     }
     bool gpus = false;

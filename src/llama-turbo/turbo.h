@@ -165,6 +165,9 @@ private:
 };
 
 std::vector<ggml_backend_dev_t> turbo_layer_devices(const llama_model & model);
+// The executor's diagnostic switches from the environment (LLAMA_TURBO_SPIN, LLAMA_TURBO_TRACE; listed with pyturbo's
+// other switches in src/pyturbo/settings.py), read as each pipelined replay starts: nullptr when unset.
+const char * turbo_switch(const char * name);
 const char * turbo_device_name(ggml_backend_t backend);
 
 struct llama_turbo : llama_ubatch_executor {

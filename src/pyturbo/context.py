@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import _calls, _memory, _native, policy
+from . import settings
 from .devices import usable_cpu_cores
 from .errors import ContextBusyError, ContextCreateError, ContextDeadError, PrefillError
 from .timeline import Timeline, UbatchRecord
@@ -202,10 +203,10 @@ class Context(_native.NativeHandle):
         self._pipeline_checked = False     # the pipeline's buffers were found to fit (they stay allocated)
         # environment switches, read once here
         self._pipeline_override = policy.env_override(os.environ)
-        host_staging = os.environ.get("PYTURBO_PIPELINE_HOST_STAGING", "0") not in ("", "0")
+        host_staging = settings.read("PYTURBO_PIPELINE_HOST_STAGING")
         for name, on in (("PYTURBO_PIPELINE", self._pipeline_override), ("PYTURBO_PIPELINE_HOST_STAGING", host_staging)):
             if on:
-                log.warning("%s is set: %s", name, os.environ[name])
+                log.warning("%s is set: %s", name, on)
         model._check_usable()
         interrupted = lambda: model._disconnect("creating a context was interrupted")  # noqa: E731
         self._needs = None if model._plan is None else _calls.run_or_undo(  # asks the workers: interruptible

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from . import _native
+from . import settings
 
 # One GPU split into this many stream devices when PYTURBO_GPU_STREAMS is "auto" (the default): llama.cpp's own
 # scheduler overlaps the ubatches of a prompt over stream devices of one GPU, and 4 was the best or tied count of those
@@ -63,17 +64,15 @@ def decide_gpu_streams(env: dict, cuda_build: bool, count_gpus) -> dict:
     """How many devices the CUDA backend will make of each GPU, and why (`count_gpus()` is asked only when needed).
     Only a single GPU is split: GGML_CUDA_DEVICES maps devices to GPUs round-robin, which would interleave the GPUs
     of a multi-GPU machine in the layer order."""
-    if "GGML_CUDA_DEVICES" in env:  # the user's own layout wins
-        return {"source": f"GGML_CUDA_DEVICES={env['GGML_CUDA_DEVICES']}", "streams_per_gpu": None}
-    wanted = env.get("PYTURBO_GPU_STREAMS", "auto").strip().lower() or "auto"
-    if wanted != "auto" and not (wanted.isdigit() and int(wanted) >= 1):
-        raise ValueError(f"PYTURBO_GPU_STREAMS must be 'auto' or a count >= 1, not {wanted!r}")
+    if settings.is_set("GGML_CUDA_DEVICES", env):  # the user's own layout wins
+        return {"source": f"GGML_CUDA_DEVICES={settings.read('GGML_CUDA_DEVICES', env)}", "streams_per_gpu": None}
+    wanted = settings.read("PYTURBO_GPU_STREAMS", env)
     if not cuda_build:
         return {"source": "no CUDA in this build", "streams_per_gpu": 1}
     n_gpus = count_gpus()
     if n_gpus != 1:
         return {"source": f"{n_gpus} GPUs (only a single GPU is split)", "streams_per_gpu": 1}
-    streams = AUTO_STREAMS_PER_GPU if wanted == "auto" else int(wanted)
+    streams = AUTO_STREAMS_PER_GPU if wanted == "auto" else wanted
     return {"source": f"PYTURBO_GPU_STREAMS={wanted}", "streams_per_gpu": streams}
 
 

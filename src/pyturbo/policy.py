@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from . import settings
+
 log = logging.getLogger("pyturbo")
 
 MODES = ("auto", "force", "off")
@@ -47,12 +49,8 @@ def normalize_mode(pipeline) -> str:
 
 def env_override(env: dict) -> str | None:
     """PYTURBO_PIPELINE=force|off replaces the auto decision (both directions); unset or 'auto': no override."""
-    value = env.get("PYTURBO_PIPELINE", "").strip().lower()
-    if value in ("", "auto"):
-        return None
-    if value not in ("force", "off"):
-        raise ValueError(f"PYTURBO_PIPELINE must be 'auto', 'force' or 'off', not {value!r}")
-    return value
+    value = settings.read("PYTURBO_PIPELINE", env)
+    return None if value == "auto" else value
 
 
 @dataclass(frozen=True)
@@ -378,10 +376,7 @@ class Calibration:
 
     @classmethod
     def from_env(cls, env: dict) -> "Calibration":
-        where = env.get("PYTURBO_CALIBRATION", "").strip()
-        if where.lower() == "off":
-            return cls(None)
-        return cls(Path(where).expanduser() if where else Path.home() / ".cache" / "pyturbo" / "calibration.json")
+        return cls(settings.read("PYTURBO_CALIBRATION", env))
 
     def runs(self, key: str, now: float | None = None) -> dict[str, list[Sample]]:
         """The runs for key that a decision may use (current(); now: time.time() unless given), as a snapshot: what a
@@ -566,7 +561,7 @@ def calibration() -> Calibration:
     """The process's Calibration (its file is chosen from the environment once, on first use)."""
     global _calibration
     if _calibration is None:
-        _calibration = Calibration.from_env(dict(os.environ))
+        _calibration = Calibration.from_env(os.environ)
     return _calibration
 
 

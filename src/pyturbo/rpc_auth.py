@@ -3,14 +3,14 @@ clients that prove they know it, and a coordinator with one connects only to wor
 by `Model` and `python -m pyturbo.worker` (here, so that the worker does not import the library's model code)."""
 from __future__ import annotations
 
-import os
+from . import settings
 
 RPC_TOKEN_ENV = "PYTURBO_RPC_TOKEN"
 
 
 def resolve_rpc_token(given: str | None = None) -> str:
     """The secret to use: the one given, else $PYTURBO_RPC_TOKEN, else "" (none)."""
-    token = os.environ.get(RPC_TOKEN_ENV, "") if given is None else given
+    token = settings.read(RPC_TOKEN_ENV) if given is None else given
     if not isinstance(token, str) or "\0" in token:
         raise ValueError(f"the RPC token must be a string without NUL characters, not {type(token).__name__}")
     return token

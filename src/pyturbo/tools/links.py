@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
+from .. import settings
 from .workers import WorkerPool
 
 PREFIX = "ptl"                                  # every name this module creates starts with it
@@ -440,7 +441,7 @@ class Links:
         if token is not None:
             env[TOKEN_ENV] = token
         args = list(extra_args)
-        has_secret = bool(env.get(TOKEN_ENV, os.environ.get(TOKEN_ENV, "")))
+        has_secret = bool(env.get(TOKEN_ENV) or settings.read(TOKEN_ENV))
         # only processes of this machine reach these addresses, as with loopback
         if not has_secret and "--allow-unauthenticated" not in args and worker_accepts("--allow-unauthenticated"):
             args.append("--allow-unauthenticated")

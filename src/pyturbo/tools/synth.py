@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import settings
+
 # Part of cached file names: bump whenever write_model's output for the same arguments changes.
 FORMAT_VERSION = 3
 
@@ -312,8 +314,7 @@ def write_model(path: str | os.PathLike, shape: ModelShape, *, seed: int = 0, vo
 
 def default_cache_dir() -> Path:
     """$PYTURBO_CACHE, or ~/.cache/pyturbo/models."""
-    env = os.environ.get("PYTURBO_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "pyturbo" / "models"
+    return settings.read("PYTURBO_CACHE")
 
 
 def cached_model(name_or_shape: str | ModelShape, *, seed: int = 0, vocab: str = "none",

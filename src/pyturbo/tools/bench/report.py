@@ -17,6 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ... import _native
+from ... import settings
 from ...context import FIRST_UBATCH_TOLERANCE
 from ...devices import usable_cpu_cores
 from .measure import CPU_SWEEP_UBATCHES, GPU_SWEEP_UBATCHES, PIPELINE_MODES, STOCK_BATCH, STOCK_UBATCH, Row
@@ -305,8 +306,8 @@ def machine_info() -> dict:
 def git_commit() -> str:
     """The commit measured: PYTURBO_COMMIT when set (a copied tree without .git, like the GPU machine's), else the
     checkout this runs in (the current directory, then the package's own)."""
-    if os.environ.get("PYTURBO_COMMIT"):
-        return os.environ["PYTURBO_COMMIT"]
+    if settings.read("PYTURBO_COMMIT"):
+        return settings.read("PYTURBO_COMMIT")
     for where in (Path.cwd(), Path(__file__).parent):
         try:
             out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
