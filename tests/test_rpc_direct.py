@@ -144,3 +144,18 @@ def test_the_input_layer_on_the_first_worker_sends_token_ids_instead_of_embeddin
 def test_a_bad_input_layer_is_refused(tiny_model):
     with pytest.raises(ValueError, match="input_layer"):
         pyturbo.Model(tiny_model, input_layer="gpu")
+
+
+def test_direct_copies_resume_after_a_worker_is_restarted(tiny_model):
+    """A worker restarted on the same port is another server: the next model's workers must copy to the new one (a
+    link kept from before would reach nobody, or be mistaken for another server and relayed)."""
+    tokens = prompt(300)
+    with workers.local(N_WORKERS, threads=1) as pool:
+        with pyturbo.Model(tiny_model, rpc_servers=pool.endpoints, tensor_split="even") as model:
+            before, result, _ = prefill(model, tokens, "force", "direct")
+            assert result.transfers == "server-to-server"
+        pool.restart(N_WORKERS - 1)
+        with pyturbo.Model(tiny_model, rpc_servers=pool.endpoints, tensor_split="even") as model:
+            after, result, _ = prefill(model, tokens, "force", "direct")
+            assert result.transfers == "server-to-server"
+    assert np.array_equal(before, after)
