@@ -279,3 +279,29 @@ def test_bench_without_root_says_why(monkeypatch, capsys, tmp_path):
     assert e.value.code == 2
     assert ("--link-rate needs root and iproute2 (ip, tc), and network namespaces: network namespaces and tc need "
             "root") in capsys.readouterr().err
+
+
+@needs_links
+@pytest.mark.skipif(TRANSFERS == (None,), reason="this build has no direct copies between RPC workers (issue 22 item 1)")
+def test_direct_copies_keep_the_coordinators_bytes_within_two_activations_per_ubatch():
+    """3 workers behind 200 Mbit/s links of their own, a model wide enough that activations dominate (1024 wide):
+    counted on the coordinator's interface, headers included, a pipelined prefill moves at most 2 A per ubatch (the
+    first stage's input, the mask, the graphs, the logits; A = n_ubatch x n_embd x 4), where relaying moves at least
+    2 (S - 1) A more. Both bit-equal to the standard path."""
+    from pyturbo import synth
+    path = synth.cached_model(synth.ModelShape(n_layer=3, n_embd=1024, n_ff=1024, n_head=8, n_head_kv=2,
+                                               n_vocab=1000, dtype="f16"))
+    tokens, n_ubatch = prompt(1024, n_vocab=1000), 128
+    with links.Links(3, rate=200, model="per-worker") as net, \
+            Model(path, rpc_servers=net.endpoints, tensor_split="even") as m:
+        a = n_ubatch * m.n_embd * 4
+        moved, logits = {}, {}
+        for pipe, transfers in [("off", "direct"), ("force", "relay"), ("force", "direct")]:
+            with m.context(n_ctx=1088, n_batch=1024, n_ubatch=n_ubatch, n_threads=1, rpc_transfers=transfers) as ctx:
+                before = net.coordinator_bytes()
+                res = ctx.prefill(tokens, pipeline=pipe)
+                moved[pipe, transfers] = (net.coordinator_bytes() - before).total / res.n_ubatches
+                logits[pipe, transfers] = ctx.logits().copy()
+        assert all(np.array_equal(v, logits["off", "direct"]) for v in logits.values())
+        assert moved["force", "direct"] <= 2 * a, (moved, a)
+        assert moved["force", "relay"] - moved["force", "direct"] >= 0.9 * 2 * (len(m.devices) - 1) * a, (moved, a)
