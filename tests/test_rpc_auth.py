@@ -149,3 +149,48 @@ def test_a_worker_refuses_a_non_loopback_address_without_a_secret():
     assert proc.returncode != 0
     assert "without a shared secret" in proc.stderr and "PYTURBO_RPC_TOKEN" in proc.stderr
     assert "listening" not in proc.stdout
+
+
+SERVER_ID, PEER_HELLO, PEER_DATA = 20, 24, 25
+PEER_COPY = 0x02
+
+
+def peer_hello(port: int) -> tuple[socket.socket, int]:
+    """Connect as another server would for a server-to-server copy (patches/0011)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    send_cmd(sock, PEER_HELLO, bytes(CAPS_SIZE))
+    return sock, recv_msg(sock)[3]
+
+
+@pytest.mark.parametrize("command,payload", [(PEER_DATA, struct.pack("<QI", 1, 0) + bytes(64)), (SERVER_ID, b"")])
+def test_a_peer_without_the_secret_can_deposit_nothing(guarded_worker, command, payload):
+    sock, flags = peer_hello(guarded_worker.ports[0])
+    with sock:
+        assert flags & HELLO_AUTH and flags & PEER_COPY
+        send_cmd(sock, command, payload)
+        assert closed_without_answer(sock)
+
+
+def test_a_peer_with_the_secret_is_served(guarded_worker):
+    sock, _ = peer_hello(guarded_worker.ports[0])
+    with sock:
+        accepted, _, _, _ = authenticate_raw(sock, SECRET)
+        assert accepted == 1
+        send_cmd(sock, SERVER_ID)
+        assert len(recv_msg(sock)) == 8
+
+
+def test_workers_with_a_secret_copy_to_each_other(tiny_model, monkeypatch):
+    """The pipeline's server-to-server copies between workers that require the secret: they authenticate to each other
+    with it, and the result is the standard path's."""
+    monkeypatch.setenv("PYTURBO_RPC_TOKEN", SECRET)
+    with workers.local(2, threads=1) as pool, \
+            pyturbo.Model(tiny_model, rpc_servers=pool.endpoints, tensor_split="even") as model, \
+            model.context(n_ctx=512, n_ubatch=32, n_threads=1) as ctx:
+        tokens = prompt(200)
+        result = ctx.prefill(tokens, pipeline="force")
+        pipelined = ctx.logits().copy()
+        ctx.reset()
+        ctx.prefill(tokens, pipeline="off")
+        assert result.transfers == "server-to-server"
+        assert np.array_equal(pipelined, ctx.logits())
