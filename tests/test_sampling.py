@@ -167,7 +167,7 @@ def test_cancel_from_another_thread_stops_within_a_second(vocab_ctx):
     thread.join(60)
     assert gen.result().finish_reason == "cancelled" and n < 900
     assert t_end - cancelled_at[0] < 1.5, "cancel() took effect only after %.2f s" % (t_end - cancelled_at[0])
-    assert vocab_ctx._kv_tokens is not None and len(vocab_ctx._kv_tokens) == vocab_ctx.n_past
+    assert vocab_ctx.prompt_cache.known(vocab_ctx.n_past) is not None
 
 
 def test_long_suffix_prefills_pipelined(vocab_model, rpc3):
@@ -181,3 +181,19 @@ def test_long_suffix_prefills_pipelined(vocab_model, rpc3):
             ref = ctx.complete(long_follow, max_tokens=2, temperature=0, cache_prompt=False, pipeline=False)
             assert ref.prefill.path == "standard"
             np.testing.assert_allclose(ref.prefill.logits, res.prefill.logits, atol=1e-2)
+
+
+def test_prompt_length_rule_at_the_boundary():
+    """One rule for "too long" (context.fits): a prefill may fill the context exactly; a prompt to generate from
+    needs one position more, for the answer's first token; the server's refusal is the same check."""
+    from pyturbo.context import fits
+    from pyturbo.generation import check_prompt
+    from pyturbo.server.engine import PromptTooLong
+    assert fits(8, 8) and not fits(9, 8) and fits(3, 8, n_past=5) and not fits(4, 8, n_past=5)
+    check_prompt(7, 8)
+    with pytest.raises(ValueError, match="the prompt has 8 tokens but the context holds 8"):
+        check_prompt(8, 8)
+    with pytest.raises(ValueError, match="empty"):
+        check_prompt(0, 8)
+    with pytest.raises(PromptTooLong, match="--n-ctx"):
+        check_prompt(8, 8, "start the server with a larger --n-ctx", error=PromptTooLong)

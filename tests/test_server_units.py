@@ -9,7 +9,7 @@ from pyturbo import synth
 pytest.importorskip("fastapi", reason="the server's dependencies are missing: pip install '.[test]'")
 from pyturbo.server.chat import CHATML_STOP, ChatTemplate, ChatTemplateError  # noqa: E402
 from pyturbo.server.schemas import ChatRequest, CompletionRequest  # noqa: E402
-from pyturbo.server.settings import DEFAULTS, DEMO_DEFAULTS, _pipeline_arg, parse_args  # noqa: E402
+from pyturbo.server.settings import DEFAULTS, DEMO_DEFAULTS, parse_args, pipeline_mode  # noqa: E402
 
 
 def test_command_line_names_of_the_contract(tmp_path):
@@ -40,10 +40,13 @@ def test_bad_command_lines_say_what_to_fix(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_pipeline_modes_map_in_one_place():
-    assert [_pipeline_arg(m) for m in ("auto", "on", "off")] == ["auto", "force", "off"]
+def test_pipeline_modes_are_the_librarys():
+    """The server's modes are the library's; "on" (the old name of "force") is still accepted, and emitted as force."""
+    assert [pipeline_mode(m) for m in ("auto", "force", "on", "off")] == ["auto", "force", "force", "off"]
+    assert parse_args(["--model", "m", "--pipeline", "on"]).pipeline == "force"
+    assert CompletionRequest(prompt="x", pipeline="on").pipeline == "force"
     with pytest.raises(ValueError):
-        _pipeline_arg("sometimes")
+        pipeline_mode("sometimes")
 
 
 def test_chat_templates_model_override_and_fallback(vocab_model, model_dir):

@@ -28,6 +28,40 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def fits(n_tokens: int, n_ctx: int, n_past: int = 0) -> bool:
+    """The one rule for "too long": n_tokens more fit in a context of n_ctx positions that holds n_past. A prompt to
+    generate from asks for one position more, its answer's first token (generation.check_prompt)."""
+    return n_past + n_tokens <= n_ctx
+
+
+class PromptCache:
+    """The token ids the KV cache holds, when known: with them a new prompt reuses the longest common prefix and only
+    the rest is prefilled (llama-server's cache_prompt). Held by a `Context`, which forgets them on reset(); written
+    by the generation that fills the cache (pyturbo.generation), read by whoever picks a context for a prompt."""
+
+    def __init__(self):
+        self._tokens: list[int] | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """What the cache was last known to hold (a copy; [] when unknown)."""
+        return list(self._tokens or [])
+
+    def known(self, n_past: int) -> list[int] | None:
+        """The tokens, if they still describe a cache of n_past positions (else something else wrote to it)."""
+        return self._tokens if self._tokens is not None and len(self._tokens) == n_past else None
+
+    def set(self, tokens: Sequence[int] | None) -> None:
+        self._tokens = None if tokens is None else [int(t) for t in tokens]
+
+    def append(self, token: int) -> None:
+        if self._tokens is not None:
+            self._tokens.append(int(token))
+
+    def forget(self) -> None:
+        self._tokens = None
+
+
 class GeneratedTokens(list):
     """What `Context.generate()` returns: the token ids, and why it stopped ("length" or "context")."""
     finish_reason: str = "length"
@@ -194,6 +228,7 @@ class Context(_native.NativeHandle):
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
         self.flash_attn = flash_attn
         self.max_in_flight = max_in_flight
+        self.prompt_cache = PromptCache()
         self._warm_paths: set[str] = set()  # paths that ran here once already (their first run allocates)
         self._lock = threading.RLock()     # held by the thread running a call on this context
         self._depth = 0                    # nested calls of that thread (prefill reads n_past)
@@ -342,7 +377,9 @@ class Context(_native.NativeHandle):
                                       self.first_ubatch)
 
     def decode(self, token: int) -> np.ndarray:
-        """Append one token (standard path) and return its logits."""
+        """Append one token (standard path) and return its logits. Generation decodes through here too."""
+        # "off": one token is one ubatch, which the pipeline cannot split; "auto" would come to the same path after
+        # a calibration lookup and a fallback
         return self.prefill([token], pipeline="off").logits
 
     def generate(self, n: int, logits: np.ndarray | None = None) -> "GeneratedTokens":
@@ -400,7 +437,7 @@ class Context(_native.NativeHandle):
         """Clear the KV cache."""
         ptr = self._live()
         self._run_interruptible(lambda: _native.lib().pt_context_reset(ptr), rolled_back=lambda _: False)
-        self._kv_tokens = None  # the prompt cache's record of the cache (see stream())
+        self.prompt_cache.forget()
         self._raise_if_dead()  # a worker that died during the reset
 
     @_exclusive()
@@ -416,10 +453,16 @@ class Context(_native.NativeHandle):
             tokens = self.model.tokenize(tokens, add_special=self.n_past == 0)
         arr = self.model.check_tokens(tokens)   # already contiguous int32
         n_past = self.n_past
-        if n_past + arr.size > self.n_ctx:
+        if not fits(arr.size, self.n_ctx, n_past):
             raise ValueError(f"{arr.size} tokens do not fit: the context holds {self.n_ctx} and {n_past} are used; "
                              f"create the context with n_ctx >= {n_past + arr.size} or call reset()")
         return arr
+
+    def request_abort(self) -> None:
+        """Ask the call running on this context, if any, to stop (from any thread; nothing when it is closed)."""
+        ptr = self._ptr
+        if ptr is not None:
+            _native.lib().pt_request_abort(ptr)
 
     def _live(self):
         if self._ptr is None:
@@ -526,9 +569,7 @@ class Context(_native.NativeHandle):
         acquired = self._lock.acquire(blocking=False)
         if not acquired:
             self._closing.set()  # the running call's thread stops it and returns: within 2 * STOP_GRACE_S
-            ptr = self._ptr
-            if ptr is not None:
-                _native.lib().pt_request_abort(ptr)
+            self.request_abort()
             # bounded: should the holder never release (an interrupt that landed between its lock and its try), close
             # anyway, deferring the free if a call is still running
             acquired = self._lock.acquire(timeout=4 * _calls.STOP_GRACE_S + 3)
@@ -556,8 +597,6 @@ class Context(_native.NativeHandle):
         return self
 
     # ---- text generation and the prompt cache (pyturbo.generation) -------------------------------------------------
-
-    _kv_tokens: list[int] | None = None  # the tokens in the KV cache when the prompt cache knows them
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 16, stop: str | Sequence[str] = (),
                sampling: "SamplerSettings | None" = None, pipeline=True, cache_prompt: bool = True,

@@ -13,10 +13,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import _native
+from .context import fits
 from .sampling import Sampler, SamplerSettings
-
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -28,6 +26,23 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return int(diff[0]) if diff.size else n
 
 
+def prompt_tokens(model, prompt: str | Sequence[int]) -> list[int]:
+    """A prompt's token ids: text is tokenized with BOS and special tokens (chat templates write them as text), ids
+    are checked against the vocabulary. The one tokenizing of a prompt (the server's too)."""
+    if isinstance(prompt, str):
+        return model.tokenize(prompt, add_special=True, parse_special=True)
+    return [int(t) for t in model.check_tokens(prompt)]
+
+
+def check_prompt(n_prompt: int, n_ctx: int, larger: str = "use a larger n_ctx", error=ValueError) -> None:
+    """Refuse a prompt that is empty or leaves no room for its answer's first token (context.fits: the one rule)."""
+    if n_prompt == 0:
+        raise error("the prompt is empty: give at least one token")
+    if not fits(n_prompt + 1, n_ctx):
+        raise error(f"the prompt has {n_prompt} tokens but the context holds {n_ctx} (and needs room for the "
+                    f"answer); shorten it or {larger}")
+
+
 def prefill_cached(ctx, tokens: Sequence[int], pipeline=True, cache_prompt: bool = True):
     """Make the KV cache hold exactly `tokens` and return (PrefillResult of what was computed, tokens reused).
 
@@ -36,20 +51,17 @@ def prefill_cached(ctx, tokens: Sequence[int], pipeline=True, cache_prompt: bool
     start the generation.
     """
     tokens = [int(t) for t in tokens]
-    if not tokens:
-        raise ValueError("the prompt is empty: give at least one token")
-    if len(tokens) > ctx.n_ctx:
-        raise ValueError(f"the prompt has {len(tokens)} tokens but the context holds {ctx.n_ctx}; shorten it or "
-                         f"create the context with a larger n_ctx")
-    known = ctx._kv_tokens if ctx._kv_tokens is not None and len(ctx._kv_tokens) == ctx.n_past else None
+    check_prompt(len(tokens), ctx.n_ctx)
+    cache = ctx.prompt_cache
+    known = cache.known(ctx.n_past)
     n_keep = min(common_prefix(known, tokens), len(tokens) - 1) if cache_prompt and known is not None else 0
     # cutting the cache only drops positions (no device is written to, so a dead worker shows in the prefill)
     if not ctx.truncate(n_keep):
         n_keep = 0
         ctx.reset()
-    ctx._kv_tokens = tokens[:n_keep]
+    cache.set(tokens[:n_keep])
     result = ctx.prefill(tokens[n_keep:], pipeline=pipeline)
-    ctx._kv_tokens = tokens
+    cache.set(tokens)
     return result, n_keep
 
 
@@ -105,20 +117,13 @@ class Generation:
 
     def __init__(self, ctx, prompt: str | Sequence[int], *, max_tokens: int = 16, stop: str | Sequence[str] = (),
                  sampling: SamplerSettings | None = None, pipeline=True, cache_prompt: bool = True, lock=None):
-        if isinstance(prompt, str):
-            self.prompt_tokens = ctx.model.tokenize(prompt, add_special=True, parse_special=True)
-        else:
-            self.prompt_tokens = [int(t) for t in ctx.model.check_tokens(prompt)]
+        self.prompt_tokens = prompt_tokens(ctx.model, prompt)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, not {max_tokens!r}")
         stop = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) for s in stop):
             raise ValueError(f"stop must be a string or a list of strings, not {stop!r}")
-        if not self.prompt_tokens:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(self.prompt_tokens) >= ctx.n_ctx:
-            raise ValueError(f"the prompt has {len(self.prompt_tokens)} tokens but the context holds {ctx.n_ctx} "
-                             f"(and needs room for the answer); shorten it or use a larger n_ctx")
+        check_prompt(len(self.prompt_tokens), ctx.n_ctx)
         self.ctx, self.max_tokens, self.stop = ctx, max_tokens, stop
         self.settings = sampling or SamplerSettings()
         self.pipeline, self.cache_prompt = pipeline, cache_prompt
@@ -144,9 +149,7 @@ class Generation:
         # pt_prefill clears an abort requested just before it starts, so repeat the request while a step runs
         # (bounded by that step's own duration)
         while self._busy.is_set():
-            ptr = self.ctx._ptr
-            if ptr is not None:
-                _native.lib().pt_request_abort(ptr)
+            self.ctx.request_abort()
             time.sleep(0.05)
 
     @property
@@ -231,9 +234,8 @@ class Generation:
             yield Piece(tail, None)
 
     def _decode(self, token: int) -> np.ndarray:
-        logits = self.ctx.prefill([token]).logits
-        if self.ctx._kv_tokens is not None:
-            self.ctx._kv_tokens.append(token)
+        logits = self.ctx.decode(token)
+        self.ctx.prompt_cache.append(token)
         return logits
 
 

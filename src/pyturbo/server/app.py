@@ -115,7 +115,7 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
     async def health():
         body = {"status": {"up": "ok"}.get(engine.state, engine.state), "model": settings.model_id,
                 "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints,
-                "slots": len(engine.slots), "slots_free": len(engine._free), "queue": len(engine._waiters),
+                "slots": len(engine.slots), "slots_free": engine.n_free, "queue": engine.n_waiting,
                 "pipeline": settings.pipeline, "n_ctx": settings.n_ctx,
                 "chat_template": engine.template.source if engine.template else None}
         if engine.state != "up":

@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import ContextDeadError, PyturboError, WorkerError
-from ..generation import Completion, Generation, Piece, common_prefix
+from ..generation import Completion, Generation, Piece, check_prompt, common_prefix, prompt_tokens
 from ..model import Model, check_reachable
 from ..sampling import SamplerSettings
 from .chat import ChatTemplate
-from .settings import ServerSettings, _pipeline_arg
+from .settings import ServerSettings
 
 log = logging.getLogger("pyturbo.server")
 RETRY_SECONDS = 1.0
@@ -46,7 +46,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     sampling: SamplerSettings = field(default_factory=SamplerSettings)
     cache_prompt: bool = True
-    pipeline: str | None = None     # None: the server's --pipeline
+    pipeline: str | None = None     # "auto", "force" or "off" (settings.PIPELINE_MODES); None: the server's --pipeline
 
 
 @dataclass
@@ -186,9 +186,7 @@ class Engine:
         """Token ids of a completion prompt (text with BOS and special tokens, or ids)."""
         with self._model_lock:
             self.check_up()
-            if isinstance(prompt, str):
-                return self.model.tokenize(prompt, add_special=True, parse_special=True)
-            return [int(t) for t in self.model.check_tokens(prompt)]
+            return prompt_tokens(self.model, prompt)
 
     def chat_tokens(self, messages: list[dict]) -> tuple[list[int], list[str]]:
         """The chat prompt's tokens and the template's own stop strings."""
@@ -199,20 +197,28 @@ class Engine:
                                  f"token ids")
             return self.template.prompt_tokens(self.model, messages), list(self.template.stop)
 
+    @property
+    def n_free(self) -> int:
+        """Slots free now (a read-only view for /health)."""
+        return len(self._free)
+
+    @property
+    def n_waiting(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._waiters)
+
     # ---- running --------------------------------------------------------------------------------------------------
 
     async def submit(self, job: Job, t_arrival: float) -> Run:
         """Wait (in arrival order) for a slot and start the job there. Raises PromptTooLong, Unavailable."""
         n_ctx = self.settings.n_ctx
-        if len(job.tokens) >= n_ctx:
-            raise PromptTooLong(f"the prompt has {len(job.tokens)} tokens but the context holds {n_ctx} (and needs "
-                                f"room for the answer); shorten it or start the server with a larger --n-ctx")
+        check_prompt(len(job.tokens), n_ctx, "start the server with a larger --n-ctx", error=PromptTooLong)
         slot = await self._acquire(job.tokens)
         try:
             mode = job.pipeline or self.settings.pipeline
             max_tokens = min(job.max_tokens or self.settings.max_tokens or n_ctx, n_ctx - len(job.tokens))
             gen = slot.ctx.stream(job.tokens, max_tokens=max_tokens, stop=job.stop, sampling=job.sampling,
-                                  pipeline=_pipeline_arg(mode), cache_prompt=job.cache_prompt, lock=self.step_lock)
+                                  pipeline=mode, cache_prompt=job.cache_prompt, lock=self.step_lock)
             run = Run(self._loop, gen, slot, t_arrival, mode)
             with self._runs_lock:
                 self._runs.add(run)
@@ -241,7 +247,7 @@ class Engine:
     async def _acquire(self, tokens: list[int]) -> Slot:
         self.check_up()
         if self._free and not self._waiters:  # the free slot whose cache shares the longest prefix
-            slot = max(self._free, key=lambda s: common_prefix((s.ctx and s.ctx._kv_tokens) or [], tokens))
+            slot = max(self._free, key=lambda s: common_prefix(s.ctx.prompt_cache.tokens if s.ctx else [], tokens))
             self._free.remove(slot)
         else:
             fut = self._loop.create_future()

@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from pydantic_core import PydanticCustomError
 
 from ..sampling import INT32_MAX, SamplerSettings
+from .settings import pipeline_mode
 
 MAX_STOP = 16
 
@@ -53,8 +54,13 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     cache_prompt: bool = True
-    pipeline: Literal["auto", "on", "off"] | None = None
+    pipeline: Literal["auto", "force", "off", "on"] | None = None   # "on": the old name of "force"
     user: str | None = None
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline(cls, v):
+        return None if v is None else pipeline_mode(v)
 
     @field_validator("stop")
     @classmethod

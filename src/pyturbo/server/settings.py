@@ -7,19 +7,22 @@ from pathlib import Path
 
 from ..model import parse_endpoints
 
-PIPELINE_MODES = ("auto", "on", "off")
+# The library's pipeline modes (Context.prefill(pipeline=...)): "auto" pipelines where pyturbo measured it faster
+# (pyturbo.policy), "force" wherever it is safe, "off" never; where it is unsafe or impossible the standard path runs
+# and its fallback_reason says why. "on" was the server's name for "force" and is still accepted.
+PIPELINE_MODES = ("auto", "force", "off")
+PIPELINE_ALIASES = {"on": "force"}
 DEFAULTS = {"n_ctx": 32768, "n_batch": 8192, "n_ubatch": 512, "threads": None, "max_tokens": None}
 # --demo: small enough for a 2-core box (one thread here, the workers take the rest; answers of a few hundred tokens)
 DEMO_DEFAULTS = {"n_ctx": 8192, "n_batch": 2048, "n_ubatch": 128, "threads": 1, "max_tokens": 200}
 
 
-def _pipeline_arg(mode: str):
-    """What a --pipeline mode passes to Context.prefill(pipeline=...). The one place that maps them: "auto" pipelines
-    where pyturbo measured it faster (pyturbo.policy), "on" wherever it is safe, "off" never; where it is unsafe or
-    impossible the standard path runs and its fallback_reason says why."""
+def pipeline_mode(mode: str) -> str:
+    """A --pipeline / request "pipeline" value as the library's mode (the old alias "on" is "force")."""
+    mode = PIPELINE_ALIASES.get(mode, mode)
     if mode not in PIPELINE_MODES:
         raise ValueError(f"pipeline must be one of {PIPELINE_MODES}, not {mode!r}")
-    return {"auto": "auto", "on": "force", "off": "off"}[mode]
+    return mode
 
 
 @dataclass
@@ -87,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-batch", type=_positive("--n-batch"), help="tokens per llama_decode call (default 8192)")
     ap.add_argument("--n-ubatch", type=_positive("--n-ubatch"), help="tokens per ubatch (default 512; demo 128)")
     ap.add_argument("--threads", type=_positive("--threads"), help="CPU threads here (default: all cores; demo 1)")
-    ap.add_argument("--pipeline", choices=PIPELINE_MODES, default="auto",
-                    help="prefill through the pipeline: auto (where the dispatcher finds it safe), on, off")
+    ap.add_argument("--pipeline", type=lambda text: PIPELINE_ALIASES.get(text, text), choices=PIPELINE_MODES,
+                    default="auto", help="prefill through the pipeline: auto (where it was measured faster), force "
+                                         "(wherever it is safe; 'on' is accepted for it), off")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
