@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 from ..model import Model
-from ..tools import synth, workers
-from . import launch
+from ..server import launch
+from . import synth, workers
 
 
 # The default model: 6 layers (2 per worker of 3), narrow enough that a 32K-token prompt prefills in minutes on

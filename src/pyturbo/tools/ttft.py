@@ -1,5 +1,5 @@
-"""`python -m pyturbo.server.ttft`: time to first token through the HTTP API for long prompts, with the server's
-pipeline on and off in one run, and the server's overhead over an in-process prefill of the same prompt.
+"""`python -m pyturbo.tools.ttft`: time to first token through the HTTP API for long prompts, with the server's
+pipeline forced and off in one run, and the server's overhead over an in-process prefill of the same prompt.
 
 Without --url it sets everything up: a synthetic model (token-id prompts, no download), --workers local RPC workers
 for a server it starts on 127.0.0.1, and as many again for the in-process reference, so that both run on equal
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("on", "off")
+MODES = ("force", "off")   # the server's pipeline modes compared (the library's names)
 
 
 def http_ttft(client, url: str, key: str | None, tokens: list[int], pipeline: str) -> dict:
@@ -66,14 +66,14 @@ def report(rows: dict, lengths: list[int], overhead_len: int, inproc: list[dict]
             paths = sorted({r["path"] + (f" ({r['reason']})" if r["reason"] else "") for r in rs})
             out.append(f"| {n} | {mode} | {spread([r['ttft'] for r in rs])} | {prefill:.3f} | {n / prefill:.0f} | "
                        f"{rest:.1f} | {', '.join(paths)} |")
-        on, off = rows[(n, "on")], rows[(n, "off")]
-        ratio = statistics.median(o["ttft"] / p["ttft"] for o, p in zip(off, on))
-        out.append(f"| {n} | off/on | {ratio:.2f}x (median of the rounds' ratios) | | | | |")
+        forced, off = rows[(n, "force")], rows[(n, "off")]
+        ratio = statistics.median(o["ttft"] / p["ttft"] for o, p in zip(off, forced))
+        out.append(f"| {n} | off/force | {ratio:.2f}x (median of the rounds' ratios) | | | | |")
     if inproc:
-        http = [r["ttft"] for r in rows[(overhead_len, "on")]]
+        http = [r["ttft"] for r in rows[(overhead_len, "force")]]
         local = [r["ttft"] for r in inproc]
         pairs = [h / i - 1 for h, i in zip(http, local)]
-        out += ["", f"Server overhead at {overhead_len} tokens (HTTP TTFT with the pipeline on vs the in-process "
+        out += ["", f"Server overhead at {overhead_len} tokens (HTTP TTFT with the pipeline forced vs the in-process "
                     f"pipelined prefill + first token, paired by round): in-process {spread(local)} s, HTTP "
                     f"{spread(http)} s, overhead median {100 * statistics.median(pairs):+.1f}% "
                     f"(rounds: {', '.join(f'{100 * p:+.1f}%' for p in pairs)})"]
@@ -81,7 +81,7 @@ def report(rows: dict, lengths: list[int], overhead_len: int, inproc: list[dict]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyturbo.server.ttft", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pyturbo.tools.ttft", description=__doc__.splitlines()[0])
     ap.add_argument("--url", help="measure this running server (default: start one on local RPC workers)")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768", help="prompt lengths in tokens")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = {(n, m): [] for n in lengths for m in MODES}
         inproc = []
         with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0)) as client:
-            http_ttft(client, url, args.api_key, list(range(1, 300)), "on")  # warm-up: first-request costs
+            http_ttft(client, url, args.api_key, list(range(1, 300)), "force")  # warm-up: first-request costs
             for rnd in range(args.repeat):
                 for n in lengths:
                     tokens = np.random.default_rng(rnd * 1000 + n).integers(0, n_vocab, n).tolist()
