@@ -13,8 +13,9 @@ import secrets
 import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
@@ -46,8 +47,9 @@ def _unavailable(e: Unavailable) -> ApiError:
 
 
 def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
-    metrics = engine.metrics if engine is not None else Metrics()
-    engine = engine or Engine(settings, metrics)
+    """The app: its engine and settings live in app.state, where the module-level routes find them (_engine,
+    _settings)."""
+    engine = engine or Engine(settings, Metrics())
 
     @asynccontextmanager
     async def lifespan(app):
@@ -57,160 +59,194 @@ def create_app(settings: ServerSettings, engine: Engine | None = None) -> FastAP
         await asyncio.to_thread(engine.close)
 
     app = FastAPI(title="pyturbo server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
-    app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, metrics=metrics)
-
-    @app.exception_handler(ApiError)
-    async def api_error(_request, e: ApiError):
-        headers = {"Retry-After": "1"} if e.status == 503 else None
-        return JSONResponse(e.body, status_code=e.status, headers=headers)
-
-    @app.exception_handler(Exception)
-    async def crashed(_request, e: Exception):  # a bug or an unexpected native failure (Starlette logs the traceback)
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"), status_code=500)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):  # routing's own: 404, 405
-        where = f"{request.method} {request.url.path}"
-        message, code = {
-            404: (f"no such endpoint: {where}", "not_found"),
-            405: (f"{where}: method not allowed (allowed: {(e.headers or {}).get('Allow', '-')})", "method_not_allowed"),
-        }.get(e.status_code, (f"{where}: {e.detail}", None))
-        return JSONResponse(error_body(message, code=code), status_code=e.status_code, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        body_error = _body_error(errors, request.headers.get("content-type", ""))
-        if body_error:
-            return JSONResponse(error_body(body_error, code="invalid_json"), status_code=400)
-        first = errors[0] if errors else {}
-        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        msg = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: "
-                        f"{str(err.get('msg', '')).removeprefix('Value error, ')}" for err in errors)
-        unsupported = errors and all(err.get("type") == "unsupported" for err in errors)
-        return JSONResponse(error_body(msg, code="unsupported_parameter" if unsupported else "invalid_value",
-                                       param=param), status_code=400)
-
-    def require_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY' with the server's "
-                                "--api-key", code="invalid_api_key")
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name not in (settings.model_id, settings.model_id + ".gguf"):
-            raise ApiError(404, f"the model {name!r} does not exist here; this server serves {settings.model_id!r} "
-                                f"(GET /v1/models)", code="model_not_found", param="model")
-
-    # ---- pages and status -----------------------------------------------------------------------------------------
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return FileResponse(PAGE, media_type="text/html")
-
-    @app.get("/health")
-    async def health():
-        body = {"status": {"up": "ok"}.get(engine.state, engine.state), "model": settings.model_id,
-                "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints,
-                "slots": len(engine.slots), "slots_free": engine.n_free, "queue": engine.n_waiting,
-                "pipeline": settings.pipeline, "n_ctx": settings.n_ctx,
-                "chat_template": engine.template.source if engine.template else None}
-        if engine.state != "up":
-            body |= {"reason": engine.reason, "endpoints": engine.failed_endpoints}
-        return JSONResponse(body, status_code=200 if engine.state == "up" else 503)
-
-    @app.get("/metrics", dependencies=[Depends(require_key)])
-    async def prometheus():
-        data, content_type = metrics.render()
-        return Response(data, media_type=content_type)
-
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
-    async def models():
-        meta = {"n_ctx": settings.n_ctx}
-        if engine.model is not None:
-            meta |= {"n_vocab": engine.model.n_vocab, "n_layer": engine.model.n_layer,
-                     "n_ctx_train": engine.model.n_ctx_train, "devices": engine.model.devices}
-        return model_list(settings.model_id, engine.created, meta)
-
-    # ---- generation -----------------------------------------------------------------------------------------------
-
-    @app.post("/v1/completions", dependencies=[Depends(require_key)])
-    async def completions(request: Request, req: CompletionRequest):
-        check_model(req.model)
-        tokens = _checked(lambda: engine.tokens_for(req.prompt))
-        return await _generate(request, req, tokens, [], chat=False)
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
-    async def chat_completions(request: Request, req: ChatRequest):
-        check_model(req.model)
-        tokens, stops = _checked(lambda: engine.chat_tokens([m.for_template() for m in req.messages]))
-        return await _generate(request, req, tokens, stops, chat=True)
-
-    async def _generate(request: Request, req, tokens: list[int], extra_stop: list[str], chat: bool):
-        job = Job(tokens=tokens, max_tokens=req.max_tokens, stop=req.stop + extra_stop,
-                  sampling=_checked(req.sampler_settings), cache_prompt=req.cache_prompt, pipeline=req.pipeline)
-        t_arrival = request.scope.get("state", {}).get("t_arrival", time.perf_counter())
-        gone = asyncio.ensure_future(_until_disconnected(request))
-        run = None
-        try:
-            run = await _unless_gone(_checked_async(engine.submit(job, t_arrival)), gone)
-            first = await _unless_gone(_checked_async(run.next()), gone)
-            if not req.stream:
-                text, item = [], first
-                while not isinstance(item, Outcome):
-                    text.append(item.text)
-                    item = await _unless_gone(_checked_async(run.next()), gone)
-                return completion_response(new_id("chatcmpl" if chat else "cmpl"), settings.model_id, "".join(text),
-                                           item.completion.finish_reason, item, chat=chat)
-        except ClientGone:
-            if run is not None:
-                run.cancel()
-            return Response(status_code=499)  # nobody reads it: the client has left
-        except BaseException:
-            if run is not None and not run.finished:
-                run.cancel()
-            raise
-        finally:
-            gone.cancel()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventSourceResponse(_stream(run, first, chat, include_usage), ping=10)
-
-    async def _stream(run, first, chat: bool, include_usage: bool):
-        rid = new_id("chatcmpl" if chat else "cmpl")
-
-        def event(obj) -> dict:
-            return {"data": json.dumps(obj)}
-
-        try:
-            if chat:
-                yield event(completion_response(rid, settings.model_id, "", None, chat=True, chunk=True, role=True))
-            item = first
-            while not isinstance(item, Outcome):
-                yield event(completion_response(rid, settings.model_id, item.text, None, chat=chat, chunk=True))
-                item = await run.next()
-            final = completion_response(rid, settings.model_id, "", item.completion.finish_reason, item, chat=chat,
-                                        chunk=True)
-            usage = final.pop("usage")
-            yield event(final)
-            if include_usage:
-                yield event(completion_response(rid, settings.model_id, "", None, chat=chat, chunk=True)
-                            | {"choices": [], "usage": usage})
-            yield {"data": "[DONE]"}
-        except Unavailable as e:
-            yield event(_unavailable(e).body)
-        except ValueError as e:
-            yield event(error_body(str(e)))
-        except Exception as e:  # the response has started: the error goes into the stream
-            log.exception("generation failed mid-stream")
-            yield event(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
-        finally:  # also when the client left (sse-starlette cancels this generator)
-            if not run.finished:
-                run.cancel()
-
+    app.state.engine, app.state.settings = engine, settings
+    app.add_middleware(RequestLimits, max_bytes=settings.max_request_bytes, metrics=engine.metrics)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Exception, _crashed)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.include_router(router)
     return app
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+async def _api_error(_request, e: ApiError):
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return JSONResponse(e.body, status_code=e.status, headers=headers)
+
+
+async def _crashed(_request, e: Exception):  # a bug or an unexpected native failure (Starlette logs the traceback)
+    return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"), status_code=500)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException):  # routing's own: 404, 405
+    where = f"{request.method} {request.url.path}"
+    message, code = {
+        404: (f"no such endpoint: {where}", "not_found"),
+        405: (f"{where}: method not allowed (allowed: {(e.headers or {}).get('Allow', '-')})", "method_not_allowed"),
+    }.get(e.status_code, (f"{where}: {e.detail}", None))
+    return JSONResponse(error_body(message, code=code), status_code=e.status_code, headers=e.headers)
+
+
+async def _invalid(request: Request, e: RequestValidationError):
+    errors = e.errors()
+    body_error = _body_error(errors, request.headers.get("content-type", ""))
+    if body_error:
+        return JSONResponse(error_body(body_error, code="invalid_json"), status_code=400)
+    first = errors[0] if errors else {}
+    param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+    msg = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ())[1:]) or 'body'}: "
+                    f"{str(err.get('msg', '')).removeprefix('Value error, ')}" for err in errors)
+    unsupported = errors and all(err.get("type") == "unsupported" for err in errors)
+    return JSONResponse(error_body(msg, code="unsupported_parameter" if unsupported else "invalid_value",
+                                   param=param), status_code=400)
+
+
+# ---- what the routes depend on ----------------------------------------------------------------------------------
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
+EngineDep = Annotated[Engine, Depends(_engine)]
+SettingsDep = Annotated[ServerSettings, Depends(_settings)]
+
+
+def require_key(settings: SettingsDep, request: Request) -> None:
+    if settings.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+        raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY' with the server's "
+                            "--api-key", code="invalid_api_key")
+
+
+def check_model(settings: ServerSettings, name: str | None) -> None:
+    if name is not None and name not in (settings.model_id, settings.model_id + ".gguf"):
+        raise ApiError(404, f"the model {name!r} does not exist here; this server serves {settings.model_id!r} "
+                            f"(GET /v1/models)", code="model_not_found", param="model")
+
+
+router = APIRouter()
+keyed = [Depends(require_key)]
+
+
+# ---- pages and status -------------------------------------------------------------------------------------------
+
+@router.get("/", include_in_schema=False)
+async def page():
+    return FileResponse(PAGE, media_type="text/html")
+
+
+@router.get("/health")
+async def health(engine: EngineDep, settings: SettingsDep):
+    body = {"status": {"up": "ok"}.get(engine.state, engine.state), "model": settings.model_id,
+            "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints,
+            "slots": len(engine.slots), "slots_free": engine.n_free, "queue": engine.n_waiting,
+            "pipeline": settings.pipeline, "n_ctx": settings.n_ctx,
+            "chat_template": engine.template.source if engine.template else None}
+    if engine.state != "up":
+        body |= {"reason": engine.reason, "endpoints": engine.failed_endpoints}
+    return JSONResponse(body, status_code=200 if engine.state == "up" else 503)
+
+
+@router.get("/metrics", dependencies=keyed)
+async def prometheus(engine: EngineDep):
+    data, content_type = engine.metrics.render()
+    return Response(data, media_type=content_type)
+
+
+@router.get("/v1/models", dependencies=keyed)
+async def models(engine: EngineDep, settings: SettingsDep):
+    meta = {"n_ctx": settings.n_ctx}
+    if engine.model is not None:
+        meta |= {"n_vocab": engine.model.n_vocab, "n_layer": engine.model.n_layer,
+                 "n_ctx_train": engine.model.n_ctx_train, "devices": engine.model.devices}
+    return model_list(settings.model_id, engine.created, meta)
+
+
+# ---- generation -------------------------------------------------------------------------------------------------
+
+@router.post("/v1/completions", dependencies=keyed)
+async def completions(request: Request, req: CompletionRequest, engine: EngineDep, settings: SettingsDep):
+    check_model(settings, req.model)
+    tokens = _checked(lambda: engine.tokens_for(req.prompt))
+    return await _generate(request, engine, settings, req, tokens, [], chat=False)
+
+
+@router.post("/v1/chat/completions", dependencies=keyed)
+async def chat_completions(request: Request, req: ChatRequest, engine: EngineDep, settings: SettingsDep):
+    check_model(settings, req.model)
+    tokens, stops = _checked(lambda: engine.chat_tokens([m.for_template() for m in req.messages]))
+    return await _generate(request, engine, settings, req, tokens, stops, chat=True)
+
+
+async def _generate(request: Request, engine: Engine, settings: ServerSettings, req, tokens: list[int],
+                    extra_stop: list[str], chat: bool):
+    job = Job(tokens=tokens, max_tokens=req.max_tokens, stop=req.stop + extra_stop,
+              sampling=_checked(req.sampler_settings), cache_prompt=req.cache_prompt, pipeline=req.pipeline)
+    t_arrival = request.scope.get("state", {}).get("t_arrival", time.perf_counter())
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    run = None
+    try:
+        run = await _unless_gone(_checked_async(engine.submit(job, t_arrival)), gone)
+        first = await _unless_gone(_checked_async(run.next()), gone)
+        if not req.stream:
+            text, item = [], first
+            while not isinstance(item, Outcome):
+                text.append(item.text)
+                item = await _unless_gone(_checked_async(run.next()), gone)
+            return completion_response(new_id("chatcmpl" if chat else "cmpl"), settings.model_id, "".join(text),
+                                       item.completion.finish_reason, item, chat=chat)
+    except ClientGone:
+        if run is not None:
+            run.cancel()
+        return Response(status_code=499)  # nobody reads it: the client has left
+    except BaseException:
+        if run is not None and not run.finished:
+            run.cancel()
+        raise
+    finally:
+        gone.cancel()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return EventSourceResponse(_stream(run, first, settings.model_id, chat, include_usage), ping=10)
+
+
+async def _stream(run, first, model_id: str, chat: bool, include_usage: bool):
+    rid = new_id("chatcmpl" if chat else "cmpl")
+
+    def event(obj) -> dict:
+        return {"data": json.dumps(obj)}
+
+    try:
+        if chat:
+            yield event(completion_response(rid, model_id, "", None, chat=True, chunk=True, role=True))
+        item = first
+        while not isinstance(item, Outcome):
+            yield event(completion_response(rid, model_id, item.text, None, chat=chat, chunk=True))
+            item = await run.next()
+        final = completion_response(rid, model_id, "", item.completion.finish_reason, item, chat=chat, chunk=True)
+        usage = final.pop("usage")
+        yield event(final)
+        if include_usage:
+            yield event(completion_response(rid, model_id, "", None, chat=chat, chunk=True)
+                        | {"choices": [], "usage": usage})
+        yield {"data": "[DONE]"}
+    except Unavailable as e:
+        yield event(_unavailable(e).body)
+    except ValueError as e:
+        yield event(error_body(str(e)))
+    except Exception as e:  # the response has started: the error goes into the stream
+        log.exception("generation failed mid-stream")
+        yield event(error_body(f"internal error: {type(e).__name__}: {e}", type="server_error"))
+    finally:  # also when the client left (sse-starlette cancels this generator)
+        if not run.finished:
+            run.cancel()
 
 
 def _body_error(errors: list[dict], content_type: str) -> str | None:
