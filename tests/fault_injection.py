@@ -1,4 +1,4 @@
-"""Fault injection (issue 13): short pipelined and standard prefills on 3 local workers while, at a seeded random
+"""Fault injection: short pipelined and standard prefills on 3 local workers while, at a seeded random
 moment, a worker is killed, stopped (SIGSTOP) or restarted, or SIGINT reaches the main thread (also while a worker is
 stopped).
 

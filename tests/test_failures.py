@@ -1,4 +1,4 @@
-"""Every fault becomes a typed exception (issue 13): dead and silent workers, threads, memory, workers, minor API.
+"""Every fault becomes a typed exception: dead and silent workers, threads, memory, workers, minor API.
 
 Cases that aborted or hung the interpreter before run in a subprocess (run_python), so that a regression fails the
 test instead of killing pytest; each has a time bound.
@@ -24,7 +24,8 @@ from conftest import prompt, run_python
 # ---- 1. a dead worker: no call aborts the process --------------------------------------------------------------------
 
 def test_reset_after_a_worker_died_raises_instead_of_aborting(tiny_model):
-    """Issue 13.1: clearing the KV cache on a dead worker threw through the C boundary (SIGABRT)."""
+    """reset() on a context whose worker died raises a typed error; nothing throws through the C boundary (which would
+    abort the process)."""
     proc = run_python(f"""
         import numpy as np, pyturbo
         from pyturbo import workers
@@ -48,8 +49,8 @@ def test_reset_after_a_worker_died_raises_instead_of_aborting(tiny_model):
 
 
 def test_a_dead_worker_makes_context_creation_a_context_dead_error(tiny_model):
-    """Issue 13.5 (last case): a worker that died (OOM-killed) after the model was loaded: model.context() said
-    PrefillError; it is ContextDeadError, naming the worker."""
+    """A worker that died (as if OOM-killed) after the model was loaded: model.context() raises ContextDeadError naming
+    the worker."""
     with workers.local(2) as pool:
         with pyturbo.Model(tiny_model, rpc_servers=pool.endpoints) as model:
             model.context(n_ctx=256, n_ubatch=32, n_threads=1).close()
@@ -61,8 +62,8 @@ def test_a_dead_worker_makes_context_creation_a_context_dead_error(tiny_model):
 # ---- 2. a silent worker: timeouts with names, and Ctrl-C gets control back ------------------------------------------
 
 def test_a_stopped_worker_times_out_naming_it(tiny_model):
-    """Issue 13.2: SIGSTOP on a worker mid-prefill hung the call forever; with rpc_timeout it is ContextDeadError
-    naming the worker, after about rpc_timeout."""
+    """A worker stopped (SIGSTOP) mid-prefill: with rpc_timeout the call raises ContextDeadError naming the worker after
+    about rpc_timeout, instead of waiting forever."""
     with workers.local(2) as pool:
         with pyturbo.Model(tiny_model, rpc_servers=pool.endpoints, rpc_timeout=2) as model:
             with model.context(n_ctx=4096, n_batch=4096, n_ubatch=16, n_threads=1) as ctx:
@@ -84,8 +85,8 @@ def test_a_stopped_worker_times_out_naming_it(tiny_model):
 
 
 def test_ctrl_c_returns_within_a_second_from_a_stopped_worker(tiny_model):
-    """Issue 13.2: after a SIGINT the call stayed stuck in the RPC receive. Now the call returns in about a
-    second, and says the context is dead (a device was left mid-operation)."""
+    """SIGINT while a worker is stopped: the call does not stay in the RPC receive; it returns in about a second and
+    says the context is dead (a device was left mid-operation)."""
     proc = run_python(f"""
         import os, signal, threading, time, numpy as np, pyturbo
         from pyturbo import workers
@@ -122,7 +123,8 @@ def test_ctrl_c_returns_within_a_second_from_a_stopped_worker(tiny_model):
 
 
 def test_a_server_that_never_answers_fails_the_handshake(tiny_model):
-    """Issue 13.2: Model() against a server that accepts and never answers hung forever."""
+    """Model() against a server that accepts connections and never answers raises WorkerError naming it (no answer
+    to the handshake) within rpc_timeout."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)  # the kernel completes connections; nobody reads them
@@ -136,7 +138,8 @@ def test_a_server_that_never_answers_fails_the_handshake(tiny_model):
 # ---- 4. threads ------------------------------------------------------------------------------------------------------
 
 def test_a_second_thread_is_refused_while_a_prefill_runs(tiny_model):
-    """Issue 13.4: two threads prefilling one context aborted the process (GGML_ASSERT(sched))."""
+    """A second thread calling into a context while a prefill runs there gets ContextBusyError; the process lives
+    (llama.cpp would assert in its scheduler)."""
     proc = run_python(f"""
         import threading, numpy as np, pyturbo
         from pyturbo import workers
@@ -174,8 +177,8 @@ def test_a_second_thread_is_refused_while_a_prefill_runs(tiny_model):
 
 @pytest.mark.parametrize("closer", ["context", "model"])
 def test_close_from_another_thread_stops_the_prefill(tiny_model, closer):
-    """Issue 13.4: ctx.close() or model.close() from another thread during a prefill was a SIGSEGV. Now the prefill
-    is stopped (it raises ValueError in its thread) and then everything is freed."""
+    """ctx.close() or model.close() from another thread during a prefill stops the prefill (ValueError in its thread)
+    and then frees everything, without a crash."""
     proc = run_python(f"""
         import threading, time, numpy as np, pyturbo
         from pyturbo import workers
@@ -216,8 +219,8 @@ def test_close_from_another_thread_stops_the_prefill(tiny_model, closer):
 
 @pytest.mark.parametrize("n_ctx", [500_000_000, 10**9])
 def test_a_huge_context_is_refused_before_allocating(tiny_model, n_ctx):
-    """Issue 13.5: a huge n_ctx is refused before anything is allocated (it used to get the process OOM-killed, or
-    raise only after allocating many GB)."""
+    """A huge n_ctx is refused (MemoryError) before anything is allocated: neither an OOM kill nor many GB allocated
+    first."""
     proc = run_python(f"""
         import resource, time, pyturbo
         # a safety net: should the check ever let a huge context through, the allocation fails here instead of the
@@ -239,7 +242,8 @@ def test_a_huge_context_is_refused_before_allocating(tiny_model, n_ctx):
 
 
 def test_a_context_too_large_for_the_workers_is_refused_and_they_live(tiny_model):
-    """Issue 13.5: n_ctx=30M over 2 workers got a worker OOM-killed and left the model unusable."""
+    """n_ctx=30M over 2 workers is refused with MemoryError saying what to lower; the workers live and the model stays
+    usable."""
     with workers.local(2) as pool:
         with pyturbo.Model(tiny_model, rpc_servers=pool.endpoints) as model:
             with pytest.raises(MemoryError, match=r"n_ctx=30000000.*GiB.*Lower n_ctx"):
@@ -332,7 +336,9 @@ def test_pause_resume_restart(tiny_model):
 # ---- 8. minor API ----------------------------------------------------------------------------------------------------
 
 def test_minor_api_errors(tiny_model, tmp_path):
-    """Issue 13.8, each case."""
+    """Misuse of the small API surface raises ValueError or ModelLoadError saying what is wrong: a truncated file,
+    an endpoint or device listed twice, a bad endpoint type, bad rpc_timeout values, an n_ctx C cannot hold, calls on a
+    closed model."""
     corrupt = tmp_path / "corrupt.gguf"
     corrupt.write_bytes(open(tiny_model, "rb").read()[:300])
     with workers.local(2) as pool:

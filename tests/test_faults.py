@@ -1,4 +1,4 @@
-"""Fault injection (issue 13): see tests/fault_injection.py. In a subprocess, so that an abort or a segfault shows as
+"""Fault injection: see tests/fault_injection.py. In a subprocess, so that an abort or a segfault shows as
 a failed test (a negative exit code) instead of ending pytest."""
 from __future__ import annotations
 

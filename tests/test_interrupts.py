@@ -1,4 +1,4 @@
-"""Ctrl-C semantics (issue 13.3), driven deterministically: an interrupt is landed at a chosen point of
+"""Ctrl-C semantics, driven deterministically: an interrupt is landed at a chosen point of
 Context._run_interruptible through the _calls.test_hook, or sent as a real SIGINT from a chosen ubatch record.
 
 The contract (README, "Failure behaviour"): KeyboardInterrupt means the context is as it was before the call; a

@@ -1,5 +1,4 @@
-"""The text path of the library: llama.cpp's sampler chain, stream()/complete(), stop strings, the prompt cache
-(issue 14)."""
+"""The text path of the library: llama.cpp's sampler chain, stream()/complete(), stop strings, the prompt cache."""
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,4 @@
-"""`python -m pyturbo.server` driven over HTTP by the official openai client (issue 14): a live server on 127.0.0.1,
+"""`python -m pyturbo.server` driven over HTTP by the official openai client: a live server on 127.0.0.1,
 its model split over two local RPC workers."""
 from __future__ import annotations
 

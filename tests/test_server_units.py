@@ -1,4 +1,4 @@
-"""The server's pieces without a server: the command line, chat templates, request schemas (issue 14)."""
+"""The server's pieces without a server: the command line, chat templates, request schemas."""
 from __future__ import annotations
 
 import pytest
