@@ -45,6 +45,17 @@ def test_pipelined_equals_standard_over_rpc(tiny_model, rpc3, n_workers, n_token
     assert pipe.slot_buffer_bytes > 0
 
 
+def test_the_executor_decides_the_ubatches_in_flight(tiny_model, rpc3):
+    """How many ubatches are in flight is decided by the executor alone (max_in_flight, else stages + 1): the context
+    asks it (its memory check sizes the buffers with it) and a pipelined prefill keeps that many."""
+    with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2], tensor_split="even") as model:
+        for max_in_flight, expected in ((0, 3), (2, 2)):
+            with model.context(n_ctx=1024, n_batch=512, n_ubatch=32, n_threads=1, max_in_flight=max_in_flight) as ctx:
+                assert ctx.n_in_flight == expected
+                res = ctx.prefill(prompt(256), pipeline="force")
+                assert res.path == "pipelined" and res.n_in_flight == expected, res.fallback_reason
+
+
 def test_prompt_longer_than_n_batch_pipelines_across_calls(tiny_model, rpc3):
     """n_batch 64 makes 6 captured llama_decode calls of 2 ubatches each; they form one pipelined series."""
     with pyturbo.Model(tiny_model, rpc_servers=rpc3.endpoints[:2]) as model:

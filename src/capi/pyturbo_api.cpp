@@ -302,19 +302,6 @@ int32_t pt_model_stage_names(pt_model * model, const char ** names, int32_t capa
     return guarded<int32_t>(-1, "naming the stages", [&] { return llama_turbo_stage_names(model->model, names, capacity); });
 }
 
-int32_t pt_tokenize(pt_model * model, const char * text, int32_t text_len, int32_t * tokens, int32_t capacity, int32_t add_special) {
-    // llama_tokenize returns -(tokens needed) when capacity is too small; INT32_MIN here means it failed
-    return guarded<int32_t>(INT32_MIN, "tokenizing", [&] {
-        return llama_tokenize(llama_model_get_vocab(model->model), text, text_len, tokens, capacity, add_special != 0, false);
-    });
-}
-
-int32_t pt_token_to_piece(pt_model * model, int32_t token, char * buf, int32_t capacity) {
-    return guarded<int32_t>(0, "detokenizing", [&] {
-        return llama_token_to_piece(llama_model_get_vocab(model->model), token, buf, capacity, 0, false);
-    });
-}
-
 // ---- contexts -------------------------------------------------------------------------------------------------------
 
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
@@ -367,6 +354,7 @@ int32_t pt_context_n_past(pt_context * ctx) {
 int32_t pt_context_is_dead(pt_context * ctx) { return ctx->dead ? 1 : 0; }
 
 int32_t pt_context_stock_overlaps(pt_context * ctx) { return llama_turbo_stock_overlaps(ctx->ctx) ? 1 : 0; }
+int32_t pt_context_n_in_flight(pt_context * ctx) { return llama_turbo_n_in_flight(ctx->ctx); }
 
 int32_t pt_context_reset(pt_context * ctx) {
     if (ctx->dead) {

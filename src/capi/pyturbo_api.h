@@ -67,10 +67,8 @@ pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_
 void       pt_model_free(pt_model * model);
 int32_t    pt_model_get_info(pt_model * model, pt_model_info * info);
 int32_t    pt_model_stage_names(pt_model * model, const char ** names, int32_t capacity);
-int32_t    pt_tokenize(pt_model * model, const char * text, int32_t text_len, int32_t * tokens, int32_t capacity, int32_t add_special);
-int32_t    pt_token_to_piece(pt_model * model, int32_t token, char * buf, int32_t capacity);
 
-// flash_attn: -1 auto, 0 off, 1 on. max_in_flight: 0 = one per stage plus one. host_staging, relay_rpc, rpc_wire
+// flash_attn: -1 auto, 0 off, 1 on. max_in_flight: 0 = the executor's default (pt_context_n_in_flight). host_staging, relay_rpc, rpc_wire
 // (enum llama_turbo_wire): see llama_turbo_options.
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
                             int32_t n_threads, int32_t flash_attn, int32_t max_in_flight, int32_t host_staging,
@@ -79,6 +77,7 @@ void         pt_context_free(pt_context * ctx);
 int32_t      pt_context_n_past(pt_context * ctx);
 int32_t      pt_context_is_dead(pt_context * ctx);
 int32_t      pt_context_stock_overlaps(pt_context * ctx); // llama_turbo_stock_overlaps
+int32_t      pt_context_n_in_flight(pt_context * ctx);    // llama_turbo_n_in_flight
 // Clears the KV cache. Returns 0, or -1 when a device failed (the context is then dead).
 int32_t      pt_context_reset(pt_context * ctx);
 
@@ -97,7 +96,7 @@ int32_t pt_get_logits(pt_context * ctx, float * out);
 size_t  pt_state_size(pt_context * ctx);
 size_t  pt_state_get(pt_context * ctx, uint8_t * dst, size_t size);
 
-// ---- sampling and generation ----
+// ---- generation (src/capi/pt_generation.cpp) ----
 // A llama.cpp sampler chain (llama_sampler_chain_init) built from these settings, in llama.cpp's usual order:
 // logit bias, penalties, top-k, top-p, min-p, temperature, then a seeded draw; temperature <= 0 picks the most
 // likely token after bias and penalties (llama's greedy sampler: the first maximum, as numpy's argmax).
@@ -131,7 +130,9 @@ int32_t      pt_sampler_accept(pt_sampler * sampler, const int32_t * tokens, int
 // -1 when the cache cannot be cut there (then reset it).
 int32_t pt_context_truncate(pt_context * ctx, int32_t n_keep);
 
-// Tokenizes like pt_tokenize; parse_special: text such as "<s>" becomes the special token (chat templates need it).
+// ---- vocabulary (src/capi/pt_vocab.cpp) ----
+// llama_tokenize: returns the token count, or -(tokens needed) when capacity is too small (INT32_MIN: it failed).
+// parse_special: text such as "<s>" becomes the special token (chat templates need it).
 int32_t pt_tokenize_special(pt_model * model, const char * text, int32_t text_len, int32_t * tokens, int32_t capacity,
                             int32_t add_special, int32_t parse_special);
 int32_t pt_token_is_eog(pt_model * model, int32_t token);   // 1: end of generation (EOS, EOT, ...), 0: not
@@ -143,9 +144,11 @@ int32_t pt_token_text(pt_model * model, int32_t token, char * buf, int32_t capac
 // The GGUF's chat template (tokenizer.chat_template). Returns its length (more than capacity: call again with that
 // much), 0 when the model has none, or -1.
 int32_t pt_model_chat_template(pt_model * model, char * buf, int32_t capacity);
+// llama_token_to_piece: a token's bytes as generated text; returns their length, or -(length) when capacity is short.
+int32_t pt_token_to_piece(pt_model * model, int32_t token, char * buf, int32_t capacity);
 
-// ---- timeouts, memory and workers ----
-// (src/capi/pt_faults.cpp) On failure these return -1 (or NULL) and leave a message in pt_last_error().
+// ---- RPC workers and memory (src/capi/pt_workers_memory.cpp) ----
+// On failure these return -1 (or NULL) and leave a message in pt_last_error().
 
 // RPC timeouts in seconds for the connection to endpoint (NULL: every endpoint without its own); <= 0 waits forever.
 // connect_s bounds connecting and the handshake, io_s every later reply (a graph computation included). A worker that

@@ -124,6 +124,10 @@ LLAMA_API int32_t llama_turbo_stage_names(const struct llama_model * model, cons
 // standard path already overlaps the ubatches of a prompt over the devices, to some degree.
 LLAMA_API bool llama_turbo_stock_overlaps(const struct llama_context * ctx);
 
+// How many ubatches the pipelined path keeps in flight on ctx (each with its own compute buffers): the options'
+// max_in_flight, or the layer devices + 1. -1 without an executor.
+LLAMA_API int32_t llama_turbo_n_in_flight(const struct llama_context * ctx);
+
 // Whether dev is a device of a llama.cpp RPC server (its work runs on another process, asking it anything is a
 // network round trip).
 LLAMA_API bool llama_turbo_dev_is_rpc(ggml_backend_dev_t dev);

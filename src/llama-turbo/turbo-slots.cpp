@@ -11,8 +11,19 @@
 
 #include <algorithm>
 
+// The ubatches kept in flight: max_in_flight when given, else one per stage plus one, so that the next ubatch is set up
+// while every stage works. Decided here only: pyturbo sizes its memory check with it (llama_turbo_n_in_flight).
+int32_t llama_turbo::n_in_flight() const {
+    return options.max_in_flight > 0 ? options.max_in_flight : (int32_t) stage_devices.size() + 1;
+}
+
+int32_t llama_turbo_n_in_flight(const llama_context * ctx) {
+    const auto * t = static_cast<const llama_turbo *>(ctx->executor.get());
+    return t ? t->n_in_flight() : -1;
+}
+
 std::string llama_turbo::prepare_slots(llama_turbo_result & r) {
-    r.n_in_flight = options.max_in_flight > 0 ? options.max_in_flight : r.n_stages + 1;
+    r.n_in_flight = n_in_flight();
     if ((int) slots.size() != r.n_in_flight) {
         slots.clear();
         slots.resize(r.n_in_flight);

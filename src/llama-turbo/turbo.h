@@ -193,6 +193,7 @@ struct llama_turbo : llama_ubatch_executor {
     static bool stock_overlaps(const llama_context & lctx) { return lctx.cparams.pipeline_parallel; }
 
     // ---- turbo-slots.cpp: schedulers of the ubatches in flight -------------------------------------------------------
+    int32_t n_in_flight() const;     // how many slots: the one place the default is decided
     std::string prepare_slots(llama_turbo_result & r);
     void release_slots();
 

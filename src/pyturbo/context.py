@@ -259,6 +259,9 @@ class Context(_native.NativeHandle):
             raise ContextCreateError(error)
         self._ptr = ptr
         self.layout = policy.Layout(stock_overlaps=bool(lib.pt_context_stock_overlaps(ptr)))
+        # the executor decides how many ubatches it keeps in flight (max_in_flight, or its default); asked, not
+        # re-decided here, for the memory check of their compute buffers
+        self.n_in_flight = lib.pt_context_n_in_flight(ptr)
         model._contexts.add(self)
 
     # ---- prefill and decode ---------------------------------------------------------------------------------------
@@ -548,9 +551,9 @@ class Context(_native.NativeHandle):
         if (not pipeline or self._pipeline_checked or self._needs is None or len(self.model.devices) < 2
                 or 0 < n <= self.n_ubatch):
             return pipeline, ""
-        n_in_flight = self.max_in_flight or len(self.model.devices) + 1
         refused = _calls.run_or_undo(  # asks the workers: interruptible (a Ctrl-C here: nothing changed)
-            lambda: _memory.pipeline_refusal(self._needs, self.model._plan.endpoints, n_in_flight), undo=lambda _: None,
+            lambda: _memory.pipeline_refusal(self._needs, self.model._plan.endpoints, self.n_in_flight),
+            undo=lambda _: None,
             disconnect=lambda: self.model._disconnect("a prefill was interrupted"))
         self._pipeline_checked = not refused
         return not refused, refused

@@ -397,7 +397,7 @@ class Model(_native.NativeHandle):
             raise ValueError(f"{self.path.name} has no tokenizer vocabulary; pass token ids instead of text")
         return self._ptr
 
-    # ---- special tokens and chat template (src/capi/pt_sampling.cpp) ----------------------------------------------
+    # ---- special tokens and chat template (src/capi/pt_vocab.cpp) -------------------------------------------------
 
     def is_eog(self, token: int) -> bool:
         """Whether token ends a generation (EOS, EOT and the like, as the vocabulary marks them)."""

@@ -1,4 +1,4 @@
-"""Token sampling through llama.cpp's own sampler chain (src/capi/pt_sampling.cpp), not re-implemented here.
+"""Token sampling through llama.cpp's own sampler chain (src/capi/pt_generation.cpp), not re-implemented here.
 
     settings = SamplerSettings(temperature=0.7, top_p=0.9, seed=42)
     with Sampler(model, settings) as sampler:

@@ -1,4 +1,4 @@
-// The "timeouts, memory and workers" part of pyturbo_api.h: RPC timeouts and disconnection (patches/0006), serving on a
+// The "RPC workers and memory" part of pyturbo_api.h: RPC timeouts and disconnection (patches/0006), serving on a
 // socket the caller bound (patches/0007), device memory, and memory plans: what a model or a context would allocate
 // on each device, learned from llama.cpp's own no_alloc mode without allocating it. Every function catches everything.
 
