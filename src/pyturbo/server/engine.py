@@ -59,6 +59,8 @@ class Outcome:
 
 @dataclass(eq=False)
 class Slot:
+    """llama-server's slot: one context (its own KV cache and prompt cache) serving one request at a time. Not the
+    executor's slots (a ubatch in flight's scheduler: PrefillResult.slot_buffer_bytes, llama-turbo/turbo-slots.cpp)."""
     id: int
     ctx: object = None
     busy: bool = False
