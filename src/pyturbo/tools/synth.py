@@ -1,10 +1,12 @@
-"""Synthetic GGUF models: llama-architecture files with random weights, deterministic by seed.
+"""Synthetic GGUF models: llama-architecture files (ModelShape, PRESETS) and GPT-OSS mixture-of-experts files
+(GptOssShape, GPT_OSS_PRESETS) with random weights, deterministic by seed.
 
 Prefill speed depends on shapes, not on weight values, so benchmarks and tests use these instead of downloads.
 The header is written first and then one tensor at a time, so even a 70B-shaped file never needs all its weights
 in memory, and an interrupted write never leaves a truncated file at the destination.
 
     path = cached_model("bench-8l")                          # written once, then reused
+    path = cached_model("gpt-oss-tiny")                      # a GPT-OSS-shaped MoE small enough for CPU tests
     write_model("m.gguf", ModelShape(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=4, n_vocab=1000))
 """
 from __future__ import annotations
@@ -95,6 +97,72 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 
+@dataclass(frozen=True)
+class GptOssShape:
+    """Hyper-parameters of a GPT-OSS model (llama.cpp's "gpt-oss" architecture): attention with sinks, q/k/v/o
+    biases and a head_dim of its own (n_head * head_dim need not be n_embd); every other layer, the first included,
+    attends to a sliding window of n_swa tokens (llama.cpp's default pattern for the arch); each layer's feed-forward
+    is n_expert SwiGLU experts (with biases) of which a router picks n_expert_used per token. Expert weights are
+    MXFP4, as the released models ship them; the router and the 1-D tensors F32; the other matrices F16. RoPE is
+    YaRN-scaled (factor yarn_factor from yarn_orig_ctx to n_ctx_train)."""
+    n_layer: int
+    n_embd: int
+    n_ff_exp: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_expert: int
+    n_expert_used: int
+    n_swa: int
+    n_vocab: int
+    n_ctx_train: int = 131072
+    yarn_orig_ctx: int = 4096
+    yarn_factor: float = 32.0
+    rope_freq_base: float = 150000.0
+    rms_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_embd", "n_ff_exp", "n_head", "n_head_kv", "head_dim", "n_expert", "n_expert_used",
+                     "n_swa", "n_vocab", "n_ctx_train", "yarn_orig_ctx"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, not {v!r}")
+        for name in ("yarn_factor", "rope_freq_base", "rms_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive finite number, not {v!r}")
+        if self.n_head % self.n_head_kv:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_head_kv ({self.n_head_kv})")
+        if self.n_expert_used > self.n_expert:
+            raise ValueError(f"n_expert_used ({self.n_expert_used}) must be at most n_expert ({self.n_expert})")
+        if self.n_embd % _QK or self.n_ff_exp % _QK:
+            raise ValueError(f"MXFP4 experts store rows in blocks of {_QK} values, so n_embd and n_ff_exp must be "
+                             f"multiples of {_QK} (got n_embd={self.n_embd}, n_ff_exp={self.n_ff_exp})")
+
+    @property
+    def n_params(self) -> int:
+        E, F, X = self.n_embd, self.n_ff_exp, self.n_expert
+        q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        attn = (E * q + q) + 2 * (E * kv + kv) + (q * E + E) + self.n_head + 2 * E
+        moe = (E * X + X) + X * (3 * E * F + 2 * F + E)
+        return 2 * self.n_vocab * E + E + self.n_layer * (attn + moe)
+
+
+# GPT-OSS shapes: gpt-oss-20b / -120b have the released models' hyper-parameters (OpenAI's config.json, which
+# llama.cpp's convert_hf_to_gguf.py copies into the GGUF keys _start_gpt_oss_writer writes; llama.cpp's loader names
+# 24 layers "20B" and 36 "120B"); gpt-oss-tiny is the same architecture small enough for CPU tests, its sliding
+# window short enough that a prompt of a few hundred tokens crosses it; its n_ff_exp and n_head * head_dim differ
+# from n_embd (as in the released models: 4096 != 2880), so a transposed tensor cannot load.
+GPT_OSS_PRESETS: dict[str, GptOssShape] = {
+    "gpt-oss-tiny": GptOssShape(n_layer=4, n_embd=128, n_ff_exp=96, n_head=4, n_head_kv=2, head_dim=48, n_expert=8,
+                                n_expert_used=2, n_swa=64, n_vocab=512),
+    "gpt-oss-20b": GptOssShape(n_layer=24, n_embd=2880, n_ff_exp=2880, n_head=64, n_head_kv=8, head_dim=64,
+                               n_expert=32, n_expert_used=4, n_swa=128, n_vocab=201088),
+    "gpt-oss-120b": GptOssShape(n_layer=36, n_embd=2880, n_ff_exp=2880, n_head=64, n_head_kv=8, head_dim=64,
+                                n_expert=128, n_expert_used=4, n_swa=128, n_vocab=201088),
+}
+
+
 # ---- a tiny real vocabulary: SentencePiece style ("llama" tokenizer), byte fallback ----------------------------------
 
 _WORDS = ("the of and to in is that for it as with was on be by at this are from or have an not but all were when we "
@@ -158,15 +226,21 @@ def _storage(shp: tuple[int, ...], dtype: str):
     return np.dtype(np.uint8), (shp[0], shp[1] // block * type_size), qtype
 
 
-def _fill(out: np.ndarray, cols: int, seed: int, index: int, chunk: int, r0: int, r1: int, qtype) -> None:
-    """Generate rows r0:r1 (cols values each) of tensor `index` in float32 and store them encoded in out[r0:r1]."""
-    import gguf
+def _fill(out: np.ndarray, cols: int, seed: int, index: int, chunk: int, r0: int, r1: int, qtype,
+          init: str = "matrix") -> None:
+    """Generate rows r0:r1 (cols values each) of tensor `index` in float32 and store them encoded in out[r0:r1].
+
+    init says how values are drawn: "matrix" normal(0, 1/sqrt(cols)); "norm" 1 + normal(0, 0.02), so activations
+    keep their scale through the layers; "bias" normal(0, 0.02); "sink" normal(0, 1) (one logit per head, the
+    scale of the attention scores)."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, chunk)))
-    if out.ndim == 1:  # norm weight: around one, so activations keep their scale through the layers
-        x = rng.standard_normal(out.shape, dtype=np.float32)
-        x *= np.float32(0.02)
-        x += np.float32(1.0)
-        out[:] = x
+    if init != "matrix":
+        x = rng.standard_normal(out[r0:r1].shape, dtype=np.float32)
+        if init != "sink":
+            x *= np.float32(0.02)
+        if init == "norm":
+            x += np.float32(1.0)
+        out[r0:r1] = x
         return
     if qtype is not None:
         out[r0:r1] = _random_blocks(rng, r1 - r0, cols, qtype)
@@ -183,6 +257,8 @@ def _random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype) -> np.
     slower)."""
     import gguf
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if qtype == gguf.GGMLQuantizationType.MXFP4:
+        return _random_mxfp4(rng, rows, cols)
     out = np.empty((rows, cols // block, type_size), np.uint8)   # per block: fp16 scale, then the codes
     if qtype == gguf.GGMLQuantizationType.Q8_0:
         out[..., 2:] = rng.integers(-127, 128, size=out[..., 2:].shape, dtype=np.int8).view(np.uint8)
@@ -197,6 +273,42 @@ def _random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype) -> np.
         raise ValueError(f"no random block generator for {qtype.name}")
     scale = np.array([1.0 / (code_std * math.sqrt(cols))], dtype="<f2")
     out[..., :2] = scale.view(np.uint8)
+    return out.reshape(rows, -1)
+
+
+def _add_vocab(w, vocab: str, chat_template: str | None) -> None:
+    """Tokenizer metadata: none (llama.cpp adds dummy tokens), or the tiny SentencePiece-style vocabulary."""
+    if vocab == "none":
+        w.add_tokenizer_model("none")
+    else:
+        tokens, scores, types = _tiny_vocab()
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        if chat_template is not None:
+            w.add_chat_template(chat_template)
+
+
+# MXFP4 (the OCP microscaling format GPT-OSS ships its experts in): a block is one E8M0 exponent byte, then 32 4-bit
+# E2M1 codes, two per byte. ggml stores the codes' values doubled (gguf.quants.MXFP4.kvalues) and halves the scale.
+_MXFP4_KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float64)
+
+
+def _random_mxfp4(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """rows x cols weights as MXFP4 blocks: random bytes for the codes (every nibble is a valid E2M1 code, uniform
+    over the 16), one exponent for the whole tensor, the power of two that brings the weights' std nearest to
+    1/sqrt(fan_in) like the float types'. A value is kvalue * 2**(e - 128) (ggml's e8m0_to_fp32_half)."""
+    code_std = math.sqrt(np.mean(_MXFP4_KVALUES ** 2))
+    e = 128 + round(math.log2(1.0 / (code_std * math.sqrt(cols))))
+    out = np.empty((rows, cols // _QK, 1 + _QK // 2), np.uint8)
+    out[..., 0] = e
+    out[..., 1:] = rng.integers(0, 256, size=out[..., 1:].shape, dtype=np.uint8)
     return out.reshape(rows, -1)
 
 
@@ -219,21 +331,7 @@ def _start_writer(tmp: Path, shape: ModelShape, seed: int, vocab: str, chat_temp
     if DTYPES[shape.dtype][0] not in ("F32", "F16"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_vocab_size(shape.n_vocab)
-    if vocab == "none":
-        w.add_tokenizer_model("none")
-    else:
-        tokens, scores, types = _tiny_vocab()
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        w.add_unk_token_id(0)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
-        if chat_template is not None:
-            w.add_chat_template(chat_template)
+    _add_vocab(w, vocab, chat_template)
 
     plan = []
     for name, shp in _tensor_plan(shape):
@@ -242,21 +340,92 @@ def _start_writer(tmp: Path, shape: ModelShape, seed: int, vocab: str, chat_temp
         nbytes = math.prod(store) * np_dtype.itemsize
         # a uint8 storage shape with a raw type is converted back to the logical shape by the writer
         w.add_tensor_info(name, store, np_dtype, nbytes, raw_dtype=qtype)
-        plan.append((shp, np_dtype, store, qtype))
+        plan.append((shp, np_dtype, store, qtype, "norm" if len(shp) == 1 else "matrix"))
     return w, plan
 
 
-def write_model(path: str | os.PathLike, shape: ModelShape, *, seed: int = 0, vocab: str = "none",
+def _gpt_oss_tensor_plan(shape: GptOssShape) -> list[tuple[str, tuple[int, ...], str, str]]:
+    """(name, numpy shape (out, in; experts first), storage dtype, init) in file order: the tensors llama.cpp's
+    gpt-oss loader (src/models/openai-moe.cpp) requires, with q/k/v biases as the released models have them."""
+    E, F, X = shape.n_embd, shape.n_ff_exp, shape.n_expert
+    q, kv = shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
+    plan = [("token_embd.weight", (shape.n_vocab, E), "f16", "matrix")]
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        plan += [(b + "attn_norm.weight", (E,), "f32", "norm"),
+                 (b + "attn_q.weight", (q, E), "f16", "matrix"), (b + "attn_q.bias", (q,), "f32", "bias"),
+                 (b + "attn_k.weight", (kv, E), "f16", "matrix"), (b + "attn_k.bias", (kv,), "f32", "bias"),
+                 (b + "attn_v.weight", (kv, E), "f16", "matrix"), (b + "attn_v.bias", (kv,), "f32", "bias"),
+                 (b + "attn_output.weight", (E, q), "f16", "matrix"), (b + "attn_output.bias", (E,), "f32", "bias"),
+                 (b + "attn_sinks.weight", (shape.n_head,), "f32", "sink"),
+                 (b + "post_attention_norm.weight", (E,), "f32", "norm"),
+                 (b + "ffn_gate_inp.weight", (X, E), "f32", "matrix"), (b + "ffn_gate_inp.bias", (X,), "f32", "bias"),
+                 (b + "ffn_gate_exps.weight", (X, F, E), "mxfp4", "matrix"),
+                 (b + "ffn_gate_exps.bias", (X, F), "f32", "bias"),
+                 (b + "ffn_up_exps.weight", (X, F, E), "mxfp4", "matrix"),
+                 (b + "ffn_up_exps.bias", (X, F), "f32", "bias"),
+                 (b + "ffn_down_exps.weight", (X, E, F), "mxfp4", "matrix"),
+                 (b + "ffn_down_exps.bias", (X, E), "f32", "bias")]
+    plan += [("output_norm.weight", (E,), "f32", "norm"), ("output.weight", (shape.n_vocab, E), "f16", "matrix")]
+    return plan
+
+
+def _start_gpt_oss_writer(tmp: Path, shape: GptOssShape, seed: int, vocab: str, chat_template: str | None = None):
+    """_start_writer for a GptOssShape: the GGUF keys llama.cpp reads for "gpt-oss" (those convert_hf_to_gguf.py
+    writes for the released models)."""
+    import gguf
+
+    w = gguf.GGUFWriter(tmp, "gpt-oss")
+    w.add_name(f"pyturbo synthetic gpt-oss {shape.n_layer}x{shape.n_embd}x{shape.n_expert}e seed {seed}")
+    w.add_context_length(shape.n_ctx_train)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff_exp)
+    w.add_expert_feed_forward_length(shape.n_ff_exp)
+    w.add_expert_count(shape.n_expert)
+    w.add_expert_used_count(shape.n_expert_used)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_key_length(shape.head_dim)
+    w.add_value_length(shape.head_dim)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_sliding_window(shape.n_swa)   # the pattern is the arch's default: even layers windowed, odd layers full
+    w.add_layer_norm_rms_eps(float(shape.rms_eps))
+    w.add_rope_freq_base(float(shape.rope_freq_base))
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(float(shape.yarn_factor))
+    w.add_rope_scaling_orig_ctx_len(shape.yarn_orig_ctx)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_MXFP4_MOE)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(shape.n_vocab)
+    _add_vocab(w, vocab, chat_template)
+
+    plan = []
+    for name, shp, dtype, init in _gpt_oss_tensor_plan(shape):
+        if dtype == "mxfp4":
+            qtype = gguf.GGMLQuantizationType.MXFP4
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            np_dtype, store = np.dtype(np.uint8), (*shp[:-1], shp[-1] // block * type_size)
+        else:
+            np_dtype, store, qtype = _storage(shp, dtype)
+        w.add_tensor_info(name, store, np_dtype, math.prod(store) * np_dtype.itemsize, raw_dtype=qtype)
+        plan.append((shp, np_dtype, store, qtype, init))
+    return w, plan
+
+
+def write_model(path: str | os.PathLike, shape: ModelShape | GptOssShape, *, seed: int = 0, vocab: str = "none",
                 progress: bool = False, chat_template: str | None = None) -> Path:
-    """Write a llama GGUF with random weights to path and return it as a Path.
+    """Write a llama GGUF (a ModelShape) or a gpt-oss GGUF (a GptOssShape) with random weights to path and return it
+    as a Path.
 
     vocab='none': no tokenizer (llama.cpp adds n_vocab dummy tokens; feed token ids). vocab='tiny': a small
     SentencePiece-style vocabulary with byte fallback, so any text tokenizes; needs shape.n_vocab == tiny_vocab_size().
     chat_template (Jinja2 source, e.g. TINY_CHAT_TEMPLATE) goes to tokenizer.chat_template; it needs a vocabulary.
     Same arguments give the same bytes. progress=True shows a bar on stderr.
     """
-    if not isinstance(shape, ModelShape):
-        raise TypeError(f"shape must be a ModelShape (or one of PRESETS), not {type(shape).__name__}")
+    if not isinstance(shape, (ModelShape, GptOssShape)):
+        raise TypeError(f"shape must be a ModelShape or GptOssShape (or one of PRESETS, GPT_OSS_PRESETS), "
+                        f"not {type(shape).__name__}")
     if vocab not in ("none", "tiny"):
         raise ValueError(f"vocab must be 'none' or 'tiny', not {vocab!r}")
     if vocab == "tiny" and shape.n_vocab != tiny_vocab_size():
@@ -276,22 +445,25 @@ def write_model(path: str | os.PathLike, shape: ModelShape, *, seed: int = 0, vo
     w, bar = None, None
     pool = ThreadPoolExecutor(max_workers=max(1, min(32, os.cpu_count() or 1)))
     try:
-        w, plan = _start_writer(tmp, shape, seed, vocab, chat_template)
+        start = _start_gpt_oss_writer if isinstance(shape, GptOssShape) else _start_writer
+        w, plan = start(tmp, shape, seed, vocab, chat_template)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(plan), desc=f"writing {path.name}", unit="tensor", file=sys.stderr)
-        for index, (shp, np_dtype, store, qtype) in enumerate(plan):
-            out = np.empty(store, np_dtype)  # one tensor at a time: peak memory is about the largest tensor
-            rows, cols = shp[0], shp[-1]
+        for index, (shp, np_dtype, store, qtype, init) in enumerate(plan):
+            # one tensor at a time: peak memory is about the largest tensor. A 3-D tensor (one matrix per expert)
+            # is generated as the rows of all its matrices.
+            rows, cols = (shp[0], shp[0]) if len(shp) == 1 else (math.prod(shp[:-1]), shp[-1])
+            out = np.empty(store if len(shp) == 1 else (rows, store[-1]), np_dtype)
             step = rows if len(shp) == 1 else max(1, _CHUNK // cols)
-            futures = [pool.submit(_fill, out, cols, seed, index, c, r0, min(r0 + step, rows), qtype)
+            futures = [pool.submit(_fill, out, cols, seed, index, c, r0, min(r0 + step, rows), qtype, init)
                        for c, r0 in enumerate(range(0, rows, step))]
             for f in futures:
                 f.result()
-            w.write_tensor_data(out)
+            w.write_tensor_data(out.reshape(store))
             del out
             if bar is not None:
                 bar.update(1)
@@ -317,27 +489,35 @@ def default_cache_dir() -> Path:
     return settings.read("PYTURBO_CACHE")
 
 
-def cached_model(name_or_shape: str | ModelShape, *, seed: int = 0, vocab: str = "none",
+def cached_model(name_or_shape: str | ModelShape | GptOssShape, *, seed: int = 0, vocab: str = "none",
                  cache_dir: str | os.PathLike | None = None, progress: bool = False,
                  chat_template: str | None = None) -> Path:
-    """A synthetic model (PRESETS name or ModelShape) in the cache directory, written the first time it is asked for.
+    """A synthetic model (PRESETS or GPT_OSS_PRESETS name, ModelShape or GptOssShape) in the cache directory, written
+    the first time it is asked for.
 
     The file name spells out every field of the shape, the seed, the vocabulary and FORMAT_VERSION, so a change to
     any of them gives another file.
     """
+    presets = {**PRESETS, **GPT_OSS_PRESETS}
     if isinstance(name_or_shape, str):
-        if name_or_shape not in PRESETS:
-            raise ValueError(f"unknown preset {name_or_shape!r}; choose one of {list(PRESETS)} or pass a ModelShape")
-        shape = PRESETS[name_or_shape]
-    elif isinstance(name_or_shape, ModelShape):
+        if name_or_shape not in presets:
+            raise ValueError(f"unknown preset {name_or_shape!r}; choose one of {list(presets)} or pass a ModelShape")
+        shape = presets[name_or_shape]
+    elif isinstance(name_or_shape, (ModelShape, GptOssShape)):
         shape = name_or_shape
     else:
         raise TypeError(f"expected a preset name or a ModelShape, not {type(name_or_shape).__name__}")
     if vocab not in ("none", "tiny"):
         raise ValueError(f"vocab must be 'none' or 'tiny', not {vocab!r}")
     s = shape
-    name = (f"llama-L{s.n_layer}-E{s.n_embd}-F{s.n_ff}-H{s.n_head}-KV{s.n_head_kv}-V{s.n_vocab}-C{s.n_ctx_train}"
-            f"-{s.dtype}-rope{float(s.rope_freq_base)!r}-eps{float(s.rms_eps)!r}-seed{seed}-vocab_{vocab}"
+    if isinstance(s, GptOssShape):
+        head = (f"gpt-oss-L{s.n_layer}-E{s.n_embd}-F{s.n_ff_exp}-H{s.n_head}-KV{s.n_head_kv}-D{s.head_dim}"
+                f"-X{s.n_expert}-U{s.n_expert_used}-W{s.n_swa}-V{s.n_vocab}-C{s.n_ctx_train}-Y{s.yarn_orig_ctx}"
+                f"x{float(s.yarn_factor)!r}")
+    else:
+        head = (f"llama-L{s.n_layer}-E{s.n_embd}-F{s.n_ff}-H{s.n_head}-KV{s.n_head_kv}-V{s.n_vocab}-C{s.n_ctx_train}"
+                f"-{s.dtype}")
+    name = (f"{head}-rope{float(s.rope_freq_base)!r}-eps{float(s.rms_eps)!r}-seed{seed}-vocab_{vocab}"
             f"{_template_tag(chat_template)}-v{FORMAT_VERSION}.gguf")
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = path / name
@@ -351,5 +531,5 @@ def _template_tag(chat_template: str | None) -> str:
     return "" if chat_template is None else "-tmpl_" + hashlib.sha256(chat_template.encode()).hexdigest()[:12]
 
 
-__all__ = ["ModelShape", "PRESETS", "DTYPES", "FORMAT_VERSION", "write_model", "cached_model", "default_cache_dir",
-           "tiny_vocab_size", "TINY_CHAT_TEMPLATE"]
+__all__ = ["ModelShape", "PRESETS", "GptOssShape", "GPT_OSS_PRESETS", "DTYPES", "FORMAT_VERSION", "write_model",
+           "cached_model", "default_cache_dir", "tiny_vocab_size", "TINY_CHAT_TEMPLATE"]
