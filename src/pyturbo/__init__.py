@@ -5,7 +5,12 @@
         result = ctx.prefill(tokens)        # pipelined where that is safe and faster
         print(result.tokens_per_second, result.path, result.timeline.ascii())
 """
-from ._native import build_info
+from . import _native, devices
+
+# the library is loaded on first use; how many stream devices each GPU becomes is decided then, by this policy
+_native.use_stream_policy(devices.decide_gpu_streams, devices.physical_gpu_count)
+
+from .devices import build_info  # noqa: E402
 from .context import Context, PrefillResult
 from .errors import ContextBusyError, ContextCreateError, ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
 from .generation import Completion, Generation, Piece

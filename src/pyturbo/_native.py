@@ -41,12 +41,33 @@ def _build_config() -> dict:
     return json.loads((LIB_DIR / "build_info.json").read_text())
 
 
-_gpu_streams: dict = {}  # what devices.decide_gpu_streams() decided when the library was loaded
+_gpu_streams: dict = {}  # what the stream policy decided when the library was loaded
+# The policy deciding how many stream devices each GPU becomes: (decide_gpu_streams, physical_gpu_count) of
+# pyturbo.devices, passed in by the package (pyturbo/__init__.py runs before any of its modules) so that this module
+# does not import devices, which imports it
+_stream_policy: tuple | None = None
+
+
+def use_stream_policy(decide, count_gpus) -> None:
+    """Set the policy the loader asks, before the library is loaded (it decides once, at the load)."""
+    global _stream_policy
+    _stream_policy = (decide, count_gpus)
+
+
+def gpu_streams() -> dict:
+    """What the stream policy decided at the load: {"source": why, "streams_per_gpu": n or None}."""
+    _load()
+    return dict(_gpu_streams)
+
+
+def build_config() -> dict:
+    """What the build recorded (build_info.json, written by CMakeLists.txt next to the libraries)."""
+    return _build_config()
 
 
 @lru_cache(maxsize=None)
 def _load():
-    from .devices import decide_gpu_streams, physical_gpu_count
+    decide_gpu_streams, physical_gpu_count = _stream_policy
     cuda_build = str(_build_config().get("cuda")).upper() in ("ON", "TRUE", "1")
     # decided before the CUDA backend starts: ggml-cuda reads its device layout once
     _gpu_streams.update(decide_gpu_streams(dict(os.environ), cuda_build, physical_gpu_count))
@@ -127,14 +148,3 @@ def build_id() -> str:
     return str((LIB_DIR / "libpyturbo_native.so").stat().st_mtime_ns)
 
 
-def build_info() -> dict:
-    """How the native part was built: CUDA or not, which llama.cpp tree, and the devices it sees now."""
-    from .devices import list_devices
-    info = _build_config()
-    l = lib()
-    info["cuda"] = bool(l.pt_has_cuda())
-    info["gpu_streams"] = dict(_gpu_streams)
-    info["devices"] = [{"name": d.name, "description": d.description, "events": l.pt_device_has_events(i) == 1}
-                       for i, d in enumerate(list_devices())]
-    drain_log()
-    return info

@@ -45,6 +45,18 @@ def list_devices() -> list[Device]:
                    lib.pt_device_type(i)) for i in range(lib.pt_device_count())]
 
 
+def build_info() -> dict:
+    """How the native part was built: CUDA or not, which llama.cpp tree, and the devices it sees now."""
+    info = _native.build_config()
+    lib = _native.lib()
+    info["cuda"] = bool(lib.pt_has_cuda())
+    info["gpu_streams"] = _native.gpu_streams()
+    info["devices"] = [{"name": d.name, "description": d.description, "events": lib.pt_device_has_events(i) == 1}
+                       for i, d in enumerate(list_devices())]
+    _native.drain_log()
+    return info
+
+
 def choose_devices(requested: list[str] | None, rpc_devices: list[str], available: list[Device]) -> list[str]:
     """The devices a model is split over: `requested` when given; else the devices of the RPC servers passed to this
     model, in that order; else the local GPUs (none: the CPU alone). RPC servers registered earlier in this process

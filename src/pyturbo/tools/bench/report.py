@@ -16,10 +16,9 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
-from ... import _native
 from ... import settings
 from ...context import FIRST_UBATCH_TOLERANCE
-from ...devices import usable_cpu_cores
+from ...devices import build_info, usable_cpu_cores
 from .measure import CPU_SWEEP_UBATCHES, GPU_SWEEP_UBATCHES, PIPELINE_MODES, STOCK_BATCH, STOCK_UBATCH, Row
 
 
@@ -297,7 +296,7 @@ def load_average() -> list[float]:
 
 
 def machine_info() -> dict:
-    info = _native.build_info()
+    info = build_info()
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": usable_cpu_cores(),
             "processor": platform.processor(), "cuda_build": info["cuda"],
             "devices": [d["name"] + ": " + d["description"] for d in info["devices"]]}
