@@ -260,7 +260,7 @@ def test_memory_plan_names_each_device_and_what_to_lower(tiny_model, monkeypatch
     real = _memory.device_memory
     with workers.local(2) as pool:
         with pyturbo.Model(tiny_model, rpc_servers=pool.endpoints) as model:
-            needs = model._plan.needs(65536, 512, 512, -1)
+            needs = model.memory_plan.needs(65536, 512, 512, -1)
             worker_need = max(n["context"] + n["compute"] for d, n in needs.items() if d != _memory.HOST)
             monkeypatch.setattr(_memory, "device_memory", lambda d: (worker_need, 1 << 50) if d != _memory.HOST else real(d))
             with pytest.raises(MemoryError, match=r"RPC\d+ \(127\.0\.0\.1:\d+\) needs [\d.]+ GiB \(RPC\d+ [\d.]+ GiB \(KV"):

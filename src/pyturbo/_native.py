@@ -124,6 +124,12 @@ class NativeHandle:
     def closed(self) -> bool:
         return self._ptr is None
 
+    @property
+    def handle(self):
+        """The C pointer (None once closed), for the C calls of the objects built on this one (a model's contexts
+        and samplers)."""
+        return self._ptr
+
     def close(self) -> None:
         if self._ptr is not None:
             ptr, self._ptr = self._ptr, None

@@ -242,27 +242,27 @@ class Context(_native.NativeHandle):
         for name, on in (("PYTURBO_PIPELINE", self._pipeline_override), ("PYTURBO_PIPELINE_HOST_STAGING", host_staging)):
             if on:
                 log.warning("%s is set: %s", name, on)
-        model._check_usable()
-        interrupted = lambda: model._disconnect("creating a context was interrupted")  # noqa: E731
-        self._needs = None if model._plan is None else _calls.run_or_undo(  # asks the workers: interruptible
-            lambda: _memory.check_context(model._plan, n_ctx, n_batch, n_ubatch, FLASH_ATTN[flash_attn]),
+        model.check_usable()
+        interrupted = lambda: model.disconnect_workers("creating a context was interrupted")  # noqa: E731
+        self._needs = None if model.memory_plan is None else _calls.run_or_undo(  # asks the workers: interruptible
+            lambda: _memory.check_context(model.memory_plan, n_ctx, n_batch, n_ubatch, FLASH_ATTN[flash_attn]),
             undo=lambda _: None, disconnect=interrupted)
         ffi, lib = _native.ffi(), _native.lib()
         ptr, error = _calls.run_or_undo(
-            lambda: _native.with_error(lib.pt_context_new, model._ptr, n_ctx, n_batch, n_ubatch, n_threads,
+            lambda: _native.with_error(lib.pt_context_new, model.handle, n_ctx, n_batch, n_ubatch, n_threads,
                                        FLASH_ATTN[flash_attn], max_in_flight, int(host_staging),
                                        int(rpc_transfers == "relay"), RPC_WIRE[rpc_wire]),
             undo=lambda r: lib.pt_context_free(r[0]), disconnect=interrupted)
         _native.drain_log()
         if ptr == ffi.NULL:
-            model._check_workers()  # a worker that died (or was OOM-killed) meanwhile: ContextDeadError
+            model.check_workers()  # a worker that died (or was OOM-killed) meanwhile: ContextDeadError
             raise ContextCreateError(error)
         self._ptr = ptr
         self.layout = policy.Layout(stock_overlaps=bool(lib.pt_context_stock_overlaps(ptr)))
         # the executor decides how many ubatches it keeps in flight (max_in_flight, or its default); asked, not
         # re-decided here, for the memory check of their compute buffers
         self.n_in_flight = lib.pt_context_n_in_flight(ptr)
-        model._contexts.add(self)
+        model.contexts.add(self)
 
     # ---- prefill and decode ---------------------------------------------------------------------------------------
 
@@ -486,7 +486,7 @@ class Context(_native.NativeHandle):
             rolled_back = lambda status: status == lib.LLAMA_TURBO_ABORTED  # noqa: E731
         self._call = call = _calls.BackgroundCall(fn, "pyturbo-call")
         how, interrupt = _calls.run_guarded(call, abort=lambda: lib.pt_request_abort(ptr),
-                                            disconnect=lambda: self.model._disconnect("a call was stopped"),
+                                            disconnect=lambda: self.model.disconnect_workers("a call was stopped"),
                                             stop_when=self._closing.is_set, guard=self._guard)
         if how == "finished" and interrupt is None and not self._closing.is_set():
             return call.result()
@@ -542,7 +542,7 @@ class Context(_native.NativeHandle):
         if self._dead is not None:
             raise ContextDeadError(f"{self._dead}: the context cannot be used any more; create a new context (and "
                                    f"model, if a worker failed)")
-        self.model._check_workers()
+        self.model.check_workers()
 
     def _pipeline_fits(self, pipeline: bool, tokens) -> tuple[bool, str]:
         """(pipeline, why not): the pipeline's compute buffers (one set per ubatch in flight, kept once allocated)
@@ -552,9 +552,9 @@ class Context(_native.NativeHandle):
                 or 0 < n <= self.n_ubatch):
             return pipeline, ""
         refused = _calls.run_or_undo(  # asks the workers: interruptible (a Ctrl-C here: nothing changed)
-            lambda: _memory.pipeline_refusal(self._needs, self.model._plan.endpoints, self.n_in_flight),
+            lambda: _memory.pipeline_refusal(self._needs, self.model.memory_plan.endpoints, self.n_in_flight),
             undo=lambda _: None,
-            disconnect=lambda: self.model._disconnect("a prefill was interrupted"))
+            disconnect=lambda: self.model.disconnect_workers("a prefill was interrupted"))
         self._pipeline_checked = not refused
         return not refused, refused
 
@@ -584,8 +584,8 @@ class Context(_native.NativeHandle):
                 return
             if call is not None and not call.done:  # an abandoned call still uses the context (and the model)
                 model, key = self.model, id(self)
-                model._hold(key)
-                call.when_done(lambda: (self._free(ptr), model._release(key)))
+                model.hold_for_context(key)
+                call.when_done(lambda: (self._free(ptr), model.release_for_context(key)))
             else:
                 self._free(ptr)
                 _native.drain_log()

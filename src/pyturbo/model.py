@@ -162,11 +162,11 @@ class Model(_native.NativeHandle):
                  rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True,
                  rpc_timeout: float | None = DEFAULT_RPC_TIMEOUT, rpc_token: str | None = None,
                  input_layer: str = "cpu"):
-        self._contexts: weakref.WeakSet = weakref.WeakSet()
+        self.contexts: weakref.WeakSet = weakref.WeakSet()   # open contexts, closed first by close()
         self._lock = threading.RLock()       # C calls on the model pointer, and freeing it
         self._holds: set[int] = set()        # contexts whose freeing waits for an abandoned call: free the model after
         self._orphan = None                  # the pointer of a closed model that waits for those
-        self._plan: _memory.Plan | None = None
+        self.memory_plan: _memory.Plan | None = None
         self._dead: str | None = None
         self.rpc_servers: list[str] = []
         self.path = Path(path)
@@ -217,7 +217,8 @@ class Model(_native.NativeHandle):
         self._plan_memory(load_args, use_mmap)
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_model_load, str(self.path).encode(), *load_args, int(use_mmap)),
-            undo=lambda r: lib.pt_model_free(r[0]), disconnect=lambda: self._disconnect("loading was interrupted"))
+            undo=lambda r: lib.pt_model_free(r[0]),
+            disconnect=lambda: self.disconnect_workers("loading was interrupted"))
         _native.drain_log()
         if ptr == ffi.NULL:
             broken = self._broken_worker()
@@ -309,10 +310,11 @@ class Model(_native.NativeHandle):
                 raise
             return p
 
-        self._plan = _calls.run_or_undo(plan, undo=lambda p: p.close(),
-                                        disconnect=lambda: self._disconnect("loading was interrupted"))
+        self.memory_plan = _calls.run_or_undo(plan, undo=lambda p: p.close(),
+                                              disconnect=lambda: self.disconnect_workers("loading was interrupted"))
 
-    # ---- failures -------------------------------------------------------------------------------------------------
+    # ---- failures (check_*, disconnect_workers and the context holds below are public for the model's contexts,
+    # which must not reach into it; applications need none of them) -------------------------------------------------
 
     def _broken_worker(self) -> str | None:
         """Why the model cannot be used any more (a worker's connection is broken), or None."""
@@ -323,18 +325,18 @@ class Model(_native.NativeHandle):
                               f"did not answer within rpc_timeout, or was disconnected after an interrupt)")
         return self._dead
 
-    def _check_workers(self) -> None:
+    def check_workers(self) -> None:
         """ContextDeadError if the connection to one of the model's workers is broken: the model is unusable."""
         if self._broken_worker() is not None:
             raise ContextDeadError(f"{self._dead}: this model and its contexts cannot be used any more; create a new "
                                    f"Model on live workers")
 
-    def _check_usable(self) -> None:
+    def check_usable(self) -> None:
         if self._ptr is None:
             raise ValueError("the model is closed")
-        self._check_workers()
+        self.check_workers()
 
-    def _disconnect(self, why: str) -> None:
+    def disconnect_workers(self, why: str) -> None:
         """Close the connections to this model's workers (from any thread): whatever waits on them fails at once."""
         if self._dead is None:
             self._dead = f"its workers were disconnected: {why} while a device was busy"
@@ -457,24 +459,24 @@ class Model(_native.NativeHandle):
     def close(self) -> None:
         """Free the model, closing its contexts first (a call running on one in another thread is stopped: see
         Context.close). Safe to call twice, from any thread, or after a failed __init__."""
-        for ctx in list(self._contexts):
+        for ctx in list(self.contexts):
             ctx.close()
         with self._lock:
             ptr, self._ptr = self._ptr, None
             if ptr is not None and self._holds:
-                self._orphan, ptr = ptr, None  # freed by _release() when the last abandoned call has returned
+                self._orphan, ptr = ptr, None  # freed by release_for_context() once the last abandoned call returned
         if ptr is not None:
             self._free(ptr)
             _native.drain_log()
-        if self._plan is not None:
-            self._plan.close()
+        if self.memory_plan is not None:
+            self.memory_plan.close()
 
-    def _hold(self, key: int) -> None:
+    def hold_for_context(self, key: int) -> None:
         """A context's freeing waits for an abandoned call: the model must outlive it."""
         with self._lock:
             self._holds.add(key)
 
-    def _release(self, key: int) -> None:
+    def release_for_context(self, key: int) -> None:
         with self._lock:
             self._holds.discard(key)
             ptr = self._orphan if not self._holds else None

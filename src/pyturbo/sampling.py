@@ -101,7 +101,7 @@ class Sampler(_native.NativeHandle):
             "frequency_penalty": settings.frequency_penalty, "presence_penalty": settings.presence_penalty})
         bias = ffi.new("pt_logit_bias[]", [{"token": t, "bias": max(min(float(b), 1e30), -1e30)}
                                            for t, b in settings.logit_bias.items()] or 1)
-        ptr = lib.pt_sampler_new(model._ptr, params, bias, len(settings.logit_bias))
+        ptr = lib.pt_sampler_new(model.handle, params, bias, len(settings.logit_bias))
         if ptr == ffi.NULL:
             raise ValueError(_native.last_error())
         self._ptr = ptr
