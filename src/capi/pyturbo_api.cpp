@@ -406,7 +406,7 @@ struct prefill_batches {
 
 // Capture the n_batch-sized llama_decode calls of a prefill and replay them (the only decode loop is the executor's).
 int32_t capture_and_replay(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, llama_turbo_pipeline pipeline,
-                           int32_t first_call, llama_turbo_record_callback on_record, void * user_data,
+                           int32_t first_ubatch, llama_turbo_record_callback on_record, void * user_data,
                            llama_turbo_result * result) {
     llama_context * c = ctx->ctx;
     const int32_t n_batch = (int32_t) llama_n_batch(c);
@@ -416,7 +416,7 @@ int32_t capture_and_replay(pt_context * ctx, const int32_t * tokens, int32_t n_t
         return result->status = LLAMA_TURBO_FAILED;
     }
     for (int32_t i0 = 0; i0 < n_tokens; ) {
-        const int32_t len = std::min(i0 == 0 && first_call > 0 ? std::min(first_call, n_batch) : n_batch, n_tokens - i0);
+        const int32_t len = std::min(i0 == 0 && first_ubatch > 0 ? std::min(first_ubatch, n_batch) : n_batch, n_tokens - i0);
         if (llama_decode(c, batches.chunk(tokens, i0, len)) != 0) {
             llama_turbo_capture_discard(c);
             snprintf(result->error, sizeof(result->error), "llama_decode refused the batch");
@@ -431,7 +431,7 @@ int32_t capture_and_replay(pt_context * ctx, const int32_t * tokens, int32_t n_t
 
 extern "C" {
 
-int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline, int32_t first_call,
+int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline, int32_t first_ubatch,
                    llama_turbo_record_callback on_record, void * user_data, llama_turbo_result * result) {
     *result = {};
     if (ctx->dead) {
@@ -445,7 +445,7 @@ int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, i
     clear_recent_errors();
     ctx->abort_requested = false;
     const int32_t status = guarded<int32_t>(LLAMA_TURBO_DEVICE_FAILED, "prefill", [&] {
-        return capture_and_replay(ctx, tokens, n_tokens, (llama_turbo_pipeline) pipeline, first_call, on_record, user_data,
+        return capture_and_replay(ctx, tokens, n_tokens, (llama_turbo_pipeline) pipeline, first_ubatch, on_record, user_data,
                                   result);
     });
     if (status == LLAMA_TURBO_OK) {

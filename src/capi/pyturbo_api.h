@@ -81,12 +81,12 @@ int32_t      pt_context_n_in_flight(pt_context * ctx);    // llama_turbo_n_in_fl
 // Clears the KV cache. Returns 0, or -1 when a device failed (the context is then dead).
 int32_t      pt_context_reset(pt_context * ctx);
 
-// Appends tokens to sequence 0 in n_batch-sized llama_decode calls (the first of first_call tokens when it is > 0, so
+// Appends tokens to sequence 0 in n_batch-sized llama_decode calls (the first of first_ubatch tokens when it is > 0, so
 // that the first ubatch has that many), captured and replayed as one series by the executor (llama-turbo.h), which
 // takes the pipelined path if `pipeline` (enum llama_turbo_pipeline) asks for it and it is safe, else the standard
 // path; the last token's logits are computed. Returns result->status (enum llama_turbo_status); on
 // failure or abort the KV cache is as it was before the call, and after LLAMA_TURBO_DEVICE_FAILED the context is dead.
-int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline, int32_t first_call,
+int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline, int32_t first_ubatch,
                    llama_turbo_record_callback on_record, void * user_data, struct llama_turbo_result * result);
 // Interrupts a running pt_prefill from any thread; it returns with LLAMA_TURBO_ABORTED.
 void    pt_request_abort(pt_context * ctx);

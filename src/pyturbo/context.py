@@ -317,9 +317,9 @@ class Context(_native.NativeHandle):
         c_cb = ffi.callback("llama_turbo_record_callback", on_record) if ask_pipeline else ffi.NULL
         c_toks = ffi.from_buffer("int32_t[]", toks)
         pipeline_arg = lib.LLAMA_TURBO_PIPELINE_ON if ask_pipeline else lib.LLAMA_TURBO_PIPELINE_OFF
-        first_call = self.first_ubatch or 0   # 0: n_batch-sized calls (uniform ubatches)
-        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), pipeline_arg, first_call, c_cb, ffi.NULL,
-                                                       result))
+        first_ubatch = self.first_ubatch or 0   # 0: n_batch-sized calls (uniform ubatches)
+        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), pipeline_arg, first_ubatch, c_cb,
+                                                       ffi.NULL, result))
         _native.drain_log()
         if callback_error:
             raise callback_error[0]
