@@ -20,11 +20,6 @@ TINY = synth.GPT_OSS_PRESETS["gpt-oss-tiny"]
 N_TOKENS = 300
 CTX = dict(n_ctx=512, n_batch=512, n_ubatch=32, n_threads=1)
 
-# The pipelined path's refusal of llama.cpp's iSWA cache (src/llama-turbo/turbo-replay.cpp, decide_path): gpt-oss
-# always gets one (its arch sets a sliding window), so 'force' falls back to the standard path until the engine
-# handles it.
-ISWA_REFUSAL = "the model's memory is not a plain KV cache"
-
 
 @pytest.fixture(scope="module")
 def gpt_oss_tiny(model_dir):
@@ -133,7 +128,5 @@ def test_pipelined_equals_standard_over_rpc(gpt_oss_tiny, rpc3):
     assert kv_pipe == kv_std, "KV cache differs between the two paths"
     assert gen_pipe == gen_std
     np.testing.assert_array_equal(last_pipe, last_std)
-    if pipe.path != "pipelined" and pipe.fallback_reason == ISWA_REFUSAL:
-        pytest.xfail(f"the pipelined path does not take gpt-oss yet: {ISWA_REFUSAL} (llama.cpp's iSWA cache)")
     assert pipe.path == "pipelined", pipe.fallback_reason
     assert pipe.n_stages == 3

@@ -18,6 +18,7 @@
 
 #include "llama-impl.h"
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
 #include "llama-model.h"
 
 #include <algorithm>
@@ -140,6 +141,15 @@ int32_t llama_turbo::capture(const llama_batch & batch) {
 // ---- 2. decide ----------------------------------------------------------------------------------------------------------
 
 // Why these batches take the standard path, or "" to pipeline them. Also fills r.n_ubatches and the sequences touched.
+// The KV caches whose ubatches may be in flight together. A plain cache, and the sliding-window pair (GPT-OSS,
+// Gemma): every ubatch's cells are chosen when it is submitted, and a later ubatch writes its cells of a layer only
+// after the earlier ones have read that layer (the stages run the ubatches in order), so a cell a later ubatch takes
+// over from a token that fell out of its window still holds that token while an earlier ubatch needs it.
+// Recurrent and hybrid memories keep one state per sequence that every ubatch updates in turn: not those.
+static bool kv_cache_pipelines(llama_memory_i * memory) {
+    return dynamic_cast<llama_kv_cache *>(memory) != nullptr || dynamic_cast<llama_kv_cache_iswa *>(memory) != nullptr;
+}
+
 std::string llama_turbo::decide_path(llama_turbo_pipeline pipeline, const std::vector<turbo_batch> & batches,
                                      std::set<llama_seq_id> & seqs, llama_turbo_result & r) const {
     int64_t n_ubatches = 0;
@@ -167,7 +177,7 @@ std::string llama_turbo::decide_path(llama_turbo_pipeline pipeline, const std::v
                                                           return "layer-input embeddings requested";
     if (cp.cb_eval)                                       return "an eval callback is set";
     if (!lctx.sampling.samplers.empty())                  return "backend samplers are attached";
-    if (!dynamic_cast<llama_kv_cache *>(lctx.memory.get())) return "the model's memory is not a plain KV cache";
+    if (!kv_cache_pipelines(lctx.memory.get()))           return "the model's memory is not a KV cache the pipeline knows";
     if (lctx.model.split_mode() != LLAMA_SPLIT_MODE_LAYER) return "split mode is not layer";
     if (r.n_stages < 2)                                   return "the model's layers are on a single device";
     if (n_ubatches < 2)                                   return "fewer than two ubatches";
