@@ -281,7 +281,7 @@ def test_default_threads_follow_where_the_layers_are(monkeypatch):
     assert context.default_threads(["CPU"]) == context.MAX_THREADS
 
 
-# ---- the package as a user meets it (issue 20.4) -------------------------------------------------------------------
+# ---- the package as a user meets it ----------------------------------------------------------------------------------
 
 def test_tools_import_under_every_name():
     # a fresh interpreter: this one imported them already (conftest)

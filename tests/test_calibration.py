@@ -1,6 +1,6 @@
-"""The calibration file is data from outside (issue 20.3): wrong shapes warn and are measured again, only regular files
+"""The calibration file is data from outside: wrong shapes warn and are measured again, only regular files
 are read or written (never a device, FIFO or directory, never blocked on), two processes merge instead of the last
-writer winning, a failed write leaves nothing behind; and auto calibrates with one prompt per context (issue 20.2)."""
+writer winning, a failed write leaves nothing behind; and auto calibrates with one prompt per context."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The shaped-link harness (pyturbo.tools.links, issue 22 item 4): it comes up and goes down leaving nothing, removes
+"""The shaped-link harness (pyturbo.tools.links): it comes up and goes down leaving nothing, removes
 what a killed run left, prefills behind it equal prefills over loopback bit for bit, the shaping really limits, the
 coordinator's byte counters see what crosses its link and only that. Needs root and iproute2 (skipped otherwise);
 everything listens on addresses inside the namespaces the test made."""
@@ -175,7 +175,7 @@ def loopback_logits(tiny_model, rpc3):
 
 
 N_TOKENS, N_UBATCH = 300, 64
-# direct copies between workers (issue 22 item 1): Context(rpc_transfers="direct"|"relay") where the build has them
+# direct copies between workers: Context(rpc_transfers="direct"|"relay") where the build has them
 TRANSFERS = ("relay", "direct") if "rpc_transfers" in inspect.signature(Context).parameters else (None,)
 
 
@@ -205,7 +205,7 @@ def test_prefill_behind_links_equals_loopback(tiny_model, loopback_logits, model
 
 
 @needs_links
-@pytest.mark.skipif(TRANSFERS == (None,), reason="this build has no direct copies between RPC workers (issue 22 item 1)")
+@pytest.mark.skipif(TRANSFERS == (None,), reason="this build has no direct copies between RPC workers")
 def test_direct_copies_skip_the_coordinator(tiny_model):
     """With direct copies the coordinator receives no activation: only the last stage's output (the logits)."""
     with links.Links(3, rate=None) as net, Model(tiny_model, rpc_servers=net.endpoints, tensor_split="even") as m:
@@ -282,7 +282,7 @@ def test_bench_without_root_says_why(monkeypatch, capsys, tmp_path):
 
 
 @needs_links
-@pytest.mark.skipif(TRANSFERS == (None,), reason="this build has no direct copies between RPC workers (issue 22 item 1)")
+@pytest.mark.skipif(TRANSFERS == (None,), reason="this build has no direct copies between RPC workers")
 def test_direct_copies_keep_the_coordinators_bytes_within_two_activations_per_ubatch():
     """3 workers behind 200 Mbit/s links of their own, a model wide enough that activations dominate (1024 wide):
     counted on the coordinator's interface, headers included, a pipelined prefill moves at most 2 A per ubatch (the

@@ -145,7 +145,7 @@ def test_bad_requests_are_openai_errors(server, client):
     big = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "' + b"a" * 200_000 + b'"}', headers=auth,
                      timeout=10)
     assert big.status_code == 413 and "--max-request-bytes" in big.json()["error"]["message"]
-    # issue 20.4: a range C cannot hold is a 400 naming the field, not a 500
+    # a range C cannot hold is a 400 naming the field, not a 500
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="chat", prompt="hi", max_tokens=2, extra_body={"top_k": 2**40})
     assert e.value.body["param"] == "top_k"

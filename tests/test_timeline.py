@@ -103,6 +103,6 @@ def test_plot_writes_png(tmp_path):
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # makes `import matplotlib` raise ImportError
-    # from the checkout: the public index's "pyturbo" is another project (issue 20.4)
+    # from the checkout: the public index's "pyturbo" is another project
     with pytest.raises(ImportError, match=r"pip install '\.\[plot\]' in the pyturbo checkout"):
         schedule(2, 2, lambda u, s: u + s).plot(tmp_path / "x.png")
