@@ -19,9 +19,10 @@ from pyturbo import workers
 from conftest import prompt
 
 SECRET = "correct horse battery staple"
-# command numbers of the RPC protocol (ggml-rpc.cpp's rpc_cmd; the last two added by patches/0010)
+# command numbers of the RPC protocol (ggml-rpc.cpp's rpc_cmd; AUTH_* added by patches/0010)
 ALLOC_BUFFER, GRAPH_COMPUTE, HELLO, DEVICE_COUNT, AUTH_CHALLENGE, AUTH_PROVE = 0, 10, 14, 15, 18, 19
-HELLO_AUTH = 0x01
+SERVER_ID, PEER_HELLO, PEER_DATA = 20, 24, 25   # server-to-server copies (patches/0011)
+HELLO_AUTH, PEER_COPY = 0x01, 0x02             # flags of the HELLO answer
 CAPS_SIZE = 24
 
 
@@ -90,32 +91,12 @@ def guarded_worker():
             os.environ["PYTURBO_RPC_TOKEN"] = old
 
 
-@pytest.mark.parametrize("command,payload", [(ALLOC_BUFFER, struct.pack("<IQ", 0, 1 << 20)),
-                                             (DEVICE_COUNT, b""), (GRAPH_COMPUTE, struct.pack("<II", 0, 0))])
-def test_a_client_without_the_secret_is_served_nothing(guarded_worker, command, payload):
-    sock, flags = hello(guarded_worker.ports[0])
-    with sock:
-        assert flags & HELLO_AUTH
-        send_cmd(sock, command, payload)
-        assert closed_without_answer(sock)
-
-
 def test_a_wrong_secret_is_refused_and_the_connection_closed(guarded_worker):
     sock, _ = hello(guarded_worker.ports[0])
     with sock:
         accepted, _, _, _ = authenticate_raw(sock, "not the secret")
         assert accepted == 0
         assert closed_without_answer(sock)
-
-
-def test_the_right_secret_is_served_and_the_worker_proves_it_knows_it_too(guarded_worker):
-    sock, _ = hello(guarded_worker.ports[0])
-    with sock:
-        accepted, server_proof, server_nonce, client_nonce = authenticate_raw(sock, SECRET)
-        assert accepted == 1
-        assert hmac.compare_digest(server_proof, proof(SECRET, b"server", server_nonce, client_nonce))
-        send_cmd(sock, DEVICE_COUNT)
-        assert struct.unpack("<I", recv_msg(sock))[0] >= 1
 
 
 def test_models_with_the_wrong_or_no_secret_get_a_clear_error(guarded_worker, tiny_model):
@@ -151,10 +132,6 @@ def test_a_worker_refuses_a_non_loopback_address_without_a_secret():
     assert "listening" not in proc.stdout
 
 
-SERVER_ID, PEER_HELLO, PEER_DATA = 20, 24, 25
-PEER_COPY = 0x02
-
-
 def peer_hello(port: int) -> tuple[socket.socket, int]:
     """Connect as another server would for a server-to-server copy (patches/0011)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -162,22 +139,32 @@ def peer_hello(port: int) -> tuple[socket.socket, int]:
     return sock, recv_msg(sock)[3]
 
 
-@pytest.mark.parametrize("command,payload", [(PEER_DATA, struct.pack("<QI", 1, 0) + bytes(64)), (SERVER_ID, b"")])
-def test_a_peer_without_the_secret_can_deposit_nothing(guarded_worker, command, payload):
-    sock, flags = peer_hello(guarded_worker.ports[0])
+# how a connection introduces itself: as a client (a coordinator), or as another server sending a server-to-server copy
+CONNECT = {"client": hello, "peer": peer_hello}
+
+
+@pytest.mark.parametrize("kind,command,payload", [
+    ("client", ALLOC_BUFFER, struct.pack("<IQ", 0, 1 << 20)), ("client", DEVICE_COUNT, b""),
+    ("client", GRAPH_COMPUTE, struct.pack("<II", 0, 0)),
+    ("peer", PEER_DATA, struct.pack("<QI", 1, 0) + bytes(64)), ("peer", SERVER_ID, b"")])
+def test_a_connection_without_the_secret_is_served_nothing(guarded_worker, kind, command, payload):
+    sock, flags = CONNECT[kind](guarded_worker.ports[0])
     with sock:
-        assert flags & HELLO_AUTH and flags & PEER_COPY
+        assert flags & HELLO_AUTH and (kind == "client" or flags & PEER_COPY)
         send_cmd(sock, command, payload)
         assert closed_without_answer(sock)
 
 
-def test_a_peer_with_the_secret_is_served(guarded_worker):
-    sock, _ = peer_hello(guarded_worker.ports[0])
+@pytest.mark.parametrize("kind,command,answer_size", [("client", DEVICE_COUNT, 4), ("peer", SERVER_ID, 8)])
+def test_the_right_secret_is_served_and_the_worker_proves_it_knows_it_too(guarded_worker, kind, command, answer_size):
+    sock, _ = CONNECT[kind](guarded_worker.ports[0])
     with sock:
-        accepted, _, _, _ = authenticate_raw(sock, SECRET)
+        accepted, server_proof, server_nonce, client_nonce = authenticate_raw(sock, SECRET)
         assert accepted == 1
-        send_cmd(sock, SERVER_ID)
-        assert len(recv_msg(sock)) == 8
+        assert hmac.compare_digest(server_proof, proof(SECRET, b"server", server_nonce, client_nonce))
+        send_cmd(sock, command)
+        answer = recv_msg(sock)
+        assert len(answer) == answer_size and (command != DEVICE_COUNT or struct.unpack("<I", answer)[0] >= 1)
 
 
 def test_workers_with_a_secret_copy_to_each_other(tiny_model, monkeypatch):

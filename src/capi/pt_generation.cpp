@@ -19,20 +19,6 @@ struct pt_sampler {
     std::vector<llama_token_data> candidates; // reused by every sample: no allocation per token
 };
 
-namespace {
-
-template <typename T>
-T fail_with(const std::string & msg, T failed) {
-    pt_set_error(msg);
-    return failed;
-}
-
-const llama_vocab * vocab_of(pt_model * model) {
-    return llama_model_get_vocab(model->model);
-}
-
-} // namespace
-
 extern "C" {
 
 pt_sampler * pt_sampler_new(pt_model * model, const pt_sampler_params * params, const pt_logit_bias * bias, int32_t n_bias) {

@@ -33,6 +33,17 @@ struct pt_context {
 // The calling thread's last error (pt_last_error). Defined in pyturbo_api.cpp.
 void pt_set_error(const std::string & msg);
 
+// pt_set_error(msg), then `failed`: for entry points that return their failure value.
+template <typename T>
+T fail_with(const std::string & msg, T failed) {
+    pt_set_error(msg);
+    return failed;
+}
+
+inline const llama_vocab * vocab_of(pt_model * model) {
+    return llama_model_get_vocab(model->model);
+}
+
 inline int32_t pt_fail(const std::string & msg) {
     pt_set_error(msg);
     return -1;

@@ -12,16 +12,6 @@
 
 namespace {
 
-template <typename T>
-T fail_with(const std::string & msg, T failed) {
-    pt_set_error(msg);
-    return failed;
-}
-
-const llama_vocab * vocab_of(pt_model * model) {
-    return llama_model_get_vocab(model->model);
-}
-
 // Copies text into buf when it fits; returns its length either way (the caller retries with that capacity).
 int32_t copy_out(const char * text, char * buf, int32_t capacity) {
     const size_t n = std::strlen(text);
