@@ -310,3 +310,26 @@ def test_worker_killed_mid_request_gives_503_then_recovers(chat_model, endless, 
             chat(client, "and again", max_tokens=3, extra_body=NO_CACHE)
         assert e.value.status_code == 503 and victim in e.value.message
         assert srv.proc.poll() is None and "Traceback" not in srv.log_tail(10**6)
+
+
+def test_tokenize_detokenize_and_props_as_llama_server_has_them(server, chat_model):
+    """/tokenize and /detokenize round-trip the model's own tokenizer (the same ids as Model.tokenize), with pieces
+    on request; /props names the slots, the context and the chat template; all three ask for the API key."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with pyturbo.Model(chat_model, devices=[]) as model:
+        expected = model.tokenize(TEXT, add_special=False, parse_special=True)
+    got = httpx.post(server.url + "/tokenize", json={"content": TEXT}, headers=headers, timeout=30).json()
+    assert got["tokens"] == expected
+    back = httpx.post(server.url + "/detokenize", json={"tokens": got["tokens"]}, headers=headers, timeout=30).json()
+    assert back["content"].strip() == TEXT
+    pieces = httpx.post(server.url + "/tokenize", json={"content": TEXT, "with_pieces": True}, headers=headers,
+                        timeout=30).json()["tokens"]
+    assert [p["id"] for p in pieces] == expected and "".join(p["piece"] for p in pieces).strip() == TEXT
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [10**9]}, headers=headers, timeout=30)
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+    props = httpx.get(server.url + "/props", headers=headers, timeout=30).json()
+    assert props["total_slots"] >= 1 and props["default_generation_settings"]["n_ctx"] == 2048
+    assert props["chat_template"] == synth.TINY_CHAT_TEMPLATE
+    for path in ("/tokenize", "/props"):
+        assert httpx.request("POST" if path == "/tokenize" else "GET", server.url + path, json={"content": "x"},
+                             timeout=30).status_code == 401

@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import Engine, Job, Outcome, PromptTooLong, Unavailable
 from .limits import RequestLimits
 from .metrics import Metrics
-from .schemas import ChatRequest, CompletionRequest, completion_response, error_body, model_list, new_id
+from .schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, completion_response,
+                      error_body, model_list, new_id)
 from .settings import ServerSettings
 
 log = logging.getLogger("pyturbo.server")
@@ -168,6 +169,32 @@ async def models(engine: EngineDep, settings: SettingsDep):
         meta |= {"n_vocab": engine.model.n_vocab, "n_layer": engine.model.n_layer,
                  "n_ctx_train": engine.model.n_ctx_train, "devices": engine.model.devices}
     return model_list(settings.model_id, engine.created, meta)
+
+
+# ---- llama-server's utility routes ---------------------------------------------------------------------------------
+
+@router.post("/tokenize", dependencies=keyed)
+async def tokenize(req: TokenizeRequest, engine: EngineDep):
+    tokens = _checked(lambda: engine.tokenize(req.content, req.add_special, req.parse_special))
+    if req.with_pieces:
+        pieces = _checked(lambda: engine.pieces(tokens))
+        return {"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces)]}
+    return {"tokens": tokens}
+
+
+@router.post("/detokenize", dependencies=keyed)
+async def detokenize(req: DetokenizeRequest, engine: EngineDep):
+    return {"content": _checked(lambda: engine.detokenize(req.tokens))}
+
+
+@router.get("/props", dependencies=keyed)
+async def props(engine: EngineDep, settings: SettingsDep):
+    """What llama-server's /props says that applies here, and pyturbo's own settings beside it."""
+    return {"default_generation_settings": {"n_ctx": settings.n_ctx, "model": settings.model_id},
+            "total_slots": len(engine.slots), "model_path": str(settings.model) if settings.model else None,
+            "chat_template": engine.template.text if engine.template else None,
+            "pyturbo": {"pipeline": settings.pipeline, "n_batch": settings.n_batch, "n_ubatch": settings.n_ubatch,
+                        "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints}}
 
 
 # ---- generation -------------------------------------------------------------------------------------------------

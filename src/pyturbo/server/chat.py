@@ -35,6 +35,7 @@ class ChatTemplate:
         except TemplateError as e:
             raise ChatTemplateError(f"the chat template ({source or 'given'}) does not compile: {e}") from None
         self.bos_token, self.eos_token, self.source = bos_token, eos_token, source
+        self.text = template  # the Jinja2 source itself (/props shows it, as llama-server does)
         self.stop = list(stop or [])
 
     @classmethod

@@ -199,6 +199,22 @@ class Engine:
                                  f"token ids")
             return self.template.prompt_tokens(self.model, messages), list(self.template.stop)
 
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        with self._model_lock:
+            self.check_up()
+            return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        with self._model_lock:
+            self.check_up()
+            return self.model.detokenize(tokens)
+
+    def pieces(self, tokens: list[int]) -> list[str]:
+        """Each token's text on its own (a piece of a UTF-8 character comes out replaced, as llama-server does)."""
+        with self._model_lock:
+            self.check_up()
+            return [self.model.token_bytes(t).decode(errors="replace") for t in tokens]
+
     @property
     def n_free(self) -> int:
         """Slots free now (a read-only view for /health)."""

@@ -202,3 +202,17 @@ def completion_response(rid: str, model: str, text: str, finish_reason: str | No
 def model_list(model_id: str, created: int, meta: dict) -> dict:
     return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "pyturbo",
                                         "meta": meta}]}
+
+
+class TokenizeRequest(BaseModel):
+    """llama-server's /tokenize: the token ids of `content` (special-token text such as "<|im_start|>" read as that
+    token, as llama-server does; BOS only when add_special)."""
+    content: str
+    add_special: bool = False
+    parse_special: bool = True
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    """llama-server's /detokenize: the text of token ids."""
+    tokens: list[Int]
