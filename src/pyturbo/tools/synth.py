@@ -215,15 +215,28 @@ def _tensor_plan(shape: ModelShape) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _storage(shp: tuple[int, ...], dtype: str):
-    """(numpy dtype, storage shape, raw GGML type or None) of a tensor as written to the file."""
+    """(numpy dtype, storage shape, raw GGML type or None) of a tensor as written to the file. dtype: a DTYPES key,
+    or "mxfp4" (GPT-OSS's experts); a quantized tensor's last dimension is stored as bytes of its blocks."""
     import gguf
-    qtype = getattr(gguf.GGMLQuantizationType, DTYPES[dtype][0])
     if dtype == "f32":
         return np.dtype(np.float32), shp, None
     if dtype == "f16":
         return np.dtype(np.float16), shp, None
+    qtype = getattr(gguf.GGMLQuantizationType, DTYPES[dtype][0] if dtype in DTYPES else dtype.upper())
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    return np.dtype(np.uint8), (shp[0], shp[1] // block * type_size), qtype
+    return np.dtype(np.uint8), (*shp[:-1], shp[-1] // block * type_size), qtype
+
+
+def _add_tensor_infos(w, tensors) -> list[tuple]:
+    """Register (name, numpy shape, dtype, init) tensors with the writer, in file order; returns the plan the data
+    writer follows: (shape, numpy dtype, storage shape, raw GGML type, init) per tensor."""
+    plan = []
+    for name, shp, dtype, init in tensors:
+        np_dtype, store, qtype = _storage(shp, dtype)
+        # a uint8 storage shape with a raw type is converted back to the logical shape by the writer
+        w.add_tensor_info(name, store, np_dtype, math.prod(store) * np_dtype.itemsize, raw_dtype=qtype)
+        plan.append((shp, np_dtype, store, qtype, init))
+    return plan
 
 
 def _fill(out: np.ndarray, cols: int, seed: int, index: int, chunk: int, r0: int, r1: int, qtype,
@@ -333,15 +346,9 @@ def _start_writer(tmp: Path, shape: ModelShape, seed: int, vocab: str, chat_temp
     w.add_vocab_size(shape.n_vocab)
     _add_vocab(w, vocab, chat_template)
 
-    plan = []
-    for name, shp in _tensor_plan(shape):
-        # norm weights stay F32 (llama.cpp requires it); the matrices, token_embd included, use the model's dtype
-        np_dtype, store, qtype = _storage(shp, shape.dtype if len(shp) == 2 else "f32")
-        nbytes = math.prod(store) * np_dtype.itemsize
-        # a uint8 storage shape with a raw type is converted back to the logical shape by the writer
-        w.add_tensor_info(name, store, np_dtype, nbytes, raw_dtype=qtype)
-        plan.append((shp, np_dtype, store, qtype, "norm" if len(shp) == 1 else "matrix"))
-    return w, plan
+    # norm weights stay F32 (llama.cpp requires it); the matrices, token_embd included, use the model's dtype
+    return w, _add_tensor_infos(w, [(name, shp, shape.dtype, "matrix") if len(shp) == 2 else (name, shp, "f32", "norm")
+                                    for name, shp in _tensor_plan(shape)])
 
 
 def _gpt_oss_tensor_plan(shape: GptOssShape) -> list[tuple[str, tuple[int, ...], str, str]]:
@@ -400,17 +407,7 @@ def _start_gpt_oss_writer(tmp: Path, shape: GptOssShape, seed: int, vocab: str, 
     w.add_vocab_size(shape.n_vocab)
     _add_vocab(w, vocab, chat_template)
 
-    plan = []
-    for name, shp, dtype, init in _gpt_oss_tensor_plan(shape):
-        if dtype == "mxfp4":
-            qtype = gguf.GGMLQuantizationType.MXFP4
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            np_dtype, store = np.dtype(np.uint8), (*shp[:-1], shp[-1] // block * type_size)
-        else:
-            np_dtype, store, qtype = _storage(shp, dtype)
-        w.add_tensor_info(name, store, np_dtype, math.prod(store) * np_dtype.itemsize, raw_dtype=qtype)
-        plan.append((shp, np_dtype, store, qtype, init))
-    return w, plan
+    return w, _add_tensor_infos(w, _gpt_oss_tensor_plan(shape))
 
 
 def write_model(path: str | os.PathLike, shape: ModelShape | GptOssShape, *, seed: int = 0, vocab: str = "none",
