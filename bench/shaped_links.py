@@ -30,6 +30,7 @@ from pyturbo import synth
 from pyturbo.context import RPC_WIRE_TOLERANCE, within_tolerance
 from pyturbo.model import INPUT_LAYERS
 from pyturbo.tools import links
+from pyturbo.tools.bench.report import median_spread
 
 # (label, pipeline, rpc_transfers, rpc_wire)
 MODES = [("stock", "off", "direct", None), ("relay", "force", "relay", None),
@@ -71,10 +72,6 @@ def measure_topology(args, rate, model_kind, tokens) -> dict:
                 ctx.close()
         out["_n_embd"] = model.n_embd
     return out
-
-
-def spread(values) -> str:
-    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
 def main(argv=None) -> int:
@@ -127,7 +124,7 @@ def main(argv=None) -> int:
             else:
                 same = "bit-equal" if np.array_equal(m["logits"], exact) else "DIFFER"
             vs = statistics.median(m["tps"]) / reference[label]
-            print(f"| {kind} | {rate or '-'} | {ratio_ts} | {label} | {spread(m['tps'])} | {vs:.2f} | "
+            print(f"| {kind} | {rate or '-'} | {ratio_ts} | {label} | {median_spread(m['tps'])} | {vs:.2f} | "
                   f"{statistics.median(m['bytes']) / a_bytes:.2f} | {same} | {m['transfers'] or '-'} |")
     if args.json:
         raw = {f"{k}|{r}": {label: {"tps": res[label]["tps"], "bytes": res[label]["bytes"]} for label, *_ in MODES}

@@ -67,6 +67,7 @@ def main() -> int:
         return 0
 
     from pyturbo import synth
+    from pyturbo.tools.bench.report import median_spread
     t0 = time.time()
     synth.cached_model(args.preset, progress=True)      # written once, outside the timed processes
     print(f"model ready in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -95,8 +96,7 @@ def main() -> int:
         paths = sorted({r["path"] for r in runs if r["n"] == n and r["layout"] == "auto" and r["mode"] == "auto"})
         a = np.array([r["logits"] for r in runs if r["n"] == n and r["layout"] == "1"][0])
         b = np.array([r["logits"] for r in runs if r["n"] == n and r["layout"] == "auto" and r["mode"] == "auto"][0])
-        fmt = lambda v: f"{statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})"  # noqa: E731
-        print(f"| {n} | {fmt(stock)} | {fmt(default)} | {fmt(forced)} | "
+        print(f"| {n} | {median_spread(stock)} | {median_spread(default)} | {median_spread(forced)} | "
               f"{statistics.median(default) / statistics.median(stock):.2f}x | {'/'.join(paths)} | "
               f"{float(np.max(np.abs(a - b))):.3g} |")
     return 0

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 from dataclasses import fields
@@ -33,6 +34,11 @@ def columns(modes: list[str], reference: str = "ceiling") -> list[str]:
 
 
 TABLE_COLUMNS = columns([name for name, _ in PIPELINE_MODES])
+
+
+def median_spread(values) -> str:
+    """'median (min-max)' of tok/s values, as the bench scripts under bench/ print their cells."""
+    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
 def _tps(med: float, lo: float, hi: float) -> str:
