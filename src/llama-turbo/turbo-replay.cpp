@@ -140,7 +140,6 @@ int32_t llama_turbo::capture(const llama_batch & batch) {
 
 // ---- 2. decide ----------------------------------------------------------------------------------------------------------
 
-// Why these batches take the standard path, or "" to pipeline them. Also fills r.n_ubatches and the sequences touched.
 // The KV caches whose ubatches may be in flight together. A plain cache, and the sliding-window pair (GPT-OSS,
 // Gemma): every ubatch's cells are chosen when it is submitted, and a later ubatch writes its cells of a layer only
 // after the earlier ones have read that layer (the stages run the ubatches in order), so a cell a later ubatch takes
@@ -150,6 +149,7 @@ static bool kv_cache_pipelines(llama_memory_i * memory) {
     return dynamic_cast<llama_kv_cache *>(memory) != nullptr || dynamic_cast<llama_kv_cache_iswa *>(memory) != nullptr;
 }
 
+// Why these batches take the standard path, or "" to pipeline them. Also fills r.n_ubatches and the sequences touched.
 std::string llama_turbo::decide_path(llama_turbo_pipeline pipeline, const std::vector<turbo_batch> & batches,
                                      std::set<llama_seq_id> & seqs, llama_turbo_result & r) const {
     int64_t n_ubatches = 0;

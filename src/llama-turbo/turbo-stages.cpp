@@ -369,8 +369,14 @@ void llama_turbo::plan_splits(slot & s) {
             const bool gpus_without_peer_copy = from && from->gpu && to.gpu && src_backend != sp.backend &&
                                                 !(from->events && to.events);
             const bool through_host = !from || from->rpc || to.rpc || gpus_without_peer_copy || options.host_staging;
-            // host memory, or two devices of this process that copy to each other (CUDA to CUDA with peer copies): the
-            // consumer copies directly, the producer has finished and the slot's memory stays untouched until it is done
+            // the last earlier split on the source's backend: it computed src (unless src is a graph input)
+            int producer = -1;
+            for (int p = i - 1; p >= 0; --p) {
+                if (s.splits[p].backend == src_backend) {
+                    producer = p;
+                    break;
+                }
+            }
             int pushed = -1;
             if (src_in_host_memory && to.rpc) {
                 auto prev = host_input_copies.find(src);
@@ -390,23 +396,12 @@ void llama_turbo::plan_splits(slot & s) {
             // that split has run.
             const bool prefetch = src_in_host_memory && to.rpc && pushed < 0 && !options.relay_rpc;
             if (prefetch && !(src->flags & GGML_TENSOR_FLAG_INPUT)) {
-                for (int p = i - 1; p >= 0; --p) {
-                    if (s.splits[p].backend == src_backend) {
-                        sp.prefetch_after = std::max(sp.prefetch_after, p);
-                        break;
-                    }
-                }
+                sp.prefetch_after = std::max(sp.prefetch_after, producer);
             }
+            // host memory, or two devices of this process that copy to each other (CUDA to CUDA with peer copies): the
+            // consumer copies directly, the producer has finished and the slot's memory stays untouched until it is
+            // done. Otherwise the producer's thread stages it, or has its server send it to the consumer's server.
             if (!src_in_host_memory && through_host) {
-                // the last earlier split on the source's backend has computed it: that thread stages it, or has its
-                // server send it to the consumer's server
-                int producer = -1;
-                for (int p = i - 1; p >= 0; --p) {
-                    if (s.splits[p].backend == src_backend) {
-                        producer = p;
-                        break;
-                    }
-                }
                 if (producer >= 0 && from->rpc && to.rpc && servers_copy(src_thread, sp.thread)) {
                     pushed = (int) s.pushes.size();
                     s.pushes.push_back({src, dst});
