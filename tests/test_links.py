@@ -4,7 +4,6 @@ coordinator's byte counters see what crosses its link and only that. Needs root 
 everything listens on addresses inside the namespaces the test made."""
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -18,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyturbo import Context, Model, WorkerError
+from pyturbo import Model, WorkerError
+from pyturbo.rpc_auth import RPC_TOKEN_ENV
 from pyturbo.tools import links
 from pyturbo.tools.bench import parse_args
 from conftest import prompt
@@ -175,8 +175,8 @@ def loopback_logits(tiny_model, rpc3):
 
 
 N_TOKENS, N_UBATCH = 300, 64
-# direct copies between workers: Context(rpc_transfers="direct"|"relay") where the build has them
-TRANSFERS = ("relay", "direct") if "rpc_transfers" in inspect.signature(Context).parameters else (None,)
+# how activations go between workers: Context(rpc_transfers=...)
+TRANSFERS = ("relay", "direct")
 
 
 def prefill(model, pipe: str, net: links.Links | None = None, transfers: str | None = None):
@@ -205,7 +205,6 @@ def test_prefill_behind_links_equals_loopback(tiny_model, loopback_logits, model
 
 
 @needs_links
-@pytest.mark.skipif(TRANSFERS == (None,), reason="this build has no direct copies between RPC workers")
 def test_direct_copies_skip_the_coordinator(tiny_model):
     """With direct copies the coordinator receives no activation: only the last stage's output (the logits)."""
     with links.Links(3, rate=None) as net, Model(tiny_model, rpc_servers=net.endpoints, tensor_split="even") as m:
@@ -215,9 +214,8 @@ def test_direct_copies_skip_the_coordinator(tiny_model):
 
 
 @needs_links
-@pytest.mark.skipif("rpc_token" not in inspect.signature(Model).parameters, reason="no RPC secrets in this build")
 def test_workers_behind_links_with_a_secret(tiny_model, monkeypatch):
-    monkeypatch.delenv(links.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(RPC_TOKEN_ENV, raising=False)
     with links.Links(2, rate=None, token="links-test-secret") as net:
         with pytest.raises(WorkerError):
             Model(tiny_model, rpc_servers=net.endpoints, rpc_token="")
@@ -282,7 +280,6 @@ def test_bench_without_root_says_why(monkeypatch, capsys, tmp_path):
 
 
 @needs_links
-@pytest.mark.skipif(TRANSFERS == (None,), reason="this build has no direct copies between RPC workers")
 def test_direct_copies_keep_the_coordinators_bytes_within_two_activations_per_ubatch():
     """3 workers behind 200 Mbit/s links of their own, a model wide enough that activations dominate (1024 wide):
     counted on the coordinator's interface, headers included, a pipelined prefill moves at most 2 A per ubatch (the

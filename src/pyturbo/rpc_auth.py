@@ -1,6 +1,6 @@
 """The shared secret of a coordinator and its RPC workers (patches/0010): a worker started with one serves only
-clients that prove they know it, and a coordinator with one connects only to workers that prove it in return. Read
-by `Model` and `python -m pyturbo.worker` (here, so that the worker does not import the library's model code)."""
+clients that prove they know it, and a coordinator with one connects only to workers that prove it in return. Used
+by `Model`, `python -m pyturbo.worker` and the shaped-link harness."""
 from __future__ import annotations
 
 from . import settings

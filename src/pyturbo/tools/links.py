@@ -29,7 +29,7 @@ Link models (htb, rate in Mbit/s = 10^6 bit/s, on the egress of both ends of a v
 baseline to compare a shaped run with: the same path, the same processes).
 
 Workers listen on addresses of the namespaces, not on loopback. Only processes of this machine can reach them (as
-with loopback), so where `python -m pyturbo.worker` refuses a non-loopback address without a shared secret, it is
+with loopback), and `python -m pyturbo.worker` refuses a non-loopback address without a shared secret, so it is
 started with --allow-unauthenticated unless a secret is given (`token=`, or PYTURBO_RPC_TOKEN in the environment,
 which the workers inherit). `env` and `extra_args` go to every worker.
 """
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
-from .. import settings
+from ..rpc_auth import RPC_TOKEN_ENV, resolve_rpc_token
 from .workers import WorkerPool
 
 PREFIX = "ptl"                                  # every name this module creates starts with it
@@ -63,7 +63,6 @@ MODELS = ("coordinator", "per-worker")
 LOCK_PATH = Path("/run/pyturbo-links.lock")     # one harness at a time chooses names and subnets, and cleans up
 IP_TIMEOUT = 20.0                               # seconds for one ip/tc command
 NETNS_DIR = Path("/run/netns")
-TOKEN_ENV = "PYTURBO_RPC_TOKEN"
 
 _NAME = re.compile(rf"^{PREFIX}(\d+)([a-z])(c|-s|-w\d+)$")
 _live_tags: set[str] = set()                    # tags of this process's harnesses that are up
@@ -248,19 +247,6 @@ def require() -> None:
         raise LinksError(why)
 
 
-_worker_options: str | None = None
-
-
-def worker_accepts(option: str) -> bool:
-    """Whether `python -m pyturbo.worker` has this option (its --help, asked once per process)."""
-    global _worker_options
-    if _worker_options is None:
-        proc = subprocess.run([sys.executable, "-m", "pyturbo.worker", "--help"], capture_output=True, text=True,
-                              timeout=60, stdin=subprocess.DEVNULL)
-        _worker_options = proc.stdout
-    return option in _worker_options
-
-
 def _netem(cmd: list[str]) -> None:
     try:
         _run(cmd)
@@ -439,11 +425,11 @@ class Links:
     def _start_workers(self, threads, device, start_timeout, token, env, extra_args, log_dir) -> None:
         env = dict(env or {})
         if token is not None:
-            env[TOKEN_ENV] = token
+            env[RPC_TOKEN_ENV] = token
         args = list(extra_args)
-        has_secret = bool(env.get(TOKEN_ENV) or settings.read(TOKEN_ENV))
+        has_secret = bool(env.get(RPC_TOKEN_ENV) or resolve_rpc_token())
         # only processes of this machine reach these addresses, as with loopback
-        if not has_secret and "--allow-unauthenticated" not in args and worker_accepts("--allow-unauthenticated"):
+        if not has_secret and "--allow-unauthenticated" not in args:
             args.append("--allow-unauthenticated")
         self.pool = WorkerPool(self.n, threads=threads, device=device, start_timeout=start_timeout, log_dir=log_dir,
                                host=self.worker_addresses, prefix=[self.exec_prefix(i) for i in range(self.n)],
@@ -516,4 +502,4 @@ def _teardown(pool: WorkerPool | None, spaces: list[str], ifaces: list[str], tag
 
 __all__ = ["Links", "LinkBytes", "LinksError", "Shaping", "MODELS", "available", "unavailable_reason",
            "delay_unavailable_reason",
-           "require", "cleanup_leftovers", "worker_accepts"]
+           "require", "cleanup_leftovers"]
