@@ -145,9 +145,9 @@ def default_threads(layer_devices: list[str]) -> int:
 FIRST_UBATCH_TOLERANCE = 3e-2
 
 
-# rpc_wire="f16"/"bf16" rounds each activation once per stage boundary: measured 0.06% (F16) and 0.3% (BF16) of the
-# largest logit over 4 CPU workers (tests/test_rpc_direct.py prints nothing; bench/results/2026-12-04-shaped-links.md);
-# the bound leaves a factor of ten for deeper models and more stages.
+# rpc_wire="f16"/"bf16" rounds each activation once per stage boundary: measured 0.08% (F16) and 0.3% (BF16) of the
+# largest logit over 4 CPU workers (bench/results/2026-12-04-shaped-links.md); the bound leaves a factor of ten for
+# deeper models and more stages.
 RPC_WIRE_TOLERANCE = 3e-2
 
 
