@@ -11,8 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import _calls, _memory, _native, policy
-from . import settings
+from . import _calls, _memory, _native, policy, settings
 from .devices import usable_cpu_cores
 from .errors import ContextBusyError, ContextCreateError, ContextDeadError, PrefillError
 from .timeline import Timeline, UbatchRecord

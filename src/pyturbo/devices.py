@@ -6,8 +6,7 @@ import ctypes
 import os
 from dataclasses import dataclass
 
-from . import _native
-from . import settings
+from . import _native, settings
 
 # One GPU split into this many stream devices when PYTURBO_GPU_STREAMS is "auto" (the default): llama.cpp's own
 # scheduler overlaps the ubatches of a prompt over stream devices of one GPU, and 4 was the best or tied count of those
