@@ -69,12 +69,19 @@ T guarded(T on_error, const char * what, F && body) {
     return on_error;
 }
 
-// Fills *mp (from llama_model_default_params()) as pt_model_load documents its arguments; devs and split keep the
-// arrays mp points to. Returns "" or what is wrong with the arguments.
+// The arrays a llama_model_params points to, kept alive while llama.cpp loads the model.
+struct pt_model_arrays {
+    std::vector<ggml_backend_dev_t>                   devs;
+    std::vector<float>                                split;
+    std::vector<llama_model_tensor_buft_override>     overrides;
+};
+
+// Fills *mp (from llama_model_default_params()) as pt_model_load documents its arguments; arrays keeps what mp points
+// to. Returns "" or what is wrong with the arguments.
 std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                             const float * tensor_split, int32_t n_tensor_split, const char * const * devices,
-                            int32_t n_devices, int32_t input_on_first_device, int32_t use_mmap,
-                            std::vector<ggml_backend_dev_t> & devs, std::vector<float> & split);
+                            int32_t n_devices, int32_t input_on_first_device, const char * host_tensors,
+                            int32_t use_mmap, pt_model_arrays & arrays);
 
 // llama_context_params as pt_context_new documents its arguments (one sequence, no performance counters).
 llama_context_params pt_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,

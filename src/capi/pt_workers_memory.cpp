@@ -94,15 +94,15 @@ int32_t pt_device_memory(const char * device, uint64_t * free, uint64_t * total)
 
 pt_plan * pt_plan_new(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                       const float * tensor_split, int32_t n_tensor_split, const char * const * devices, int32_t n_devices,
-                      int32_t input_on_first_device) {
+                      int32_t input_on_first_device, const char * host_tensors) {
     pt_plan * plan = nullptr;
     guarded<int32_t>(-1, "planning the model's memory", [&] {
         pt_device_count(); // initializes the backends and the log capture
-        std::vector<ggml_backend_dev_t> devs;
-        std::vector<float> split;
+        pt_model_arrays arrays;
         llama_model_params mp = llama_model_default_params();
         const std::string bad = pt_model_params(&mp, n_gpu_layers, split_mode, main_gpu, tensor_split, n_tensor_split,
-                                                devices, n_devices, input_on_first_device, /*use_mmap=*/0, devs, split);
+                                                devices, n_devices, input_on_first_device, host_tensors,
+                                                /*use_mmap=*/0, arrays);
         if (!bad.empty()) {
             return pt_fail(bad);
         }

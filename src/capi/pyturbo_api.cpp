@@ -17,6 +17,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <regex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -109,8 +110,10 @@ void pt_set_error(const std::string & msg) { g_last_error = msg; }
 
 std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                             const float * tensor_split, int32_t n_tensor_split, const char * const * devices,
-                            int32_t n_devices, int32_t input_on_first_device, int32_t use_mmap,
-                            std::vector<ggml_backend_dev_t> & devs, std::vector<float> & split) {
+                            int32_t n_devices, int32_t input_on_first_device, const char * host_tensors,
+                            int32_t use_mmap, pt_model_arrays & arrays) {
+    std::vector<ggml_backend_dev_t> & devs  = arrays.devs;
+    std::vector<float>              & split = arrays.split;
     mp->n_gpu_layers = n_gpu_layers;
     mp->input_on_first_layer_device = input_on_first_device != 0;
     mp->split_mode   = (llama_split_mode) split_mode;
@@ -134,6 +137,16 @@ std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32
     if (tensor_split && n_tensor_split > 0) {
         std::copy(tensor_split, tensor_split + n_tensor_split, split.begin());
         mp->tensor_split = split.data();
+    }
+    if (host_tensors && *host_tensors) { // llama.cpp's --override-tensor PATTERN=CPU
+        try {
+            std::regex check(host_tensors); // llama.cpp would throw the same error from inside the load
+        } catch (const std::regex_error & e) {
+            return std::string("host_tensors '") + host_tensors + "' is not a regular expression: " + e.what();
+        }
+        ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        arrays.overrides = {{host_tensors, ggml_backend_dev_buffer_type(cpu)}, {nullptr, nullptr}};
+        mp->tensor_buft_overrides = arrays.overrides.data();
     }
     return "";
 }
@@ -260,15 +273,15 @@ int32_t pt_rpc_add_server(const char * endpoint) {
 pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                          const float * tensor_split, int32_t n_tensor_split,
                          const char * const * devices, int32_t n_devices, int32_t input_on_first_device,
-                         int32_t use_mmap) {
+                         const char * host_tensors, int32_t use_mmap) {
     return guarded<pt_model *>(nullptr, (std::string("loading ") + path + " failed").c_str(), [&]() -> pt_model * {
         init_once();
         clear_recent_errors();
         llama_model_params mp = llama_model_default_params();
-        std::vector<ggml_backend_dev_t> devs;
-        std::vector<float> split;
+        pt_model_arrays arrays;
         const std::string bad = pt_model_params(&mp, n_gpu_layers, split_mode, main_gpu, tensor_split, n_tensor_split,
-                                                devices, n_devices, input_on_first_device, use_mmap, devs, split);
+                                                devices, n_devices, input_on_first_device, host_tensors, use_mmap,
+                                                arrays);
         if (!bad.empty()) {
             return pt_fail_null<pt_model>(bad);
         }

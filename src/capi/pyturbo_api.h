@@ -59,11 +59,13 @@ int32_t pt_rpc_add_server(const char * endpoint);
 // devices: names of the devices to split the model over, in order; NULL: llama.cpp's default (every registered
 // device), an empty list: none (CPU only).
 // split_mode: 0 none, 1 layer, 2 row. tensor_split: n_tensor_split proportions, or NULL. input_on_first_device: the
-// token embeddings on the first layer's device instead of the CPU (patches/0012).
+// token embeddings on the first layer's device instead of the CPU (patches/0012). host_tensors: NULL, or a regular
+// expression; the weights whose names it matches stay in host memory and run on the CPU (llama.cpp's
+// --override-tensor PATTERN=CPU, e.g. "exps" for the experts of a mixture-of-experts model).
 pt_model * pt_model_load(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                          const float * tensor_split, int32_t n_tensor_split,
                          const char * const * devices, int32_t n_devices, int32_t input_on_first_device,
-                         int32_t use_mmap);
+                         const char * host_tensors, int32_t use_mmap);
 void       pt_model_free(pt_model * model);
 int32_t    pt_model_get_info(pt_model * model, pt_model_info * info);
 int32_t    pt_model_stage_names(pt_model * model, const char ** names, int32_t capacity);
@@ -182,7 +184,7 @@ typedef struct pt_memory_need {
 } pt_memory_need;
 pt_plan * pt_plan_new(const char * path, int32_t n_gpu_layers, int32_t split_mode, int32_t main_gpu,
                       const float * tensor_split, int32_t n_tensor_split, const char * const * devices, int32_t n_devices,
-                      int32_t input_on_first_device);
+                      int32_t input_on_first_device, const char * host_tensors);
 void      pt_plan_free(pt_plan * plan);
 // Fills up to capacity needs for a context with these parameters (pt_context_new's) and returns how many devices
 // there are, or -1.

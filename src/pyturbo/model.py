@@ -213,7 +213,7 @@ class Model(_native.NativeHandle):
         c_dev_array = ffi.new("const char *[]", c_devices or 1)
         c_split = ffi.new("float[]", tensor_split) if tensor_split else ffi.NULL
         load_args = (n_gpu_layers, SPLIT_MODES[split_mode], main_gpu, c_split, len(tensor_split or []), c_dev_array,
-                     len(c_devices), int(input_layer == "first-device"))
+                     len(c_devices), int(input_layer == "first-device"), ffi.NULL)
         self._plan_memory(load_args, use_mmap)
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_model_load, str(self.path).encode(), *load_args, int(use_mmap)),
