@@ -103,15 +103,28 @@ int32_t pt_sampler_accept(pt_sampler * sampler, const int32_t * tokens, int32_t 
     });
 }
 
-int32_t pt_context_truncate(pt_context * ctx, int32_t n_keep) {
+int32_t pt_context_truncate(pt_context * ctx, int32_t seq_id, int32_t n_keep) {
     return guarded<int32_t>(-1, "truncating the KV cache", [&]() -> int32_t {
         if (n_keep < 0) {
             return fail_with<int32_t>("n_keep must be >= 0, not " + std::to_string(n_keep), -1);
         }
-        if (!llama_memory_seq_rm(llama_get_memory(ctx->ctx), 0, n_keep, -1)) {
+        if (!llama_memory_seq_rm(llama_get_memory(ctx->ctx), seq_id, n_keep, -1)) {
             return fail_with<int32_t>("this model's memory cannot drop positions from " + std::to_string(n_keep) +
                                       " on (a recurrent model?); reset the context instead", -1);
         }
+        return 0;
+    });
+}
+
+int32_t pt_context_copy_prefix(pt_context * ctx, int32_t src_seq, int32_t dst_seq, int32_t n_tokens) {
+    return guarded<int32_t>(-1, "sharing a prompt prefix between sequences", [&]() -> int32_t {
+        llama_memory_t mem = llama_get_memory(ctx->ctx);
+        if (llama_memory_seq_pos_max(mem, src_seq) + 1 < n_tokens) {
+            return fail_with<int32_t>("sequence " + std::to_string(src_seq) + " holds fewer than " +
+                                      std::to_string(n_tokens) + " positions", -1);
+        }
+        llama_memory_seq_rm(mem, dst_seq, -1, -1);
+        llama_memory_seq_cp(mem, src_seq, dst_seq, 0, n_tokens); // the cells become shared, nothing is copied
         return 0;
     });
 }

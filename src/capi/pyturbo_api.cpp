@@ -152,12 +152,13 @@ std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32
 }
 
 llama_context_params pt_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
-                                       int32_t flash_attn) {
+                                       int32_t flash_attn, int32_t n_seq_max) {
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx           = n_ctx;
     cp.n_batch         = n_batch;
     cp.n_ubatch        = n_ubatch;
-    cp.n_seq_max       = 1;
+    cp.n_seq_max       = (uint32_t) std::max(1, n_seq_max);
+    cp.kv_unified      = true; // the sequences share the n_ctx cells, as llama-server's slots do
     cp.n_threads       = n_threads;
     cp.n_threads_batch = n_threads;
     cp.flash_attn_type = (llama_flash_attn_type) flash_attn;
@@ -319,11 +320,11 @@ int32_t pt_model_stage_names(pt_model * model, const char ** names, int32_t capa
 
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
                             int32_t n_threads, int32_t flash_attn, int32_t max_in_flight, int32_t host_staging,
-                            int32_t relay_rpc, int32_t rpc_wire) {
+                            int32_t relay_rpc, int32_t rpc_wire, int32_t n_seq_max) {
     return guarded<pt_context *>(nullptr, "creating the context failed", [&]() -> pt_context * {
         init_once();
         clear_recent_errors();
-        const llama_context_params cp = pt_context_params(n_ctx, n_batch, n_ubatch, n_threads, flash_attn);
+        const llama_context_params cp = pt_context_params(n_ctx, n_batch, n_ubatch, n_threads, flash_attn, n_seq_max);
         llama_context * c = llama_init_from_model(model->model, cp);
         if (!c) {
             const std::string why = take_recent_errors();
@@ -358,9 +359,9 @@ void pt_context_free(pt_context * ctx) {
     });
 }
 
-int32_t pt_context_n_past(pt_context * ctx) {
+int32_t pt_context_n_past(pt_context * ctx, int32_t seq_id) {
     return guarded<int32_t>(-1, "reading the KV cache", [&] {
-        return llama_memory_seq_pos_max(llama_get_memory(ctx->ctx), 0) + 1;
+        return llama_memory_seq_pos_max(llama_get_memory(ctx->ctx), seq_id) + 1;
     });
 }
 
@@ -389,80 +390,20 @@ void pt_request_abort(pt_context * ctx) { ctx->abort_requested = true; }
 
 namespace {
 
-// The batches of one prefill: n_batch tokens each, positions continuing the sequence, logits for the last token only.
-struct prefill_batches {
-    std::vector<llama_pos>      pos;
-    std::vector<int32_t>        n_seq_id;
-    std::vector<llama_seq_id>   seq_zero;
-    std::vector<llama_seq_id *> seq_id;
-    std::vector<int8_t>         logits;
-
-    prefill_batches(int32_t n_tokens, llama_pos p0)
-        : pos(n_tokens), n_seq_id(n_tokens, 1), seq_zero(1, 0), seq_id(n_tokens, seq_zero.data()), logits(n_tokens, 0) {
-        for (int32_t i = 0; i < n_tokens; ++i) {
-            pos[i] = p0 + i;
-        }
-        logits[n_tokens - 1] = 1;
-    }
-
-    llama_batch chunk(const int32_t * tokens, int32_t i0, int32_t n) {
-        llama_batch b = {};
-        b.n_tokens = n;
-        b.token    = const_cast<int32_t *>(tokens) + i0;
-        b.pos      = pos.data() + i0;
-        b.n_seq_id = n_seq_id.data() + i0;
-        b.seq_id   = seq_id.data() + i0;
-        b.logits   = logits.data() + i0;
-        return b;
-    }
-};
-
-// Capture the n_batch-sized llama_decode calls of a prefill and replay them (the only decode loop is the executor's).
-int32_t capture_and_replay(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, llama_turbo_pipeline pipeline,
-                           int32_t first_ubatch, llama_turbo_record_callback on_record, void * user_data,
-                           llama_turbo_result * result) {
-    llama_context * c = ctx->ctx;
-    const int32_t n_batch = (int32_t) llama_n_batch(c);
-    prefill_batches batches(n_tokens, pt_context_n_past(ctx));
-    if (llama_turbo_capture_begin(c) != 0) {
-        snprintf(result->error, sizeof(result->error), "could not start a capture (is another prefill running?)");
-        return result->status = LLAMA_TURBO_FAILED;
-    }
-    for (int32_t i0 = 0; i0 < n_tokens; ) {
-        const int32_t len = std::min(i0 == 0 && first_ubatch > 0 ? std::min(first_ubatch, n_batch) : n_batch, n_tokens - i0);
-        if (llama_decode(c, batches.chunk(tokens, i0, len)) != 0) {
-            llama_turbo_capture_discard(c);
-            snprintf(result->error, sizeof(result->error), "llama_decode refused the batch");
-            return result->status = LLAMA_TURBO_FAILED;
-        }
-        i0 += len;
-    }
-    return llama_turbo_replay(c, pipeline, on_record, user_data, result);
-}
-
-} // namespace
-
-extern "C" {
-
-int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline, int32_t first_ubatch,
-                   llama_turbo_record_callback on_record, void * user_data, llama_turbo_result * result) {
-    *result = {};
+// Runs a decode (body returns an enum llama_turbo_status, filling result->error when it has a reason) on a live
+// context: exceptions become LLAMA_TURBO_DEVICE_FAILED, llama.cpp's logged errors are added to the message, and a
+// device failure marks the context dead.
+template <typename F>
+int32_t run_decode(pt_context * ctx, const char * what, llama_turbo_result * result, F && body) {
     if (ctx->dead) {
         snprintf(result->error, sizeof(result->error), "%s", ctx->dead_reason.c_str());
         return result->status = LLAMA_TURBO_DEVICE_FAILED;
     }
-    if (n_tokens <= 0 || pipeline < LLAMA_TURBO_PIPELINE_OFF || pipeline > LLAMA_TURBO_PIPELINE_ON) {
-        snprintf(result->error, sizeof(result->error), n_tokens <= 0 ? "no tokens" : "unknown pipeline mode %d", pipeline);
-        return result->status = LLAMA_TURBO_FAILED;
-    }
     clear_recent_errors();
     ctx->abort_requested = false;
-    const int32_t status = guarded<int32_t>(LLAMA_TURBO_DEVICE_FAILED, "prefill", [&] {
-        return capture_and_replay(ctx, tokens, n_tokens, (llama_turbo_pipeline) pipeline, first_ubatch, on_record, user_data,
-                                  result);
-    });
+    const int32_t status = guarded<int32_t>(LLAMA_TURBO_DEVICE_FAILED, what, body);
     if (status == LLAMA_TURBO_OK) {
-        return status;
+        return result->status = status;
     }
     std::string error = result->error[0] ? result->error : g_last_error;
     const std::string logged = take_recent_errors();
@@ -474,6 +415,109 @@ int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, i
     }
     snprintf(result->error, sizeof(result->error), "%s", error.c_str());
     return result->status = status;
+}
+
+bool seq_in_range(pt_context * ctx, int32_t seq_id) {
+    return seq_id >= 0 && seq_id < (int32_t) llama_n_seq_max(ctx->ctx);
+}
+
+} // namespace
+
+extern "C" {
+
+int32_t pt_prefill(pt_context * ctx, int32_t seq_id, const int32_t * tokens, int32_t n_tokens, int32_t pipeline,
+                   int32_t first_ubatch, llama_turbo_record_callback on_record, void * user_data,
+                   llama_turbo_result * result) {
+    *result = {};
+    if (n_tokens <= 0 || pipeline < LLAMA_TURBO_PIPELINE_OFF || pipeline > LLAMA_TURBO_PIPELINE_ON ||
+        !seq_in_range(ctx, seq_id)) {
+        snprintf(result->error, sizeof(result->error), n_tokens <= 0 ? "no tokens" :
+                 !seq_in_range(ctx, seq_id) ? "no sequence %d in this context" : "unknown pipeline mode %d",
+                 !seq_in_range(ctx, seq_id) ? seq_id : pipeline);
+        return result->status = LLAMA_TURBO_FAILED;
+    }
+    return run_decode(ctx, "prefill", result, [&] {
+        return llama_turbo_prefill(ctx->ctx, tokens, n_tokens, seq_id, first_ubatch, (llama_turbo_pipeline) pipeline,
+                                   on_record, user_data, result);
+    });
+}
+
+int32_t pt_decode(pt_context * ctx, int32_t n_tokens, const int32_t * tokens, const int32_t * seq_ids,
+                  const int8_t * want_logits, float * logits, llama_turbo_result * result) {
+    *result = {};
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        if (!seq_in_range(ctx, seq_ids[i])) {
+            snprintf(result->error, sizeof(result->error), "token %d: no sequence %d in this context", i, seq_ids[i]);
+            return result->status = LLAMA_TURBO_FAILED;
+        }
+    }
+    if (n_tokens <= 0) {
+        snprintf(result->error, sizeof(result->error), "no tokens");
+        return result->status = LLAMA_TURBO_FAILED;
+    }
+    return run_decode(ctx, "decode", result, [&]() -> int32_t {
+        std::vector<llama_seq_id>   seqs(seq_ids, seq_ids + n_tokens);
+        std::vector<llama_seq_id *> seq_ptrs(n_tokens);
+        std::vector<int32_t>        n_seq(n_tokens, 1);
+        std::vector<int8_t>         flags(n_tokens, 1);
+        for (int32_t i = 0; i < n_tokens; ++i) {
+            seq_ptrs[i] = &seqs[i];
+            flags[i]    = want_logits ? (int8_t) (want_logits[i] != 0) : 1;
+        }
+        llama_batch batch = {};
+        batch.n_tokens = n_tokens;
+        batch.token    = const_cast<int32_t *>(tokens);
+        batch.n_seq_id = n_seq.data();
+        batch.seq_id   = seq_ptrs.data();
+        batch.logits   = flags.data(); // pos: NULL, each token continues its sequence
+        const int32_t status = llama_decode(ctx->ctx, batch);
+        if (status != 0 || ctx->capturing || !logits) {
+            return status < 0 ? (int32_t) LLAMA_TURBO_FAILED : status;
+        }
+        const int32_t n_vocab = llama_vocab_n_tokens(vocab_of(ctx->owner));
+        for (int32_t i = 0, row = 0; i < n_tokens; ++i) {
+            if (flags[i]) {
+                std::memcpy(logits + (size_t) row++ * n_vocab, llama_get_logits_ith(ctx->ctx, i), sizeof(float) * n_vocab);
+            }
+        }
+        return (int32_t) LLAMA_TURBO_OK;
+    });
+}
+
+int32_t pt_capture_begin(pt_context * ctx) {
+    if (ctx->dead) {
+        return pt_fail(ctx->dead_reason);
+    }
+    if (ctx->capturing || llama_turbo_capture_begin(ctx->ctx) != 0) {
+        return pt_fail("a capture is already open on this context");
+    }
+    ctx->capturing = true;
+    return 0;
+}
+
+void pt_capture_discard(pt_context * ctx) {
+    if (ctx->capturing) {
+        llama_turbo_capture_discard(ctx->ctx);
+        ctx->capturing = false;
+    }
+}
+
+int32_t pt_capture_replay(pt_context * ctx, int32_t pipeline, llama_turbo_record_callback on_record, void * user_data,
+                          llama_turbo_result * result) {
+    *result = {};
+    if (!ctx->capturing) {
+        snprintf(result->error, sizeof(result->error), "no capture is open on this context");
+        return result->status = LLAMA_TURBO_FAILED;
+    }
+    ctx->capturing = false;
+    if (pipeline < LLAMA_TURBO_PIPELINE_OFF || pipeline > LLAMA_TURBO_PIPELINE_ON) {
+        llama_turbo_capture_discard(ctx->ctx);
+        snprintf(result->error, sizeof(result->error), "unknown pipeline mode %d", pipeline);
+        return result->status = LLAMA_TURBO_FAILED;
+    }
+    return run_decode(ctx, "replay", result, [&] {
+        return llama_turbo_replay(ctx->ctx, (llama_turbo_pipeline) pipeline, on_record, user_data, result);
+    });
 }
 
 int32_t pt_get_logits(pt_context * ctx, float * out) {
@@ -491,20 +535,20 @@ int32_t pt_get_logits(pt_context * ctx, float * out) {
     });
 }
 
-size_t pt_state_size(pt_context * ctx) {
+size_t pt_state_size(pt_context * ctx, int32_t seq_id) {
     if (ctx->dead) {
         pt_fail(ctx->dead_reason);
         return 0;
     }
-    return guarded<size_t>(0, "sizing the KV cache", [&] { return llama_state_seq_get_size(ctx->ctx, 0); });
+    return guarded<size_t>(0, "sizing the KV cache", [&] { return llama_state_seq_get_size(ctx->ctx, seq_id); });
 }
 
-size_t pt_state_get(pt_context * ctx, uint8_t * dst, size_t size) {
+size_t pt_state_get(pt_context * ctx, int32_t seq_id, uint8_t * dst, size_t size) {
     if (ctx->dead) {
         pt_fail(ctx->dead_reason);
         return 0;
     }
-    return guarded<size_t>(0, "reading the KV cache", [&] { return llama_state_seq_get_data(ctx->ctx, dst, size, 0); });
+    return guarded<size_t>(0, "reading the KV cache", [&] { return llama_state_seq_get_data(ctx->ctx, dst, size, seq_id); });
 }
 
 } // extern "C"

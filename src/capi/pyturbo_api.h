@@ -70,33 +70,49 @@ void       pt_model_free(pt_model * model);
 int32_t    pt_model_get_info(pt_model * model, pt_model_info * info);
 int32_t    pt_model_stage_names(pt_model * model, const char ** names, int32_t capacity);
 
-// flash_attn: -1 auto, 0 off, 1 on. max_in_flight: 0 = the executor's default (pt_context_n_in_flight). host_staging, relay_rpc, rpc_wire
-// (enum llama_turbo_wire): see llama_turbo_options.
+// flash_attn: -1 auto, 0 off, 1 on. max_in_flight: 0 = the executor's default (pt_context_n_in_flight). host_staging,
+// relay_rpc, rpc_wire (enum llama_turbo_wire): see llama_turbo_options. n_seq_max: the sequences (0 .. n_seq_max - 1)
+// that share the context's n_ctx KV cells, as llama-server's slots do.
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
                             int32_t n_threads, int32_t flash_attn, int32_t max_in_flight, int32_t host_staging,
-                            int32_t relay_rpc, int32_t rpc_wire);
+                            int32_t relay_rpc, int32_t rpc_wire, int32_t n_seq_max);
 void         pt_context_free(pt_context * ctx);
-int32_t      pt_context_n_past(pt_context * ctx);
+int32_t      pt_context_n_past(pt_context * ctx, int32_t seq_id); // positions the sequence holds
 int32_t      pt_context_is_dead(pt_context * ctx);
 int32_t      pt_context_stock_overlaps(pt_context * ctx); // llama_turbo_stock_overlaps
 int32_t      pt_context_n_in_flight(pt_context * ctx);    // llama_turbo_n_in_flight
 // Clears the KV cache. Returns 0, or -1 when a device failed (the context is then dead).
 int32_t      pt_context_reset(pt_context * ctx);
 
-// Appends tokens to sequence 0 in n_batch-sized llama_decode calls (the first of first_ubatch tokens when it is > 0, so
-// that the first ubatch has that many), captured and replayed as one series by the executor (llama-turbo.h), which
-// takes the pipelined path if `pipeline` (enum llama_turbo_pipeline) asks for it and it is safe, else the standard
-// path; the last token's logits are computed. Returns result->status (enum llama_turbo_status); on
-// failure or abort the KV cache is as it was before the call, and after LLAMA_TURBO_DEVICE_FAILED the context is dead.
-int32_t pt_prefill(pt_context * ctx, const int32_t * tokens, int32_t n_tokens, int32_t pipeline, int32_t first_ubatch,
-                   llama_turbo_record_callback on_record, void * user_data, struct llama_turbo_result * result);
+// Appends tokens to sequence seq_id, positions continuing the sequence, the last token's logits computed
+// (llama_turbo_prefill: the executor cuts the prompt into the n_batch-sized llama_decode calls of the standard path,
+// the first of first_ubatch tokens when it is > 0, so that the first ubatch has that many), on the pipelined path if
+// `pipeline` (enum llama_turbo_pipeline) asks for it and it is safe, else the standard path. Returns result->status
+// (enum llama_turbo_status); on failure or abort the KV cache is as it was before the call, and after
+// LLAMA_TURBO_DEVICE_FAILED the context is dead.
+int32_t pt_prefill(pt_context * ctx, int32_t seq_id, const int32_t * tokens, int32_t n_tokens, int32_t pipeline,
+                   int32_t first_ubatch, llama_turbo_record_callback on_record, void * user_data,
+                   struct llama_turbo_result * result);
+// One plain llama_decode call: token i is appended to sequence seq_ids[i] (several sequences may take a step together,
+// as llama-server's slots do). The logits of the tokens with want_logits[i] != 0 (every token when want_logits is
+// NULL) are copied to `logits`, n_vocab floats per token in order (not while a capture is open, nor when logits is
+// NULL). Returns result->status (LLAMA_TURBO_NO_KV_SLOT: no room; the cache is as before).
+int32_t pt_decode(pt_context * ctx, int32_t n_tokens, const int32_t * tokens, const int32_t * seq_ids,
+                  const int8_t * want_logits, float * logits, struct llama_turbo_result * result);
+// Capture/replay around plain llama_decode calls (pt_decode): after pt_capture_begin, pt_decode's calls are queued
+// (they return OK, computing nothing); pt_capture_replay decodes them as one series, pipelined if asked and safe,
+// with the results the standard path gives for the same calls. Returns 0/-1, and result->status.
+int32_t pt_capture_begin(pt_context * ctx);
+int32_t pt_capture_replay(pt_context * ctx, int32_t pipeline, llama_turbo_record_callback on_record, void * user_data,
+                          struct llama_turbo_result * result);
+void    pt_capture_discard(pt_context * ctx); // drops what was queued (nothing when no capture is open)
 // Interrupts a running pt_prefill from any thread; it returns with LLAMA_TURBO_ABORTED.
 void    pt_request_abort(pt_context * ctx);
 // Copies the logits of the last computed output row (n_vocab floats). Returns 0, or -1 if there is none.
 int32_t pt_get_logits(pt_context * ctx, float * out);
-// The serialized KV cache of sequence 0 (llama_state_seq_get_data): size, then data.
-size_t  pt_state_size(pt_context * ctx);
-size_t  pt_state_get(pt_context * ctx, uint8_t * dst, size_t size);
+// The serialized KV cache of a sequence (llama_state_seq_get_data): size, then data.
+size_t  pt_state_size(pt_context * ctx, int32_t seq_id);
+size_t  pt_state_get(pt_context * ctx, int32_t seq_id, uint8_t * dst, size_t size);
 
 // ---- generation (src/capi/pt_generation.cpp) ----
 // A llama.cpp sampler chain (llama_sampler_chain_init) built from these settings, in llama.cpp's usual order:
@@ -128,9 +144,12 @@ int32_t      pt_sampler_sample(pt_sampler * sampler, const float * logits, int32
 // Records tokens in the history without sampling (the prompt, for the penalties). Returns 0, or -1.
 int32_t      pt_sampler_accept(pt_sampler * sampler, const int32_t * tokens, int32_t n_tokens);
 
-// Drops every position >= n_keep from sequence 0 of the KV cache (reuse of a common prompt prefix). Returns 0, or
+// Drops every position >= n_keep from a sequence of the KV cache (reuse of a common prompt prefix). Returns 0, or
 // -1 when the cache cannot be cut there (then reset it).
-int32_t pt_context_truncate(pt_context * ctx, int32_t n_keep);
+int32_t pt_context_truncate(pt_context * ctx, int32_t seq_id, int32_t n_keep);
+// Makes dst_seq hold the first n_tokens positions of src_seq (and nothing else): the cells are shared, not copied
+// (a prompt prefix common to two sequences). Returns 0 or -1.
+int32_t pt_context_copy_prefix(pt_context * ctx, int32_t src_seq, int32_t dst_seq, int32_t n_tokens);
 
 // ---- vocabulary (src/capi/pt_vocab.cpp) ----
 // llama_tokenize: returns the token count, or -(tokens needed) when capacity is too small (INT32_MIN: it failed).

@@ -114,6 +114,15 @@ LLAMA_API int32_t llama_turbo_replay(struct llama_context * ctx, enum llama_turb
                                      llama_turbo_record_callback on_record, void * user_data,
                                      struct llama_turbo_result * result);
 
+// Append a prompt to sequence seq_id (positions continue the sequence; the last token's logits are computed), as the
+// llama_decode calls a caller would make of it, n_batch tokens each (the first of first_call tokens when first_call > 0,
+// so that the first ubatch has that many), replayed as one series: the same as llama_turbo_capture_begin(), those
+// calls, then llama_turbo_replay(), without building the calls' batches. Returns result->status.
+LLAMA_API int32_t llama_turbo_prefill(struct llama_context * ctx, const llama_token * tokens, int32_t n_tokens,
+                                      llama_seq_id seq_id, int32_t first_call, enum llama_turbo_pipeline pipeline,
+                                      llama_turbo_record_callback on_record, void * user_data,
+                                      struct llama_turbo_result * result);
+
 // Drop a capture without decoding it.
 LLAMA_API void llama_turbo_capture_discard(struct llama_context * ctx);
 

@@ -2,15 +2,19 @@
 //
 // How a replay runs
 //   1. Capture: while a capture is open, llama_decode() hands its batch to capture(), which copies it and returns 0.
+//      A prompt handed to llama_turbo_prefill() is captured as one batch that knows the calls its caller would make.
 //   2. Decide (decide_path): the standard path unless the caller asked for the pipeline and it is safe (one sequence,
 //      causal attention, no embeddings or eval callbacks, a layer split over at least two devices, at least two
 //      ubatches). The reason for the standard path is reported. Whether it is useful is the caller's decision.
 //   3. Decode, one of two ways, both through llama_context::decode so that batch validation, KV slots and output
 //      bookkeeping are llama.cpp's own:
-//      - standard (decode_calls): decode the batches one after the other, checking for an abort between them;
-//      - pipelined (decode_pipelined): the same batches, cut into calls of one ubatch where that changes nothing, with
-//        the executor active, so that every ubatch goes to submit() (turbo-slots.cpp), which builds its graph in a scheduler slot of its own and returns without
-//        waiting; the stage threads (turbo-stages.cpp) run the splits of the ubatches in flight.
+//      - standard (decode_calls): the calls the caller made (or would have made), one after the other, checking for an
+//        abort between them;
+//      - pipelined (decode_pipelined): the same calls, cut into calls of one ubatch where that changes nothing, with
+//        the executor active, so that every ubatch goes to submit() (turbo-slots.cpp), which builds its graph in a
+//        scheduler slot of its own and returns without waiting; the stage threads (turbo-stages.cpp) run the splits
+//        of the ubatches in flight.
+//      plan_calls() is the one place where batches are cut into calls, for both paths.
 //   4. Roll back: on failure or abort every position the replay added to the KV cache is removed again, so the caller
 //      sees the context as it was before.
 
@@ -41,6 +45,22 @@ turbo_batch::turbo_batch(const llama_batch & batch) {
             seq_id_flat.insert(seq_id_flat.end(), batch.seq_id[i], batch.seq_id[i] + batch.n_seq_id[i]);
         }
     }
+    call_lengths = {n};
+}
+
+turbo_batch::turbo_batch(const llama_token * tokens, int32_t n_tokens, llama_pos pos0, llama_seq_id seq,
+                         int32_t first_call, int32_t n_batch)
+    : token(tokens, tokens + n_tokens), pos(n_tokens), n_seq_id(n_tokens, 1), seq_id_flat(n_tokens, seq),
+      logits(n_tokens, 0) {
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        pos[i] = pos0 + i;
+    }
+    logits[n_tokens - 1] = 1;
+    for (int32_t i0 = 0; i0 < n_tokens; ) {
+        const int32_t len = std::min(i0 == 0 && first_call > 0 ? std::min(first_call, n_batch) : n_batch, n_tokens - i0);
+        call_lengths.push_back(len);
+        i0 += len;
+    }
 }
 
 llama_batch turbo_batch::view() {
@@ -60,15 +80,6 @@ llama_batch turbo_batch::view() {
         b.seq_id   = seq_id_ptrs.data();
     }
     return b;
-}
-
-int32_t turbo_batch::n_cuttable(int32_t n_ubatch) const {
-    const int32_t n = (int32_t) token.size();
-    int32_t first_output = n - 1; // without output flags llama.cpp outputs the last token
-    if (!logits.empty()) {
-        first_output = (int32_t) (std::find_if(logits.begin(), logits.end(), [](int8_t l) { return l != 0; }) - logits.begin());
-    }
-    return first_output / n_ubatch * n_ubatch;
 }
 
 std::vector<ggml_backend_dev_t> turbo_layer_devices(const llama_model & model) {
@@ -163,7 +174,9 @@ std::string llama_turbo::decide_path(llama_turbo_pipeline pipeline, const std::v
             }
             seqs.insert(b.seq_id_flat.begin(), b.seq_id_flat.end());
         }
-        n_ubatches += (b.token.size() + lctx.cparams.n_ubatch - 1) / lctx.cparams.n_ubatch;
+        for (int32_t n : b.call_lengths) {
+            n_ubatches += (n + lctx.cparams.n_ubatch - 1) / lctx.cparams.n_ubatch;
+        }
     }
     r.n_ubatches = (int32_t) n_ubatches;
 
@@ -186,36 +199,63 @@ std::string llama_turbo::decide_path(llama_turbo_pipeline pipeline, const std::v
 
 // ---- 3. decode ----------------------------------------------------------------------------------------------------------
 
-// The decode calls of a replay, checking for an abort before each. The standard path makes the captured calls as
-// they were. The pipelined path cuts each batch into calls of one ubatch where that changes nothing
-// (turbo_batch::n_cuttable): llama.cpp's per-call bookkeeping takes time in proportion to the call's tokens, and cut
-// so it runs while the stages work on the ubatches before instead of delaying the first one.
-int32_t llama_turbo::decode_calls(std::vector<turbo_batch> & batches, bool one_ubatch_per_call) {
+// The llama_decode calls of a replay. The standard path makes the calls the caller made (or, for a prompt, would
+// have made). The pipelined path cuts each of those further into calls of one ubatch, up to the ubatch that holds the
+// call's first output (all of them when the call has none): the cuts fall on llama.cpp's own ubatch boundaries, and
+// every output stays in the call's last piece (a decode call's outputs replace the previous call's), so llama.cpp
+// computes the same ubatches. One ubatch per
+// call lets llama.cpp's per-call bookkeeping, which takes time in proportion to the call's tokens, run while the stages
+// work on the ubatches before, instead of delaying the first one.
+std::vector<turbo_call> llama_turbo::plan_calls(const std::vector<turbo_batch> & batches, bool one_ubatch_per_call) const {
     const int32_t n_ubatch = (int32_t) lctx.cparams.n_ubatch;
+    std::vector<turbo_call> calls;
+    for (int32_t b = 0; b < (int32_t) batches.size(); ++b) {
+        const turbo_batch & batch = batches[b];
+        int32_t i0 = 0;
+        for (int32_t len : batch.call_lengths) {
+            const int32_t end = i0 + len;
+            if (one_ubatch_per_call) {
+                int32_t first_output = end - 1; // without output flags llama.cpp outputs the last token
+                if (!batch.logits.empty()) {
+                    first_output = (int32_t) (std::find_if(batch.logits.begin() + i0, batch.logits.begin() + end,
+                                                           [](int8_t l) { return l != 0; }) - batch.logits.begin());
+                }
+                for (; i0 + n_ubatch <= first_output; i0 += n_ubatch) {
+                    calls.push_back({b, i0, n_ubatch});
+                }
+            }
+            if (i0 < end) {
+                calls.push_back({b, i0, end - i0});
+            }
+            i0 = end;
+        }
+    }
+    return calls;
+}
+
+// Makes the calls of plan_calls(), checking for an abort before each.
+int32_t llama_turbo::decode_calls(std::vector<turbo_batch> & batches, bool one_ubatch_per_call) {
+    std::vector<llama_batch> views;
     for (auto & b : batches) {
-        const llama_batch whole  = b.view();
-        const int32_t     n      = whole.n_tokens;
-        const int32_t     n_head = one_ubatch_per_call ? b.n_cuttable(n_ubatch) : 0;
-        for (int32_t i0 = 0; i0 < n; ) {
-            if (lctx.abort_callback && lctx.abort_callback(lctx.abort_callback_data)) {
-                return LLAMA_TURBO_ABORTED;
-            }
-            const int32_t len = i0 < n_head ? n_ubatch : n - i0;
-            llama_batch part = whole;
-            part.n_tokens = len;
-            part.token += i0;
-            part.pos    = part.pos ? part.pos + i0 : nullptr;
-            part.logits = part.logits ? part.logits + i0 : nullptr;
-            if (part.n_seq_id) {
-                part.n_seq_id += i0;
-                part.seq_id   += i0;
-            }
-            trace.mark("decode call", one_ubatch_per_call ? n_submitted : -1); // the ubatch it will submit
-            const int32_t status = lctx.decode(part);
-            if (status != 0) {
-                return status;
-            }
-            i0 += len;
+        views.push_back(b.view());
+    }
+    for (const turbo_call & call : plan_calls(batches, one_ubatch_per_call)) {
+        if (lctx.abort_callback && lctx.abort_callback(lctx.abort_callback_data)) {
+            return LLAMA_TURBO_ABORTED;
+        }
+        llama_batch part = views[call.batch];
+        part.n_tokens = call.n;
+        part.token += call.i0;
+        part.pos    = part.pos ? part.pos + call.i0 : nullptr;
+        part.logits = part.logits ? part.logits + call.i0 : nullptr;
+        if (part.n_seq_id) {
+            part.n_seq_id += call.i0;
+            part.seq_id   += call.i0;
+        }
+        trace.mark("decode call", one_ubatch_per_call ? n_submitted : -1); // the ubatch it will submit
+        const int32_t status = lctx.decode(part);
+        if (status != 0) {
+            return status;
         }
     }
     return LLAMA_TURBO_OK;
@@ -374,6 +414,28 @@ int32_t llama_turbo_replay(llama_context * ctx, llama_turbo_pipeline pipeline, l
     t->record_cb      = nullptr;
     t->record_cb_data = nullptr;
     return status;
+}
+
+int32_t llama_turbo_prefill(llama_context * ctx, const llama_token * tokens, int32_t n_tokens, llama_seq_id seq_id,
+                            int32_t first_call, llama_turbo_pipeline pipeline, llama_turbo_record_callback on_record,
+                            void * user_data, llama_turbo_result * result) {
+    llama_turbo_result local;
+    llama_turbo_result & r = result ? *result : local;
+    llama_turbo * t = turbo_of(ctx);
+    const char * refused = !t ? "no executor attached" : t->capture_open ? "a capture is open" :
+                           n_tokens <= 0 ? "no tokens" : seq_id < 0 || seq_id >= (llama_seq_id) ctx->n_seq_max() ?
+                           "seq_id is outside the context's sequences" : nullptr;
+    if (refused) {
+        r = {};
+        r.status = LLAMA_TURBO_FAILED;
+        snprintf(r.error, sizeof(r.error), "%s", refused);
+        return r.status;
+    }
+    llama_memory_t mem = ctx->get_memory();
+    const llama_pos pos0 = mem ? mem->seq_pos_max(seq_id) + 1 : 0;
+    t->begin_capture();
+    t->capture_prompt(turbo_batch(tokens, n_tokens, pos0, seq_id, first_call, (int32_t) ctx->n_batch()));
+    return llama_turbo_replay(ctx, pipeline, on_record, user_data, result);
 }
 
 void llama_turbo_capture_discard(llama_context * ctx) {

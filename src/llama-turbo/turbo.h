@@ -25,16 +25,23 @@ struct turbo_batch {
     std::vector<int32_t>      n_seq_id;
     std::vector<llama_seq_id> seq_id_flat;
     std::vector<int8_t>       logits;
+    // The llama_decode calls the standard path makes of this batch, as lengths: a captured call is one call; a prompt
+    // (llama_turbo_prefill) is the calls its caller would have made, n_batch tokens each, the first of first_call.
+    std::vector<int32_t>      call_lengths;
 
     std::vector<llama_seq_id *> seq_id_ptrs; // rebuilt by view()
 
-    explicit turbo_batch(const llama_batch & batch);
+    explicit turbo_batch(const llama_batch & batch);  // a captured llama_decode call
+    turbo_batch(const llama_token * tokens, int32_t n_tokens, llama_pos pos0, llama_seq_id seq, int32_t first_call,
+                int32_t n_batch);                     // a prompt: consecutive positions, the last token's logits
     llama_batch view();
+};
 
-    // Where this batch can be cut into llama_decode calls of n_ubatch tokens each without changing what llama.cpp
-    // does with it: the cuts fall on its own ubatch boundaries, and every output stays in the last call (a decode
-    // call's outputs replace the previous call's). The tokens before the returned index can be cut so.
-    int32_t n_cuttable(int32_t n_ubatch) const;
+// One llama_decode call of a replay: tokens [i0, i0 + n) of batches[batch].
+struct turbo_call {
+    int32_t batch;
+    int32_t i0;
+    int32_t n;
 };
 
 // An input of a split: src (computed earlier or a graph input) must be copied into dst on the split's backend.
@@ -185,9 +192,11 @@ struct llama_turbo : llama_ubatch_executor {
 
     // ---- turbo-replay.cpp: one replay -------------------------------------------------------------------------------
     void    begin_capture();
+    void    capture_prompt(turbo_batch && prompt) { captured.push_back(std::move(prompt)); }
     int32_t replay(llama_turbo_pipeline pipeline, llama_turbo_result & r);
     std::string decide_path(llama_turbo_pipeline pipeline, const std::vector<turbo_batch> & batches,
                             std::set<llama_seq_id> & seqs, llama_turbo_result & r) const;
+    std::vector<turbo_call> plan_calls(const std::vector<turbo_batch> & batches, bool one_ubatch_per_call) const;
     int32_t decode_calls(std::vector<turbo_batch> & batches, bool one_ubatch_per_call);
     int32_t decode_pipelined(std::vector<turbo_batch> & batches);
     static bool stock_overlaps(const llama_context & lctx) { return lctx.cparams.pipeline_parallel; }

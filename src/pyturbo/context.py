@@ -1,6 +1,7 @@
 """`Context`: a llama.cpp context on a `Model`, with standard and pipelined prefill."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -21,6 +22,7 @@ log = logging.getLogger("pyturbo")
 FLASH_ATTN = {None: -1, "auto": -1, False: 0, True: 1}
 MAX_N_CTX = 2**31 - 1  # llama.cpp counts positions in int32
 MAX_THREADS = 512      # GGML_MAX_N_THREADS: ggml's thread pool has room for no more
+MAX_SEQUENCES = 256    # LLAMA_MAX_SEQ
 
 
 def _is_int(value) -> bool:
@@ -66,30 +68,43 @@ class GeneratedTokens(list):
     finish_reason: str = "length"
 
 
-def _exclusive(check: bool = True):
-    """A method that runs while this thread holds the context (see Context._claim), with Ctrl-C guarded (see
+@contextlib.contextmanager
+def _held(ctx: "Context", what: str, check: bool = True):
+    """This thread holds the context for the block (see Context._claim), with Ctrl-C guarded (see
     _calls.InterruptGuard); check: refuse a dead context and raise a Ctrl-C that the previous call left pending."""
+    ctx._claim(what, check)
+    outermost = guarded = False
+    try:
+        outermost = ctx._depth == 1
+        if outermost:
+            ctx._guard = _calls.InterruptGuard().__enter__()
+            guarded = True
+        yield
+        # a Ctrl-C recorded after the work settled: the call completed, so the next call raises it
+        ctx._pending_interrupt = ctx._pending_interrupt or (outermost and ctx._guard.recorded)
+    finally:
+        if guarded:
+            ctx._guard.__exit__()
+        ctx._depth -= 1
+        ctx._lock.release()
+
+
+def _exclusive(check: bool = True):
+    """A method that runs while this thread holds the context (_held)."""
     def wrap(method):
         @functools.wraps(method)
         def claimed(self, *args, **kwargs):
-            self._claim(method.__name__, check)
-            outermost = guarded = False
-            try:
-                outermost = self._depth == 1
-                if outermost:
-                    self._guard = _calls.InterruptGuard().__enter__()
-                    guarded = True
-                value = method(self, *args, **kwargs)
-                # a Ctrl-C recorded after the work settled: the call completed, so the next call raises it
-                self._pending_interrupt = self._pending_interrupt or (outermost and self._guard.recorded)
-                return value
-            finally:
-                if guarded:
-                    self._guard.__exit__()
-                self._depth -= 1
-                self._lock.release()
+            with _held(self, method.__name__, check):
+                return method(self, *args, **kwargs)
         return claimed
     return wrap
+
+
+@dataclass
+class Captured:
+    """What Context.capture() queued: its decode_tokens() calls' token count, then the replay's `PrefillResult`."""
+    n_tokens: int = 0
+    result: "PrefillResult | None" = None
 
 
 # How the pipeline moves activations between RPC workers: "direct" (each worker sends its result to the next worker
@@ -148,6 +163,10 @@ FIRST_UBATCH_TOLERANCE = 3e-2
 # largest logit over 4 CPU workers (bench/results/2026-12-04-shaped-links.md); the bound leaves a factor of ten for
 # deeper models and more stages.
 RPC_WIRE_TOLERANCE = 3e-2
+# Sequences that share a context's KV cache, or take a decode step together in one call: the kernels see other shapes
+# (several rows in one matmul, a KV range that holds other sequences' masked cells), so a sequence's logits differ from
+# a context of its own by rounding. Measured on the CPU: 1.5e-4 of the largest logit (tests/test_sequences.py).
+SEQUENCE_BATCH_TOLERANCE = 3e-2
 
 
 def within_tolerance(logits: np.ndarray, exact: np.ndarray, tolerance: float) -> bool:
@@ -192,10 +211,12 @@ class Context(_native.NativeHandle):
     _call: _calls.BackgroundCall | None = None
     _guard: _calls.InterruptGuard | None = None
     _owner: str | None = None
+    _capture: Captured | None = None  # open capture() block
 
     def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
                  n_threads: int | None = None, flash_attn: bool | str | None = None, max_in_flight: int = 0,
-                 first_ubatch: int | None = None, rpc_transfers: str = "direct", rpc_wire: str | None = None):
+                 first_ubatch: int | None = None, rpc_transfers: str = "direct", rpc_wire: str | None = None,
+                 n_seq: int = 1):
         if model.closed:
             raise ValueError("the model is closed")
         # bool is an int subclass: n_ctx=True would otherwise be a context of one token
@@ -216,6 +237,8 @@ class Context(_native.NativeHandle):
         if n_threads is not None and (not _is_int(n_threads) or not 0 <= n_threads <= MAX_THREADS):
             raise ValueError(f"n_threads must be an int from 1 to {MAX_THREADS}, or None or 0 (automatic), "
                              f"not {n_threads!r}")
+        if not _is_int(n_seq) or not 1 <= n_seq <= MAX_SEQUENCES:
+            raise ValueError(f"n_seq must be an int from 1 to {MAX_SEQUENCES}, not {n_seq!r}")
         if rpc_transfers not in RPC_TRANSFERS:
             raise ValueError(f"rpc_transfers must be one of {RPC_TRANSFERS}, not {rpc_transfers!r}")
         if rpc_wire not in RPC_WIRE:
@@ -227,6 +250,7 @@ class Context(_native.NativeHandle):
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
         self.flash_attn = flash_attn
         self.max_in_flight = max_in_flight
+        self.n_seq = n_seq
         self.prompt_cache = PromptCache()
         self._warm_paths: set[str] = set()  # paths that ran here once already (their first run allocates)
         self._lock = threading.RLock()     # held by the thread running a call on this context
@@ -250,7 +274,7 @@ class Context(_native.NativeHandle):
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_context_new, model.handle, n_ctx, n_batch, n_ubatch, n_threads,
                                        FLASH_ATTN[flash_attn], max_in_flight, int(host_staging),
-                                       int(rpc_transfers == "relay"), RPC_WIRE[rpc_wire]),
+                                       int(rpc_transfers == "relay"), RPC_WIRE[rpc_wire], n_seq),
             undo=lambda r: lib.pt_context_free(r[0]), disconnect=interrupted)
         _native.drain_log()
         if ptr == ffi.NULL:
@@ -268,14 +292,19 @@ class Context(_native.NativeHandle):
     @property
     @_exclusive(check=False)
     def n_past(self) -> int:
-        """Tokens already in the KV cache."""
-        return _native.lib().pt_context_n_past(self._live())
+        """Tokens already in the KV cache (of sequence 0)."""
+        return self.seq_len(0)
+
+    @_exclusive(check=False)
+    def seq_len(self, seq: int) -> int:
+        """Positions sequence `seq` holds in the KV cache."""
+        return _native.lib().pt_context_n_past(self._live(), self._check_seq(seq))
 
     @_exclusive()
     def prefill(self, tokens: str | Sequence[int] | np.ndarray, pipeline: bool | str = "auto",
-                on_ubatch: Callable[[UbatchRecord], None] | None = None) -> PrefillResult:
-        """Append tokens (token ids, or text, tokenized with BOS when the cache is empty) to the sequence and return
-        a `PrefillResult` (the last token's logits, timings, which path ran and why).
+                on_ubatch: Callable[[UbatchRecord], None] | None = None, *, seq: int = 0) -> PrefillResult:
+        """Append tokens (token ids, or text, tokenized with BOS when the sequence is empty) to sequence `seq` and
+        return a `PrefillResult` (the last token's logits, timings, which path ran and why).
 
         pipeline: "auto" (or True, the default) keeps several ubatches in flight over the model's layer devices where
         that is faster than llama.cpp's standard path (`decision` says why); "force" wherever it is safe; "off" (or
@@ -286,8 +315,8 @@ class Context(_native.NativeHandle):
         other outcomes.
         """
         mode = policy.normalize_mode(pipeline)
-        toks = self._check_tokens(tokens)
-        key = self._calibration_key(len(toks), self.n_past)
+        toks = self._check_tokens(tokens, seq)
+        key = self._calibration_key(len(toks), self.seq_len(seq))
         # a context's first prefill decides from first runs (fresh-context costs), later ones from warm runs
         decide_key = key if self._warm_paths else policy.first_run_key(key)
         now = time.time()
@@ -296,6 +325,22 @@ class Context(_native.NativeHandle):
         refused = ""
         if ask_pipeline:  # its buffers must fit before its first use
             ask_pipeline, refused = self._pipeline_fits(True, toks)
+        ffi, lib = _native.ffi(), _native.lib()
+        ptr = self._live()
+        c_toks = ffi.from_buffer("int32_t[]", toks)
+        pipeline_arg = lib.LLAMA_TURBO_PIPELINE_ON if ask_pipeline else lib.LLAMA_TURBO_PIPELINE_OFF
+        first_ubatch = self.first_ubatch or 0   # 0: n_batch-sized calls (uniform ubatches)
+        result, raw = self._run_replay(
+            lambda c_cb, result: lib.pt_prefill(ptr, seq, c_toks, len(toks), pipeline_arg, first_ubatch, c_cb,
+                                                ffi.NULL, result), on_ubatch if ask_pipeline else None, ask_pipeline)
+        prefill = self._prefill_result(result, raw, len(toks), decision, refused)
+        self._measured(key, prefill.path, ask_pipeline, result.n_ubatches, prefill.tokens_per_second)
+        return prefill
+
+    def _run_replay(self, call, on_ubatch, want_records: bool):
+        """call(record_callback, result) runs a replay (pt_prefill, pt_capture_replay) interruptibly; returns the
+        result struct and the raw records, or raises what it came to (KeyboardInterrupt for an abort, ContextDeadError
+        for a failed device, PrefillError)."""
         ffi, lib = _native.ffi(), _native.lib()
         ptr = self._live()
         result = ffi.new("struct llama_turbo_result *")
@@ -313,36 +358,104 @@ class Context(_native.NativeHandle):
                     lib.pt_request_abort(ptr)
 
         t0_us = lib.pt_time_us()
-        c_cb = ffi.callback("llama_turbo_record_callback", on_record) if ask_pipeline else ffi.NULL
-        c_toks = ffi.from_buffer("int32_t[]", toks)
-        pipeline_arg = lib.LLAMA_TURBO_PIPELINE_ON if ask_pipeline else lib.LLAMA_TURBO_PIPELINE_OFF
-        first_ubatch = self.first_ubatch or 0   # 0: n_batch-sized calls (uniform ubatches)
-        self._run_interruptible(lambda: lib.pt_prefill(ptr, c_toks, len(toks), pipeline_arg, first_ubatch, c_cb,
-                                                       ffi.NULL, result))
+        c_cb = ffi.callback("llama_turbo_record_callback", on_record) if want_records else ffi.NULL
+        self._run_interruptible(lambda: call(c_cb, result))
         _native.drain_log()
         if callback_error:
             raise callback_error[0]
+        self._raise_for_status(result)
+        return result, raw
+
+    def _raise_for_status(self, result) -> None:
+        ffi, lib = _native.ffi(), _native.lib()
         if result.status == lib.LLAMA_TURBO_ABORTED:
             raise KeyboardInterrupt("prefill aborted; the context is as it was before the call")
         if result.status != lib.LLAMA_TURBO_OK:
             msg = ffi.string(result.error).decode(errors="replace")
             if result.status == lib.LLAMA_TURBO_DEVICE_FAILED:
                 raise ContextDeadError(msg)
+            if result.status == lib.LLAMA_TURBO_NO_KV_SLOT:
+                msg = f"no room in the KV cache ({self.n_ctx} cells, shared by the sequences): {msg}"
             raise PrefillError(msg)
+
+    def _prefill_result(self, result, raw: list[tuple], n_tokens: int, decision: str, refused: str) -> PrefillResult:
+        ffi, lib = _native.ffi(), _native.lib()
         seconds = (result.t_end_us - result.t_start_us) / 1e6
         path = "pipelined" if result.path == lib.LLAMA_TURBO_PATH_PIPELINED else "standard"
-        self._measured(key, path, ask_pipeline, result.n_ubatches, len(toks) / seconds)
         timeline = Timeline.from_raw(raw, self.model.devices, result.t_start_us, seconds)
         host_times = {} if not result.t_first_submit_us else {
             "until_first_ubatch": (result.t_first_submit_us - result.t_start_us) / 1e6,
             "first_graph": (result.t_first_queued_us - result.t_first_submit_us) / 1e6,
             "graphs": result.host_submit_us / 1e6}
         return PrefillResult(
-            n_tokens=len(toks), seconds=seconds, logits=self.logits(), path=path,
+            n_tokens=n_tokens, seconds=seconds, logits=self.logits(), path=path,
             fallback_reason=refused or ffi.string(result.fallback_reason).decode(), decision=decision,
             n_ubatches=result.n_ubatches, n_stages=result.n_stages, n_in_flight=result.n_in_flight,
             slot_buffer_bytes=result.slot_buffer_bytes, timeline=timeline, host_times=host_times,
             transfers=ffi.string(result.transfers).decode())
+
+    @_exclusive()
+    def decode_tokens(self, tokens: Sequence[int] | np.ndarray, seqs: Sequence[int] | None = None,
+                      logits: str = "all") -> np.ndarray | None:
+        """One plain llama_decode call: token i is appended to sequence seqs[i] (default: all to sequence 0), so
+        several sequences can take a step together, as llama-server's slots do. Returns the logits of every token
+        (logits="all", [n, n_vocab]) or of the last one ("last", [1, n_vocab]); None inside capture(), where the
+        call is queued for the replay instead."""
+        toks = self.model.check_tokens(tokens)
+        seq_arr = np.zeros(toks.size, dtype=np.int32) if seqs is None else np.asarray(seqs, dtype=np.int32)
+        if seq_arr.shape != toks.shape:
+            raise ValueError(f"seqs must name one sequence per token ({toks.size}), not {len(seq_arr)}")
+        for seq in set(seq_arr.tolist()):
+            self._check_seq(seq)
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', not {logits!r}")
+        want = np.ones(toks.size, dtype=np.int8) if logits == "all" else np.eye(1, toks.size, toks.size - 1, np.int8)[0]
+        out = np.empty((int(want.sum()), self.model.n_vocab), dtype=np.float32)
+        ffi, lib = _native.ffi(), _native.lib()
+        ptr = self._live()
+        result = ffi.new("struct llama_turbo_result *")
+        if self._capture is not None:
+            self._capture.n_tokens += toks.size
+        c_out = ffi.NULL if self._capture is not None else ffi.from_buffer("float[]", out)
+        self._run_interruptible(lambda: lib.pt_decode(ptr, toks.size, ffi.from_buffer("int32_t[]", toks),
+                                                      ffi.from_buffer("int32_t[]", seq_arr),
+                                                      ffi.from_buffer("int8_t[]", want), c_out, result))
+        _native.drain_log()
+        self._raise_for_status(result)
+        return None if self._capture is not None else out
+
+    @contextlib.contextmanager
+    def capture(self, pipeline: bool | str = "force", on_ubatch: Callable[[UbatchRecord], None] | None = None):
+        """Capture/replay around plain llama_decode calls: inside `with ctx.capture() as captured:`, decode_tokens()
+        calls are queued; on leaving the block they are decoded as one series, pipelined if `pipeline` asks for it
+        ("force"/True; "off"/False: the standard path) and it is safe, with the results the standard path gives for
+        the same calls. `captured.result` is then the `PrefillResult` (logits of the last call's last output). An
+        exception inside the block drops what was queued."""
+        mode = policy.normalize_mode(pipeline)
+        if mode == "auto":
+            raise ValueError("capture() takes pipeline='force' or 'off' (it has no calibration of its own)")
+        with _held(self, "capture"):
+            lib = _native.lib()
+            ptr = self._live()
+            if lib.pt_capture_begin(ptr) != 0:
+                raise PrefillError(_native.last_error())
+            self._capture = captured = Captured()
+            try:
+                yield captured
+            except BaseException:
+                lib.pt_capture_discard(ptr)
+                raise
+            finally:
+                self._capture = None
+            result, raw = self._end_capture(mode == "force", on_ubatch)
+            captured.result = self._prefill_result(result, raw, captured.n_tokens, f"capture ({mode})", "")
+
+    def _end_capture(self, pipelined: bool, on_ubatch):
+        lib = _native.lib()
+        ptr = self._live()
+        arg = lib.LLAMA_TURBO_PIPELINE_ON if pipelined else lib.LLAMA_TURBO_PIPELINE_OFF
+        return self._run_replay(lambda c_cb, result: lib.pt_capture_replay(ptr, arg, c_cb, _native.ffi().NULL, result),
+                                on_ubatch, pipelined)
 
     def _measured(self, key: str, path: str, asked_pipeline: bool, n_ubatches: int, tokens_per_second: float) -> None:
         """Record a prefill's throughput for auto's decisions. Not when the executor fell back for safety (that says
@@ -417,15 +530,16 @@ class Context(_native.NativeHandle):
         return out
 
     @_exclusive()
-    def kv_state(self) -> bytes:
-        """The serialized KV cache of the sequence (llama_state_seq_get_data): for exact comparisons."""
+    def kv_state(self, seq: int = 0) -> bytes:
+        """The serialized KV cache of a sequence (llama_state_seq_get_data): for exact comparisons."""
         ffi, lib = _native.ffi(), _native.lib()
         ptr = self._live()
+        seq = self._check_seq(seq)
 
         def read():  # from the workers: interruptible
-            size = lib.pt_state_size(ptr)
+            size = lib.pt_state_size(ptr, seq)
             buf = ffi.new("uint8_t[]", size)
-            got, error = _native.with_error(lib.pt_state_get, ptr, buf, size)
+            got, error = _native.with_error(lib.pt_state_get, ptr, seq, buf, size)
             return size, got, buf, error
 
         size, got, buf, error = self._run_interruptible(read, rolled_back=lambda _: False)
@@ -443,18 +557,32 @@ class Context(_native.NativeHandle):
         self._raise_if_dead()  # a worker that died during the reset
 
     @_exclusive()
-    def truncate(self, n_keep: int) -> bool:
-        """Drop every position >= n_keep from the KV cache (a prompt prefix to reuse); False when the cache cannot
-        be cut there (then reset() it)."""
-        return _native.lib().pt_context_truncate(self._live(), int(n_keep)) == 0
+    def truncate(self, n_keep: int, seq: int = 0) -> bool:
+        """Drop every position >= n_keep from a sequence of the KV cache (a prompt prefix to reuse); False when the
+        cache cannot be cut there (then reset() it)."""
+        return _native.lib().pt_context_truncate(self._live(), self._check_seq(seq), int(n_keep)) == 0
+
+    @_exclusive()
+    def copy_prefix(self, src_seq: int, dst_seq: int, n_tokens: int) -> None:
+        """Make sequence dst_seq hold the first n_tokens positions of src_seq and nothing else (a prompt prefix two
+        sequences share: the KV cells are shared, not copied)."""
+        lib = _native.lib()
+        if lib.pt_context_copy_prefix(self._live(), self._check_seq(src_seq), self._check_seq(dst_seq),
+                                      int(n_tokens)) != 0:
+            raise PrefillError(_native.last_error())
 
     # ---- plumbing -------------------------------------------------------------------------------------------------
 
-    def _check_tokens(self, tokens) -> np.ndarray:
+    def _check_seq(self, seq) -> int:
+        if not _is_int(seq) or not 0 <= seq < self.n_seq:
+            raise ValueError(f"seq must be an int from 0 to {self.n_seq - 1} (the context's n_seq), not {seq!r}")
+        return int(seq)
+
+    def _check_tokens(self, tokens, seq: int = 0) -> np.ndarray:
+        n_past = self.seq_len(seq)
         if isinstance(tokens, str):
-            tokens = self.model.tokenize(tokens, add_special=self.n_past == 0)
+            tokens = self.model.tokenize(tokens, add_special=n_past == 0)
         arr = self.model.check_tokens(tokens)   # already contiguous int32
-        n_past = self.n_past
         if not fits(arr.size, self.n_ctx, n_past):
             raise ValueError(f"{arr.size} tokens do not fit: the context holds {self.n_ctx} and {n_past} are used; "
                              f"create the context with n_ctx >= {n_past + arr.size} or call reset()")
@@ -602,15 +730,21 @@ class Context(_native.NativeHandle):
 
     def stream(self, prompt: str | Sequence[int], *, max_tokens: int = 16, stop: str | Sequence[str] = (),
                sampling: "SamplerSettings | None" = None, pipeline=True, cache_prompt: bool = True,
+               ignore_eos: bool = False, min_tokens: int = 0, logprobs: int | None = None,
                lock=None, **settings) -> "Generation":
         """Generate from a prompt (text, tokenized with BOS and special tokens; or token ids), yielding `Piece`s of
         text as they are decoded (a multi-byte character split over tokens comes out whole).
 
-        Stops at an end-of-generation token, at the first stop string (not included), or after max_tokens.
-        Sampling is llama.cpp's sampler chain: pass `sampling=SamplerSettings(...)` or its fields as keywords
-        (temperature=0 is greedy, the same tokens as generate()). With cache_prompt, the longest common prefix with
-        what the KV cache holds from the previous call is reused and only the rest is prefilled, through the
-        pipeline when it is long enough. The returned `Generation` has cancel() and, once iterated, result().
+        Stops at an end-of-generation token, at the first stop string (not included), or after max_tokens;
+        ignore_eos=True never draws an end-of-generation token (llama.cpp's ignore_eos: their logits are -inf),
+        min_tokens=N not before N tokens. Sampling is llama.cpp's sampler chain: pass
+        `sampling=SamplerSettings(...)` or its fields as keywords (temperature=0 is greedy, the same tokens as
+        generate()). logprobs=N: each Piece carries its token's log-probability and the N most likely tokens at
+        that step (`piece.logprobs`, and `Completion.logprobs`): the log-softmax of the raw logits, before the
+        sampler chain (temperature, top_k/top_p, penalties, logit_bias, the end-of-generation mask). With
+        cache_prompt, the longest common prefix with what the KV cache holds from the previous call is reused and
+        only the rest is prefilled, through the pipeline when it is long enough. The returned `Generation` has
+        cancel() and, once iterated, result().
         """
         from .generation import Generation
         from .sampling import SamplerSettings
@@ -622,7 +756,8 @@ class Context(_native.NativeHandle):
                 raise TypeError("pass either sampling=SamplerSettings(...) or its fields as keywords, not both")
             sampling = SamplerSettings(**settings)
         return Generation(self, prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, pipeline=pipeline,
-                          cache_prompt=cache_prompt, lock=lock)
+                          cache_prompt=cache_prompt, ignore_eos=ignore_eos, min_tokens=min_tokens, logprobs=logprobs,
+                          lock=lock)
 
     def complete(self, prompt: str | Sequence[int], **kwargs) -> "Completion":
         """stream() run to the end: a `Completion` (text, tokens, finish_reason, n_prompt, n_cached, prefill, ...)."""
@@ -630,3 +765,15 @@ class Context(_native.NativeHandle):
         for _ in gen:
             pass
         return gen.result()
+
+    def chat(self, messages: Sequence[dict], **kwargs) -> "dict | Iterator[dict]":
+        """Answer chat messages ([{"role": "user", "content": "..."}, ...]) as llama-cpp-python's
+        create_chat_completion does: the prompt is rendered with the model's chat template (`model.chat_template`,
+        or template=ChatTemplate(...)), and the answer is an OpenAI-shaped dict ("chat.completion": choices[0].message,
+        finish_reason, usage); stream=True returns an iterator of "chat.completion.chunk" dicts instead.
+
+        max_tokens (default: until the context is full), stop, logprobs=True with top_logprobs=N (choices[].logprobs
+        .content, OpenAI's shape; log-softmax of the raw logits, see stream()), and every keyword of stream()
+        (sampler settings, ignore_eos, min_tokens, pipeline, cache_prompt). Needs Jinja2 (pip install ".[server]")."""
+        from .chat import chat_completion
+        return chat_completion(self, messages, **kwargs)
