@@ -35,13 +35,13 @@ def test_special_tokens_and_chat_template(vocab_model, model_dir):
         assert (model.bos_id, model.eos_id) == (1, 2)
         assert model.token_text(model.bos_id) == "<s>" and model.token_bytes(model.bos_id) == b""
         assert model.is_eog(model.eos_id) and not model.is_eog(model.tokenize("fox", add_special=False)[0])
-        assert model.chat_template is None
+        assert model.gguf_chat_template is None
         assert model.tokenize("<s>fox", add_special=False, parse_special=True)[0] == model.bos_id
         assert model.bos_id not in model.tokenize("<s>fox", add_special=False)
     shape = synth.ModelShape(**{**synth.PRESETS["tiny"].__dict__, "n_vocab": synth.tiny_vocab_size(), "n_layer": 1})
     path = synth.write_model(model_dir / "templated.gguf", shape, vocab="tiny", chat_template=synth.TINY_CHAT_TEMPLATE)
     with pyturbo.Model(path, devices=[]) as model:
-        assert model.chat_template == synth.TINY_CHAT_TEMPLATE
+        assert model.gguf_chat_template == synth.TINY_CHAT_TEMPLATE
 
 
 def test_greedy_matches_generate_token_for_token(vocab_ctx):

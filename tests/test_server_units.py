@@ -7,7 +7,7 @@ import pyturbo
 from pyturbo import synth
 
 pytest.importorskip("fastapi", reason="the server's dependencies are missing: pip install '.[test]'")
-from pyturbo.server.chat import CHATML_STOP, ChatTemplate, ChatTemplateError  # noqa: E402
+from pyturbo.chat import CHATML_STOP, ChatTemplate, ChatTemplateError  # noqa: E402
 from pyturbo.server.schemas import ChatRequest, CompletionRequest  # noqa: E402
 from pyturbo.server.settings import DEFAULTS, DEMO_DEFAULTS, parse_args, pipeline_mode  # noqa: E402
 

@@ -1,6 +1,8 @@
-"""Text generation on a `Context`: the prompt cache, the sampling loop, stop strings and incremental detokenizing.
+"""Text generation on a `Context`: the prompt cache, the sampling loop, stop strings, incremental detokenizing,
+end-of-generation control (ignore_eos, min_tokens) and log-probabilities.
 
-Used through `Context.stream()` and `Context.complete()`; see there.
+Used through `Context.stream()` and `Context.complete()`; see there. The pieces a batched loop needs besides
+(token_logprobs, without_end_of_generation) are functions of their own.
 """
 from __future__ import annotations
 
@@ -66,18 +68,21 @@ def prefill_cached(ctx, tokens: Sequence[int], pipeline=True, cache_prompt: bool
 
 
 class StopStrings:
-    """Finds stop strings in streamed text: text that could still become one is held back until it cannot."""
+    """Finds stop strings in streamed text: text that could still become one is held back until it cannot.
+    `hit`: the stop string that ended the output (None until one does)."""
 
     def __init__(self, stop: Sequence[str]):
         self.stop = [s for s in stop if s]
         self.held = ""
+        self.hit: str | None = None
 
     def push(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string ended the output)."""
         self.held += text
-        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
+        hits = sorted((i, n, s) for n, s in enumerate(self.stop) if (i := self.held.find(s)) >= 0)
         if hits:
-            out, self.held = self.held[:min(hits)], ""
+            at, _, self.hit = hits[0]
+            out, self.held = self.held[:at], ""
             return out, True
         keep = max((k for s in self.stop for k in range(min(len(s) - 1, len(self.held)), 0, -1)
                     if self.held.endswith(s[:k])), default=0)
@@ -90,9 +95,60 @@ class StopStrings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability at a step: the log-softmax of the model's raw logits there, i.e. before the
+    sampler chain (temperature, top_k/top_p/min_p, penalties, logit_bias and the end-of-generation mask of
+    ignore_eos/min_tokens change what is drawn, not this), as llama-server's n_probs reports them."""
+    token: int
+    bytes: bytes       # what the token stands for (b"" for a model without a vocabulary)
+    logprob: float
+
+    @property
+    def text(self) -> str:
+        """The token's own text (a piece of a UTF-8 character comes out replaced)."""
+        return self.bytes.decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token (`chosen`) and the `top` most likely tokens at its step, most likely first (ties by id)."""
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log-softmax of raw logits, in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    peak = np.max(x)
+    return x - (peak + np.log(np.sum(np.exp(x - peak))))
+
+
+def token_logprobs(model, logits: np.ndarray, token: int, n_top: int) -> TokenLogprobs:
+    """The log-probability of `token` and of the n_top most likely tokens under `logits` (the raw logits of the step
+    that drew it: see TokenLogprob)."""
+    lp = log_softmax(logits)
+    n_top = min(n_top, lp.size)
+    top = np.argpartition(-lp, n_top - 1)[:n_top] if n_top else np.zeros(0, dtype=np.int64)
+    top = top[np.lexsort((top, -lp[top]))]
+
+    def entry(t) -> TokenLogprob:
+        return TokenLogprob(int(t), model.token_bytes(int(t)) if model.has_vocab else b"", float(lp[t]))
+    return TokenLogprobs(entry(token), tuple(entry(t) for t in top))
+
+
+def without_end_of_generation(logits: np.ndarray, eog_tokens: Sequence[int]) -> np.ndarray:
+    """A copy of logits in which no end-of-generation token can be drawn (their logit -inf, as llama.cpp's
+    ignore_eos sets it)."""
+    out = np.array(logits, dtype=np.float32)
+    out[list(eog_tokens)] = -np.inf
+    return out
+
+
+@dataclass(frozen=True)
 class Piece:
     text: str
     token: int | None  # None for text flushed at the end
+    logprobs: TokenLogprobs | None = None  # the token's, when the generation was asked for them
 
 
 @dataclass(frozen=True)
@@ -105,6 +161,8 @@ class Completion:
     prefill: object             # PrefillResult of the prefilled rest, or None when cancelled before it finished
     ttft_seconds: float         # call to first sampled token
     seconds: float              # call to end
+    stop_string: str | None = None                  # the stop string that ended it, if one did
+    logprobs: list[TokenLogprobs] | None = None     # one per token, when asked for (stream(logprobs=N))
 
 
 class Generation:
@@ -112,14 +170,25 @@ class Generation:
     and checked at construction, so a bad request fails before any work. cancel() stops it from any thread within
     about a second, leaving the KV cache consistent; afterwards result() gives the `Completion`.
 
-    lock: held around each native step, for several contexts of one model used from several threads.
+    ignore_eos: end-of-generation tokens are never drawn (their logits -inf, llama.cpp's ignore_eos); min_tokens: the
+    same for the first min_tokens tokens only. logprobs=N: each `Piece` (and the `Completion`) carries the drawn
+    token's log-probability and the N most likely at its step (`TokenLogprobs`; log-softmax of the raw logits,
+    before the sampler chain). lock: held around each native step, for several contexts of one model used from
+    several threads.
     """
 
     def __init__(self, ctx, prompt: str | Sequence[int], *, max_tokens: int = 16, stop: str | Sequence[str] = (),
-                 sampling: SamplerSettings | None = None, pipeline=True, cache_prompt: bool = True, lock=None):
+                 sampling: SamplerSettings | None = None, pipeline=True, cache_prompt: bool = True,
+                 ignore_eos: bool = False, min_tokens: int = 0, logprobs: int | None = None, lock=None):
         self.prompt_tokens = prompt_tokens(ctx.model, prompt)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, not {max_tokens!r}")
+        if not isinstance(ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, not {ignore_eos!r}")
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, not {min_tokens!r}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise ValueError(f"logprobs must be None or an int >= 0 (how many most likely tokens), not {logprobs!r}")
         stop = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) for s in stop):
             raise ValueError(f"stop must be a string or a list of strings, not {stop!r}")
@@ -127,6 +196,9 @@ class Generation:
         self.ctx, self.max_tokens, self.stop = ctx, max_tokens, stop
         self.settings = sampling or SamplerSettings()
         self.pipeline, self.cache_prompt = pipeline, cache_prompt
+        self.ignore_eos, self.min_tokens, self.n_top_logprobs = ignore_eos, min_tokens, logprobs
+        self.token_logprobs: list[TokenLogprobs] | None = None if logprobs is None else []
+        self.stop_string: str | None = None
         self._lock = lock
         self._cancelled = threading.Event()
         self._busy = threading.Event()
@@ -161,7 +233,9 @@ class Generation:
             raise RuntimeError("the generation has not finished: iterate it to the end first")
         return Completion(text=self.text, tokens=list(self.tokens), finish_reason=self.finish_reason,
                           n_prompt=len(self.prompt_tokens), n_cached=self.n_cached, prefill=self.prefill,
-                          ttft_seconds=(self.t_first or self.t_end) - self.t_start, seconds=self.t_end - self.t_start)
+                          ttft_seconds=(self.t_first or self.t_end) - self.t_start, seconds=self.t_end - self.t_start,
+                          stop_string=self.stop_string,
+                          logprobs=None if self.token_logprobs is None else list(self.token_logprobs))
 
     # ---- the loop -------------------------------------------------------------------------------------------------
 
@@ -210,19 +284,20 @@ class Generation:
             while True:
                 if self._cancelled.is_set():
                     raise _Cancelled
-                token = sampler.sample(logits)
+                token = sampler.sample(self._drawable(logits))
                 if self.t_first is None:
                     self.t_first = time.perf_counter()
                 if model.has_vocab and model.is_eog(token):
                     self.finish_reason = "stop"
                     break
                 self.tokens.append(token)
+                picked = self._logprobs_of(token, logits)
                 # a model without a vocabulary (synthetic, token ids only) generates tokens without text
                 text, hit = stops.push(decoder.decode(model.token_bytes(token) if model.has_vocab else b""))
                 self.text += text
-                yield Piece(text, token)  # text may be "" (part of a character, or held back by a stop string)
+                yield Piece(text, token, picked)  # text may be "" (part of a character, or held back by a stop string)
                 if hit:
-                    self.finish_reason = "stop"
+                    self.finish_reason, self.stop_string = "stop", stops.hit
                     return
                 if len(self.tokens) >= self.max_tokens or ctx.n_past >= ctx.n_ctx:
                     self.finish_reason = "length"
@@ -232,6 +307,21 @@ class Generation:
         if tail:
             self.text += tail
             yield Piece(tail, None)
+
+    def _drawable(self, logits: np.ndarray) -> np.ndarray:
+        """The logits the sampler draws from: without end-of-generation tokens under ignore_eos and before
+        min_tokens (a model without a vocabulary has none)."""
+        model = self.ctx.model
+        if model.has_vocab and (self.ignore_eos or len(self.tokens) < self.min_tokens):
+            return without_end_of_generation(logits, model.eog_tokens)
+        return logits
+
+    def _logprobs_of(self, token: int, logits: np.ndarray) -> TokenLogprobs | None:
+        if self.token_logprobs is None:
+            return None
+        picked = token_logprobs(self.ctx.model, logits, token, self.n_top_logprobs)
+        self.token_logprobs.append(picked)
+        return picked
 
     def _decode(self, token: int) -> np.ndarray:
         logits = self.ctx.decode(token)

@@ -157,6 +157,9 @@ class Model(_native.NativeHandle):
     fit), and so is every context (see `Context`).
     """
 
+    _eog_tokens: tuple[int, ...] | None = None     # eog_tokens, once listed
+    _chat_template = None                          # chat_template, once compiled
+
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | str = "all", split_mode: str = "layer",
                  main_gpu: int = 0, tensor_split: Sequence[float] | str | None = None, devices: Sequence[str] | None = None,
                  rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True,
@@ -420,10 +423,26 @@ class Model(_native.NativeHandle):
         return self._sized_string(lambda buf, cap: _native.lib().pt_token_text(self._live_with_vocab(), int(token), buf, cap))
 
     @property
-    def chat_template(self) -> str | None:
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token id (what ignore_eos keeps from being drawn); listed once per model."""
+        if self._eog_tokens is None:
+            self._eog_tokens = tuple(t for t in range(self.n_vocab) if self.is_eog(t))
+        return self._eog_tokens
+
+    @property
+    def gguf_chat_template(self) -> str | None:
         """The GGUF's tokenizer.chat_template (Jinja2 source), or None when it has none."""
         text = self._sized_string(lambda buf, cap: _native.lib().pt_model_chat_template(self._live_with_vocab(), buf, cap))
         return text or None
+
+    @property
+    def chat_template(self) -> "ChatTemplate":
+        """The model's chat template, compiled (`pyturbo.chat.ChatTemplate`): the GGUF's tokenizer.chat_template, or
+        ChatML when it has none (as llama-server falls back). Needs Jinja2 (pip install ".[server]")."""
+        if self._chat_template is None:
+            from .chat import ChatTemplate
+            self._chat_template = ChatTemplate.for_model(self)
+        return self._chat_template
 
     @staticmethod
     def _sized_string(call) -> str:

@@ -20,7 +20,7 @@ from ..errors import ContextDeadError, PyturboError, WorkerError
 from ..generation import Completion, Generation, Piece, check_prompt, common_prefix, prompt_tokens
 from ..model import Model, check_reachable
 from ..sampling import SamplerSettings
-from .chat import ChatTemplate
+from ..chat import ChatTemplate
 from .settings import ServerSettings
 
 log = logging.getLogger("pyturbo.server")
@@ -47,6 +47,9 @@ class Job:
     sampling: SamplerSettings = field(default_factory=SamplerSettings)
     cache_prompt: bool = True
     pipeline: str | None = None     # "auto", "force" or "off" (settings.PIPELINE_MODES); None: the server's --pipeline
+    ignore_eos: bool = False        # the library's stream() options of the same names
+    min_tokens: int = 0
+    logprobs: int | None = None     # how many most likely tokens per step; None: no logprobs
 
 
 @dataclass
@@ -236,7 +239,8 @@ class Engine:
             mode = job.pipeline or self.settings.pipeline
             max_tokens = min(job.max_tokens or self.settings.max_tokens or n_ctx, n_ctx - len(job.tokens))
             gen = slot.ctx.stream(job.tokens, max_tokens=max_tokens, stop=job.stop, sampling=job.sampling,
-                                  pipeline=mode, cache_prompt=job.cache_prompt, lock=self.step_lock)
+                                  pipeline=mode, cache_prompt=job.cache_prompt, ignore_eos=job.ignore_eos,
+                                  min_tokens=job.min_tokens, logprobs=job.logprobs, lock=self.step_lock)
             run = Run(self._loop, gen, slot, t_arrival, mode)
             with self._runs_lock:
                 self._runs.add(run)
