@@ -131,9 +131,6 @@ def test_bad_requests_are_openai_errors(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, "hi", temperature=5)
     assert "temperature" in e.value.message
-    with pytest.raises(openai.NotFoundError) as e:
-        client.completions.create(model="gpt-nope", prompt="hi")
-    assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="chat", prompt=" ".join(["fox"] * 2100))
     assert e.value.body["code"] == "context_length_exceeded"
@@ -150,8 +147,8 @@ def test_bad_requests_are_openai_errors(server, client):
         client.completions.create(model="chat", prompt="hi", max_tokens=2, extra_body={"top_k": 2**40})
     assert e.value.body["param"] == "top_k"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="chat", prompt="hi", logprobs=2)
-    assert e.value.body["code"] == "unsupported_parameter" and "logprobs: not supported" in e.value.message
+        client.completions.create(model="chat", prompt="hi", logprobs=21)
+    assert e.value.body["param"] == "logprobs"
     # JSON without a Content-Type is read as JSON, as llama-server reads it
     plain = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)

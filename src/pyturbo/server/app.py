@@ -1,4 +1,5 @@
-"""The HTTP routes, kept thin: parse and check a request, hand it to the engine, shape the answer the OpenAI way.
+"""The HTTP routes, kept thin: parse and check a request, hand it to the engine, shape the answer the OpenAI way
+(or llama-server's, on its own routes: answers.py).
 
 A generation's response starts when its first token exists: until then every failure (a bad parameter, a prompt
 too long, a dead worker) is an HTTP status with an OpenAI-shaped error body, not an error inside a 200 stream.
@@ -21,11 +22,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .answers import DONE, LlamaAnswer, OpenAIAnswer, generation_settings
 from .engine import Engine, Job, Outcome, PromptTooLong, Unavailable
 from .limits import RequestLimits
 from .metrics import Metrics
-from .schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, completion_response,
-                      error_body, model_list, new_id)
+from .schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, LlamaCompletionRequest, TokenizeRequest,
+                      error_body, model_list)
 from .settings import ServerSettings
 
 log = logging.getLogger("pyturbo.server")
@@ -128,7 +130,8 @@ def require_key(settings: SettingsDep, request: Request) -> None:
 
 
 def check_model(settings: ServerSettings, name: str | None) -> None:
-    if name is not None and name not in (settings.model_id, settings.model_id + ".gguf"):
+    """Any model id is served by the one model, as llama-server does; with --strict-model-name only its own."""
+    if settings.strict_model_name and name is not None and name not in (settings.model_id, settings.model_id + ".gguf"):
         raise ApiError(404, f"the model {name!r} does not exist here; this server serves {settings.model_id!r} "
                             f"(GET /v1/models)", code="model_not_found", param="model")
 
@@ -194,7 +197,8 @@ async def props(engine: EngineDep, settings: SettingsDep):
             "total_slots": len(engine.slots), "model_path": str(settings.model) if settings.model else None,
             "chat_template": engine.template.text if engine.template else None,
             "pyturbo": {"pipeline": settings.pipeline, "n_batch": settings.n_batch, "n_ubatch": settings.n_ubatch,
-                        "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints}}
+                        "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints,
+                        "strict_model_name": settings.strict_model_name}}
 
 
 # ---- generation -------------------------------------------------------------------------------------------------
@@ -203,20 +207,38 @@ async def props(engine: EngineDep, settings: SettingsDep):
 async def completions(request: Request, req: CompletionRequest, engine: EngineDep, settings: SettingsDep):
     check_model(settings, req.model)
     tokens = _checked(lambda: engine.tokens_for(req.prompt))
-    return await _generate(request, engine, settings, req, tokens, [], chat=False)
+    answer = OpenAIAnswer(settings.model_id, chat=False, include_usage=_include_usage(req))
+    return await _generate(request, engine, req, tokens, [], answer)
 
 
 @router.post("/v1/chat/completions", dependencies=keyed)
 async def chat_completions(request: Request, req: ChatRequest, engine: EngineDep, settings: SettingsDep):
     check_model(settings, req.model)
     tokens, stops = _checked(lambda: engine.chat_tokens([m.for_template() for m in req.messages]))
-    return await _generate(request, engine, settings, req, tokens, stops, chat=True)
+    answer = OpenAIAnswer(settings.model_id, chat=True, include_usage=_include_usage(req))
+    return await _generate(request, engine, req, tokens, stops, answer)
 
 
-async def _generate(request: Request, engine: Engine, settings: ServerSettings, req, tokens: list[int],
-                    extra_stop: list[str], chat: bool):
+@router.post("/completion", dependencies=keyed)
+@router.post("/completions", dependencies=keyed)  # llama-server's second name of it
+async def llama_completion(request: Request, req: LlamaCompletionRequest, engine: EngineDep, settings: SettingsDep):
+    """llama-server's own completion route (not OpenAI's): its field names and its answer (answers.LlamaAnswer)."""
+    check_model(settings, req.model)
+    tokens = _checked(lambda: engine.tokens_for(req.prompt))
+    prompt_text = _checked(lambda: engine.detokenize(tokens)) if engine.model and engine.model.has_vocab else ""
+    used = generation_settings(req, _checked(req.sampler_settings), settings.n_ctx, settings.model_id)
+    answer = LlamaAnswer(settings.model_id, len(tokens), prompt_text, used, req.return_tokens)
+    return await _generate(request, engine, req, tokens, [], answer)
+
+
+def _include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+async def _generate(request: Request, engine: Engine, req, tokens: list[int], extra_stop: list[str], answer):
     job = Job(tokens=tokens, max_tokens=req.max_tokens, stop=req.stop + extra_stop,
-              sampling=_checked(req.sampler_settings), cache_prompt=req.cache_prompt, pipeline=req.pipeline)
+              sampling=_checked(req.sampler_settings), cache_prompt=req.cache_prompt, pipeline=req.pipeline,
+              ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=req.top_logprobs_asked())
     t_arrival = request.scope.get("state", {}).get("t_arrival", time.perf_counter())
     gone = asyncio.ensure_future(_until_disconnected(request))
     run = None
@@ -224,12 +246,10 @@ async def _generate(request: Request, engine: Engine, settings: ServerSettings, 
         run = await _unless_gone(_checked_async(engine.submit(job, t_arrival)), gone)
         first = await _unless_gone(_checked_async(run.next()), gone)
         if not req.stream:
-            text, item = [], first
+            item = first
             while not isinstance(item, Outcome):
-                text.append(item.text)
                 item = await _unless_gone(_checked_async(run.next()), gone)
-            return completion_response(new_id("chatcmpl" if chat else "cmpl"), settings.model_id, "".join(text),
-                                       item.completion.finish_reason, item, chat=chat)
+            return answer.whole(item)
     except ClientGone:
         if run is not None:
             run.cancel()
@@ -240,30 +260,22 @@ async def _generate(request: Request, engine: Engine, settings: ServerSettings, 
         raise
     finally:
         gone.cancel()
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return EventSourceResponse(_stream(run, first, settings.model_id, chat, include_usage), ping=10)
+    return EventSourceResponse(_stream(run, first, answer), ping=10)
 
 
-async def _stream(run, first, model_id: str, chat: bool, include_usage: bool):
-    rid = new_id("chatcmpl" if chat else "cmpl")
-
+async def _stream(run, first, answer):
     def event(obj) -> dict:
-        return {"data": json.dumps(obj)}
+        return {"data": obj if obj == DONE else json.dumps(obj)}
 
     try:
-        if chat:
-            yield event(completion_response(rid, model_id, "", None, chat=True, chunk=True, role=True))
+        for obj in answer.opening():
+            yield event(obj)
         item = first
         while not isinstance(item, Outcome):
-            yield event(completion_response(rid, model_id, item.text, None, chat=chat, chunk=True))
+            yield event(answer.piece(item))
             item = await run.next()
-        final = completion_response(rid, model_id, "", item.completion.finish_reason, item, chat=chat, chunk=True)
-        usage = final.pop("usage")
-        yield event(final)
-        if include_usage:
-            yield event(completion_response(rid, model_id, "", None, chat=chat, chunk=True)
-                        | {"choices": [], "usage": usage})
-        yield {"data": "[DONE]"}
+        for obj in answer.closing(item):
+            yield event(obj)
     except Unavailable as e:
         yield event(_unavailable(e).body)
     except ValueError as e:

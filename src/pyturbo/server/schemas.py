@@ -1,19 +1,21 @@
-"""Request and response shapes of the OpenAI API, declared once: requests as pydantic models (their validation
-errors become 400s), responses as the dicts they serialize to. Sampling fields llama-server adds (top_k, min_p,
-repeat_penalty, cache_prompt) are accepted too, and `pipeline` is pyturbo's own per-request override."""
+"""Request and response shapes of the OpenAI API and of llama-server's /completion, declared once: requests as
+pydantic models (their validation errors become 400s), responses as the dicts they serialize to. Fields llama-server
+adds (top_k, min_p, repeat_penalty, cache_prompt, ignore_eos, n_probs) are accepted on every route, min_tokens too,
+and `pipeline` is pyturbo's own per-request override."""
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..chat import new_id
 from ..sampling import INT32_MAX, SamplerSettings
 from .settings import pipeline_mode
 
 MAX_STOP = 16
+MAX_TOP_LOGPROBS = 20   # most likely tokens per step a request may ask for (OpenAI's top_logprobs bound)
 
 
 def _not_bool(v):
@@ -54,6 +56,9 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     cache_prompt: bool = True
+    ignore_eos: bool = False                                 # never draw an end-of-generation token
+    min_tokens: Int = Field(0, ge=0, le=INT32_MAX)           # no end-of-generation token before this many
+    n_probs: Int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)       # llama-server's name: logprobs with this many top tokens
     pipeline: Literal["auto", "force", "off", "on"] | None = None   # "on": the old name of "force"
     user: str | None = None
 
@@ -87,13 +92,17 @@ class _Generation(BaseModel):
                                                         "repeat_penalty", "frequency_penalty", "presence_penalty")}
         return SamplerSettings(**{k: v for k, v in given.items() if v is not None}, logit_bias=dict(self.logit_bias))
 
+    def top_logprobs_asked(self) -> int | None:
+        """How many most likely tokens each generated token's logprobs list; None: no logprobs."""
+        return self.n_probs or None
+
 
 class CompletionRequest(_Generation):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     # each check is on its field, so that its error names the field (an error of the whole model would be located
     # at the body, and read as a body that is not an object)
@@ -107,13 +116,51 @@ class CompletionRequest(_Generation):
             return v[0]
         return v
 
-    @field_validator("echo", "suffix", "best_of", "logprobs")
+    @field_validator("echo", "suffix", "best_of")
     @classmethod
     def _supported(cls, v, info):
-        asked = {"echo": v is True, "suffix": bool(v), "best_of": v not in (None, 1)}.get(info.field_name, v is not None)
+        asked = {"echo": v is True, "suffix": bool(v), "best_of": v not in (None, 1)}[info.field_name]
         if asked:
             raise unsupported()
         return v
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs if self.logprobs is not None else super().top_logprobs_asked()
+
+class LlamaCompletionRequest(_Generation):
+    """llama-server's POST /completion: a prompt (text, or token ids), n_predict (-1: until the context is full, or
+    the server's --max-tokens), n_probs, return_tokens, and every sampling field of the OpenAI routes."""
+    prompt: str | list[Int]
+    n_predict: Int = Field(-1, ge=-1, le=INT32_MAX)
+    return_tokens: bool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            if len(v) != 1:
+                raise unsupported(f"only one prompt per request is supported by this server, not {len(v)}: send "
+                                  f"them as separate requests")
+            return v[0]
+        if not isinstance(v, (str, list)) or isinstance(v, list) and not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise ValueError("must be a string or a list of token ids (text and ids mixed are not supported)")
+        return v
+
+    @field_validator("n_predict")
+    @classmethod
+    def _n_predict(cls, v):
+        if v == 0:
+            raise unsupported("n_predict=0 (evaluate the prompt only) is not supported by this server: give -1 or a "
+                              "count >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _max(self):
+        if self.n_predict > 0:
+            self.max_tokens = self.n_predict
+        return self
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -137,14 +184,17 @@ class ChatRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _supported(cls, v):
-        if v not in (None, False, 0):  # asked for, they would be missing from the answer
-            raise unsupported()
+    def _needs_logprobs(cls, v, info):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return v
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else super().top_logprobs_asked()
 
     @model_validator(mode="after")
     def _max(self):
@@ -153,10 +203,6 @@ class ChatRequest(_Generation):
 
 
 # ---- responses -------------------------------------------------------------------------------------------------------
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
 
 def error_body(message: str, type: str = "invalid_request_error", code: str | None = None,
                param: str | None = None, **extra) -> dict:
@@ -182,14 +228,16 @@ def timings(outcome) -> dict:
 
 
 def completion_response(rid: str, model: str, text: str, finish_reason: str | None, outcome=None, chat: bool = False,
-                        chunk: bool = False, role: bool = False) -> dict:
-    """A (chat) completion or one streamed chunk of it; with outcome, the usage and timings too."""
+                        chunk: bool = False, role: bool = False, logprobs: dict | None = None) -> dict:
+    """A (chat) completion or one streamed chunk of it; with outcome, the usage and timings too; logprobs in the
+    route's shape (answers.OpenAIAnswer)."""
     if chat:
         body = {"delta": ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})} \
             if chunk else {"message": {"role": "assistant", "content": text}}
+        body["logprobs"] = logprobs
         kind = "chat.completion.chunk" if chunk else "chat.completion"
     else:
-        body, kind = {"text": text, "logprobs": None}, "text_completion"
+        body, kind = {"text": text, "logprobs": logprobs}, "text_completion"
     out = {"id": rid, "object": kind, "created": int(time.time()), "model": model,
            "choices": [{"index": 0, **body, "finish_reason": finish_reason}]}
     if outcome is not None:

@@ -44,6 +44,7 @@ class ServerSettings:
     max_tokens: int | None = None       # default max_tokens of a request that gives none (None: until the context ends)
     max_request_bytes: int = 8 << 20
     model_alias: str | None = None      # the id /v1/models lists (default: the file name without .gguf)
+    strict_model_name: bool = False     # a request naming another model id: 404 (default: served, as llama-server)
     demo: bool = False
     demo_workers: int = 2
 
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-request-bytes", type=_positive("--max-request-bytes"), default=8 << 20,
                     help="largest request body accepted (default 8 MiB)")
     ap.add_argument("--alias", dest="model_alias", default=None, help="the model id clients use (default: file name)")
+    ap.add_argument("--strict-model-name", action="store_true",
+                    help="answer 404 to a request naming another model id than --alias / the file name (default: "
+                         "this model serves it, as llama-server does)")
     ap.add_argument("--demo", action="store_true",
                     help="no model needed: a small synthetic model with a real vocabulary and chat template, split "
                          "over local RPC workers")
@@ -133,4 +137,5 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     return ServerSettings(
         model=a.model, rpc=rpc, devices=a.devices.split(",") if a.devices else None, tensor_split=a.tensor_split,
         pipeline=a.pipeline, host=a.host, port=a.port, api_key=a.api_key, chat_template=a.chat_template,
-        parallel=a.parallel, max_request_bytes=a.max_request_bytes, model_alias=a.model_alias, demo=a.demo, **sized)
+        parallel=a.parallel, max_request_bytes=a.max_request_bytes, model_alias=a.model_alias,
+        strict_model_name=a.strict_model_name, demo=a.demo, **sized)
