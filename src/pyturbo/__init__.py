@@ -13,7 +13,7 @@ _native.use_stream_policy(devices.decide_gpu_streams, devices.physical_gpu_count
 from .devices import build_info  # noqa: E402
 from .context import Context, PrefillResult
 from .errors import ContextBusyError, ContextCreateError, ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
-from .generation import Completion, Generation, Piece
+from .generation import Completion, Generation, Piece, TokenLogprob, TokenLogprobs
 from .model import Model
 from .sampling import Sampler, SamplerSettings
 from .timeline import Timeline, UbatchRecord
@@ -21,7 +21,7 @@ from .timeline import Timeline, UbatchRecord
 __all__ = [
     "Model", "Context", "PrefillResult", "Timeline", "UbatchRecord", "build_info",
     "PyturboError", "ModelLoadError", "WorkerError", "ContextCreateError", "ContextDeadError", "ContextBusyError", "PrefillError",
-    "SamplerSettings", "Sampler", "Generation", "Completion", "Piece",
+    "SamplerSettings", "Sampler", "Generation", "Completion", "Piece", "TokenLogprob", "TokenLogprobs",
 ]
 __version__ = "0.1.0"
 
