@@ -159,3 +159,25 @@ def test_direct_copies_resume_after_a_worker_is_restarted(tiny_model):
             after, result, _ = prefill(model, tokens, "force", "direct")
             assert result.transfers == "server-to-server"
     assert np.array_equal(before, after)
+
+
+@pytest.mark.parametrize("pipeline", ["off", "force"])
+def test_the_kq_mask_crosses_the_link_as_runs(split_model, pipeline):
+    """patches/0013: every worker gets each ubatch's KQ mask (n_ubatch x n_kv values, nearly all 0 or -inf) as runs
+    of repeated words. 640 tokens behind 2048 cached ones have masks over ~2.5K cells instead of ~0.4K; sent as they
+    are, that would be >= 2 bytes x 64 x 2048 more per ubatch and worker (~7.8 MB here). As runs, the bytes through
+    this process hardly change with the context's length."""
+    tokens = prompt(640, seed=7)
+    with split_model.context(n_ctx=4096, n_batch=1024, n_ubatch=N_UBATCH, n_threads=1) as ctx:
+        ctx.prefill(prompt(8, seed=99), pipeline=pipeline)   # the first graphs and buffers are not what is measured
+        moved = []
+        for n_cached in (0, 2048):
+            ctx.reset()
+            if n_cached:
+                ctx.prefill(prompt(n_cached, seed=8), pipeline=pipeline)
+            before = split_model.rpc_traffic()
+            result = ctx.prefill(tokens, pipeline=pipeline)
+            after = split_model.rpc_traffic()
+            moved.append(sum(a[0] + a[1] - b[0] - b[1] for a, b in zip(after.values(), before.values())))
+    plain_growth = 2 * N_UBATCH * 2048 * N_WORKERS * result.n_ubatches   # F16 masks; F32 would be twice that
+    assert moved[1] - moved[0] < 0.05 * plain_growth, (moved, plain_growth)

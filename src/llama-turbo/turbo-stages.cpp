@@ -280,11 +280,6 @@ ggml_status llama_turbo::run_split(slot & s, int i, stage_clock & clock, llama_t
             ggml_backend_tensor_copy(in.src, in.dst);
         }
     }
-    for (int idx : sp.forward_out) {
-        // an input from host memory that later stages need too (the KQ mask): this server passes its copy on, so
-        // this process sends it once per ubatch instead of once per stage
-        s.pushes[idx].id = rpc_peer.push(s.pushes[idx].src, s.pushes[idx].dst, s.pushes[idx].src->type);
-    }
     trace.mark("inputs queued", s.task, rec.device);
     const ggml_status st = ggml_backend_sched_split_compute_async(s.sched.get(), i);
     if (st != GGML_STATUS_SUCCESS) {
@@ -333,8 +328,6 @@ void llama_turbo::plan_splits(slot & s) {
     s.staging_src.clear();
     s.pushes.clear();
     std::map<ggml_tensor *, int> staged_index;
-    std::map<ggml_tensor *, std::pair<int, ggml_tensor *>> host_input_copies; // host tensor -> (split, its copy) of
-                                                                               // the RPC server that got it last
 
     for (int i = 0; i < n_splits; ++i) {
         split_plan & sp = s.splits[i];
@@ -378,23 +371,11 @@ void llama_turbo::plan_splits(slot & s) {
                 }
             }
             int pushed = -1;
-            if (src_in_host_memory && to.rpc) {
-                auto prev = host_input_copies.find(src);
-                if (prev != host_input_copies.end()) {
-                    split_plan & from_split = s.splits[prev->second.first];
-                    if (from_split.thread != sp.thread && traits[from_split.thread].rpc &&
-                        servers_copy(from_split.thread, sp.thread)) {
-                        pushed = (int) s.pushes.size();
-                        s.pushes.push_back({prev->second.second, dst});
-                        from_split.forward_out.push_back(pushed);
-                    }
-                }
-                host_input_copies[src] = {i, dst};
-            }
             // from host memory to an RPC server: the next ubatch's copy can cross the link while the server computes
             // this one (prefetch_next). A graph input is set when the ubatch is submitted, a CPU split's result once
-            // that split has run.
-            const bool prefetch = src_in_host_memory && to.rpc && pushed < 0 && !options.relay_rpc;
+            // that split has run. Every server that needs a graph input (the KQ mask) gets it from this process:
+            // ggml-rpc sends repetitive data as runs (patches/0013), a mask in a few KB.
+            const bool prefetch = src_in_host_memory && to.rpc && !options.relay_rpc;
             if (prefetch && !(src->flags & GGML_TENSOR_FLAG_INPUT)) {
                 sp.prefetch_after = std::max(sp.prefetch_after, producer);
             }

@@ -68,7 +68,6 @@ struct split_plan {
     std::vector<split_input> inputs;
     std::vector<int>         stage_out; // staging entries this split fills right after it ran
     std::vector<int>         push_out;  // server copies this split sends once its computation is queued
-    std::vector<int>         forward_out; // server copies of its inputs from host memory, sent on before it computes
     int                      prefetch_after = -1; // its prefetch inputs exist once this split has run (-1: graph
                                                   // inputs only, set when the ubatch is submitted)
     bool                     prefetched = false;  // they were sent ahead (under mtx; reset when the slot is reused)
