@@ -11,7 +11,6 @@ at build time (no web UI assets, no curl/OpenSSL), and only the two targets.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re

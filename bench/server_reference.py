@@ -144,8 +144,8 @@ def row_specs(users: list[int], lengths: list[int], streams: int) -> list[RowSpe
     rows += [RowSpec(f"ttft/{n}", f"TTFT of a {n}-token prompt alone", "s") for n in lengths]
     for n in lengths:
         rows += [RowSpec(f"load/{n}/ttft", f"a {n}-token prompt while {streams} users stream: its TTFT", "s"),
-                 RowSpec(f"load/{n}/gap", f"... worst gap between two tokens of a streaming user meanwhile", "s"),
-                 RowSpec(f"load/{n}/gap_before", f"... the streams' median gap before it arrived", "s")]
+                 RowSpec(f"load/{n}/gap", "... worst gap between two tokens of a streaming user meanwhile", "s"),
+                 RowSpec(f"load/{n}/gap_before", "... the streams' median gap before it arrived", "s")]
     return rows
 
 
