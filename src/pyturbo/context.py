@@ -146,10 +146,11 @@ class PrefillResult:
 EMBEDDINGS_ONLY_THREADS = 4
 
 
-def default_threads(layer_devices: list[str]) -> int:
-    """Threads of the CPU backend when the caller gives none: every usable core where the CPU holds layers."""
+def default_threads(layer_devices: list[str], host_weights: bool = False) -> int:
+    """Threads of the CPU backend when the caller gives none: every usable core where the CPU holds layers or some of
+    their weights (Model(host_tensors=)), else a few for the embedding lookup."""
     cores = min(usable_cpu_cores(), MAX_THREADS)  # a bigger host than ggml's thread pool holds: what it takes
-    return cores if "CPU" in layer_devices else min(EMBEDDINGS_ONLY_THREADS, cores)
+    return cores if "CPU" in layer_devices or host_weights else min(EMBEDDINGS_ONLY_THREADS, cores)
 
 
 # first_ubatch moves every ubatch boundary, so the kernels see other shapes than with uniform ubatches and sum in another
@@ -245,7 +246,7 @@ class Context(_native.NativeHandle):
             raise ValueError(f"rpc_wire must be one of {tuple(RPC_WIRE)}, not {rpc_wire!r}")
         self.first_ubatch = first_ubatch
         self.rpc_transfers, self.rpc_wire = rpc_transfers, rpc_wire
-        n_threads = n_threads or default_threads(model.devices)
+        n_threads = n_threads or default_threads(model.devices, model.host_tensors is not None)
         self.model = model
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
         self.flash_attn = flash_attn

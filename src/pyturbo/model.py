@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import weakref
@@ -27,6 +28,10 @@ DEFAULT_RPC_TIMEOUT = 300.0
 # smaller)
 RPC_CONNECT_TIMEOUT = 10.0
 INPUT_LAYERS = ("cpu", "first-device")
+# The weights `experts_in_host_memory=True` keeps in host memory: every routed expert's matrices and biases (llama.cpp's
+# `--cpu-moe`, i.e. `--override-tensor '\.ffn_(up|down|gate)_exps=CPU'`, plus the fused gate_up form of the pin's
+# llama-arch.cpp). The router (ffn_gate_inp), shared experts (_shexp) and attention stay on the layer's device.
+EXPERT_TENSORS = r"\.ffn_(up|down|gate|gate_up)_exps"
 
 
 def parse_endpoints(rpc_servers: str | Iterable[str] | None) -> list[str]:
@@ -80,6 +85,31 @@ def layers_from_split(tensor_split: Sequence[float], n_layer: int) -> list[int]:
     cumulative = np.cumsum(tensor_split) / sum(tensor_split)
     owners = [int(np.searchsorted(cumulative, i / (n_layer + 1), side="right")) for i in range(n_layer)]
     return [owners.count(d) for d in range(len(tensor_split))]
+
+
+def check_host_tensors(host_tensors: str | None, experts_in_host_memory: bool = False) -> str | None:
+    """The pattern of weights kept in host memory (Model's host_tensors / experts_in_host_memory), or None; ValueError
+    naming the option for a bad one. llama.cpp searches each weight's name ("blk.3.ffn_up_exps.weight") with it
+    (std::regex, ECMAScript), as `--override-tensor PATTERN=CPU`."""
+    if not isinstance(experts_in_host_memory, bool):
+        raise ValueError(f"experts_in_host_memory must be True or False, not {experts_in_host_memory!r}")
+    if experts_in_host_memory:
+        if host_tensors is not None:
+            raise ValueError("give host_tensors or experts_in_host_memory=True, not both (experts_in_host_memory is "
+                             f"host_tensors={EXPERT_TENSORS!r})")
+        return EXPERT_TENSORS
+    if host_tensors is None:
+        return None
+    if not isinstance(host_tensors, str):
+        raise ValueError(f"host_tensors must be a regular expression (str) or None, not {type(host_tensors).__name__}")
+    if not host_tensors or "\0" in host_tensors:
+        raise ValueError(f"host_tensors must be a non-empty regular expression without NUL characters, not "
+                         f"{host_tensors!r} (None keeps every weight on its layer's device)")
+    try:
+        re.compile(host_tensors)
+    except re.error as e:
+        raise ValueError(f"host_tensors {host_tensors!r} is not a regular expression: {e}") from None
+    return host_tensors
 
 
 def model_identity(path: Path) -> str:
@@ -153,6 +183,10 @@ class Model(_native.NativeHandle):
     `input_layer`: where the token embeddings live: "cpu" (llama.cpp's choice: a lookup is cheap and the table stays
     off the devices) or "first-device", with the first layer (patches/0012): when that device is an RPC worker on
     another host, a ubatch's token ids cross the network instead of its embeddings (n_ubatch x n_embd x 4 bytes).
+    `host_tensors`: a regular expression; the weights whose names it matches stay in host memory and run on this
+    process's CPU, the rest of their layer on its device (llama.cpp's `--override-tensor PATTERN=CPU`; a bad pattern
+    is a ValueError). `experts_in_host_memory=True` is host_tensors=EXPERT_TENSORS, the routed experts of a
+    mixture-of-experts model (llama.cpp's `--cpu-moe`): attention on the devices, the experts in RAM.
     Before the weights are loaded, they are checked against each device's free memory (MemoryError if they cannot
     fit), and so is every context (see `Context`).
     """
@@ -164,7 +198,7 @@ class Model(_native.NativeHandle):
                  main_gpu: int = 0, tensor_split: Sequence[float] | str | None = None, devices: Sequence[str] | None = None,
                  rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True,
                  rpc_timeout: float | None = DEFAULT_RPC_TIMEOUT, rpc_token: str | None = None,
-                 input_layer: str = "cpu"):
+                 input_layer: str = "cpu", host_tensors: str | None = None, experts_in_host_memory: bool = False):
         self.contexts: weakref.WeakSet = weakref.WeakSet()   # open contexts, closed first by close()
         self._lock = threading.RLock()       # C calls on the model pointer, and freeing it
         self._holds: set[int] = set()        # contexts whose freeing waits for an abandoned call: free the model after
@@ -177,6 +211,8 @@ class Model(_native.NativeHandle):
         if input_layer not in INPUT_LAYERS:
             raise ValueError(f"input_layer must be one of {INPUT_LAYERS}, not {input_layer!r}")
         self.input_layer = input_layer
+        #: the pattern of weights kept in host memory (host_tensors, or EXPERT_TENSORS), or None
+        self.host_tensors = check_host_tensors(host_tensors, experts_in_host_memory)
         if split_mode not in SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {sorted(SPLIT_MODES)}, not {split_mode!r}")
         if n_gpu_layers == "all":
@@ -215,8 +251,9 @@ class Model(_native.NativeHandle):
         c_devices = [ffi.new("char[]", d.encode()) for d in devices]
         c_dev_array = ffi.new("const char *[]", c_devices or 1)
         c_split = ffi.new("float[]", tensor_split) if tensor_split else ffi.NULL
+        c_host = ffi.new("char[]", self.host_tensors.encode()) if self.host_tensors else ffi.NULL
         load_args = (n_gpu_layers, SPLIT_MODES[split_mode], main_gpu, c_split, len(tensor_split or []), c_dev_array,
-                     len(c_devices), int(input_layer == "first-device"), ffi.NULL)
+                     len(c_devices), int(input_layer == "first-device"), c_host)
         self._plan_memory(load_args, use_mmap)
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_model_load, str(self.path).encode(), *load_args, int(use_mmap)),
@@ -244,7 +281,13 @@ class Model(_native.NativeHandle):
         self.layers_per_stage = (layers_from_split(tensor_split, self.n_layer)
                                  if tensor_split and n_gpu_layers < 0 and len(tensor_split) == len(self.devices) else None)
         #: this model file as loaded by this build (measurements of another file or build do not apply)
-        self.identity = model_identity(self.path) + ("" if input_layer == "cpu" else f"|input:{input_layer}")
+        self.identity = model_identity(self.path) + self._placement_tag()
+
+    def _placement_tag(self) -> str:
+        """What besides the file changes where the work runs (the input layer, host weights): part of the keys of
+        measurements (identity, the stored balance)."""
+        return (("" if self.input_layer == "cpu" else f"|input:{self.input_layer}")
+                + (f"|host:{self.host_tensors}" if self.host_tensors else ""))
 
     def _auto_split(self, devices: list[str], available: list[Device], n_gpu_layers: int, split_mode: str,
                     use_mmap: bool) -> list[float]:
@@ -256,7 +299,7 @@ class Model(_native.NativeHandle):
         described = {d.name: d for d in available}
         layout = [f"{kind}@{host}" if host else f"{kind}:{described[name].description}"
                   for name, (kind, host) in ((name, stage_kind(name, described)) for name in devices)]
-        key = balance.balance_key(model_identity(self.path), layout)
+        key = balance.balance_key(model_identity(self.path) + self._placement_tag(), layout)
         n_layer = gguf_block_count(self.path)
         stored = policy.calibration().stored_split(key)
         if stored is not None:
@@ -270,7 +313,8 @@ class Model(_native.NativeHandle):
                     "balance is stored for later loads)", self.path.name, ", ".join(devices))
         try:
             with Model(self.path, devices=devices, tensor_split=even, use_mmap=use_mmap,
-                       rpc_timeout=self.rpc_timeout, input_layer=self.input_layer) as probe:
+                       rpc_timeout=self.rpc_timeout, input_layer=self.input_layer,
+                       host_tensors=self.host_tensors) as probe:
                 n_tokens, n_ubatch = balance.measuring_shape(probe, on_gpu)
                 seconds = balance.measure_stage_seconds(probe, n_tokens, n_ubatch)
                 chosen = balance.propose(probe.layers_per_stage, seconds, n_tokens, n_ubatch)
@@ -304,7 +348,9 @@ class Model(_native.NativeHandle):
         def plan():  # asks the workers: on a helper thread, like every wait
             try:
                 p = _memory.Plan(str(self.path), load_args, rpc)
-            except ValueError:
+            except ValueError as e:
+                if self.host_tensors and str(e).startswith("host_tensors "):
+                    raise  # a pattern llama.cpp's std::regex rejects (Python's re took it)
                 return None
             try:
                 _memory.check_model(p, use_mmap)
@@ -511,4 +557,7 @@ class Model(_native.NativeHandle):
         return self
 
     def __repr__(self) -> str:
-        return f"Model({str(self.path)!r}, n_layer={self.n_layer}, devices={self.devices})" if self._ptr else "Model(closed)"
+        if not self._ptr:
+            return "Model(closed)"
+        host = f", host_tensors={self.host_tensors!r}" if self.host_tensors else ""
+        return f"Model({str(self.path)!r}, n_layer={self.n_layer}, devices={self.devices}{host})"

@@ -490,23 +490,37 @@ def cached_model(name_or_shape: str | ModelShape | GptOssShape, *, seed: int = 0
                  cache_dir: str | os.PathLike | None = None, progress: bool = False,
                  chat_template: str | None = None) -> Path:
     """A synthetic model (PRESETS or GPT_OSS_PRESETS name, ModelShape or GptOssShape) in the cache directory, written
-    the first time it is asked for.
-
-    The file name spells out every field of the shape, the seed, the vocabulary and FORMAT_VERSION, so a change to
-    any of them gives another file.
+    the first time it is asked for (its path: cached_path).
     """
+    path = cached_path(name_or_shape, seed=seed, vocab=vocab, cache_dir=cache_dir, chat_template=chat_template)
+    if not path.is_file():
+        write_model(path, preset_shape(name_or_shape), seed=seed, vocab=vocab, progress=progress,
+                    chat_template=chat_template)
+    return path
+
+
+def preset_shape(name_or_shape: str | ModelShape | GptOssShape) -> ModelShape | GptOssShape:
+    """The shape of a PRESETS or GPT_OSS_PRESETS name (a shape is returned as it is)."""
     presets = {**PRESETS, **GPT_OSS_PRESETS}
     if isinstance(name_or_shape, str):
         if name_or_shape not in presets:
             raise ValueError(f"unknown preset {name_or_shape!r}; choose one of {list(presets)} or pass a ModelShape")
-        shape = presets[name_or_shape]
-    elif isinstance(name_or_shape, (ModelShape, GptOssShape)):
-        shape = name_or_shape
-    else:
-        raise TypeError(f"expected a preset name or a ModelShape, not {type(name_or_shape).__name__}")
+        return presets[name_or_shape]
+    if isinstance(name_or_shape, (ModelShape, GptOssShape)):
+        return name_or_shape
+    raise TypeError(f"expected a preset name or a ModelShape, not {type(name_or_shape).__name__}")
+
+
+def cached_path(name_or_shape: str | ModelShape | GptOssShape, *, seed: int = 0, vocab: str = "none",
+                cache_dir: str | os.PathLike | None = None, chat_template: str | None = None) -> Path:
+    """Where cached_model keeps this synthetic model (whether or not it is written yet).
+
+    The file name spells out every field of the shape, the seed, the vocabulary and FORMAT_VERSION, so a change to
+    any of them gives another file.
+    """
+    s = preset_shape(name_or_shape)
     if vocab not in ("none", "tiny"):
         raise ValueError(f"vocab must be 'none' or 'tiny', not {vocab!r}")
-    s = shape
     if isinstance(s, GptOssShape):
         head = (f"gpt-oss-L{s.n_layer}-E{s.n_embd}-F{s.n_ff_exp}-H{s.n_head}-KV{s.n_head_kv}-D{s.head_dim}"
                 f"-X{s.n_expert}-U{s.n_expert_used}-W{s.n_swa}-V{s.n_vocab}-C{s.n_ctx_train}-Y{s.yarn_orig_ctx}"
@@ -517,10 +531,7 @@ def cached_model(name_or_shape: str | ModelShape | GptOssShape, *, seed: int = 0
     name = (f"{head}-rope{float(s.rope_freq_base)!r}-eps{float(s.rms_eps)!r}-seed{seed}-vocab_{vocab}"
             f"{_template_tag(chat_template)}-v{FORMAT_VERSION}.gguf")
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = path / name
-    if not path.is_file():
-        write_model(path, shape, seed=seed, vocab=vocab, progress=progress, chat_template=chat_template)
-    return path
+    return path / name
 
 
 def _template_tag(chat_template: str | None) -> str:
@@ -529,4 +540,4 @@ def _template_tag(chat_template: str | None) -> str:
 
 
 __all__ = ["ModelShape", "PRESETS", "GptOssShape", "GPT_OSS_PRESETS", "DTYPES", "FORMAT_VERSION", "write_model",
-           "cached_model", "default_cache_dir", "tiny_vocab_size", "TINY_CHAT_TEMPLATE"]
+           "cached_model", "cached_path", "preset_shape", "default_cache_dir", "tiny_vocab_size", "TINY_CHAT_TEMPLATE"]

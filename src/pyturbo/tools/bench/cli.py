@@ -13,9 +13,9 @@ from pathlib import Path
 from .. import links, synth
 from ...devices import list_devices
 from ...errors import PyturboError
-from ...model import gguf_block_count, parse_endpoints
+from ...model import EXPERT_TENSORS, check_host_tensors, gguf_block_count, parse_endpoints
 from . import report
-from .layout import LARGE_PRESET_BYTES, default_setup, describe_bytes, preset_bytes
+from .layout import LARGE_PRESET_BYTES, PRESET_NAMES, default_setup, describe_bytes, preset_bytes
 from .measure import CPU_PIPELINE_UBATCH, STOCK_UBATCH
 
 DEFAULT_REPEAT = 3
@@ -46,9 +46,15 @@ def build_parser(d: dict) -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
     add("--model", type=Path, help="a GGUF model (default: a synthetic one, cached)")
-    add("--preset", choices=sorted(synth.PRESETS), help=f"synthetic model shape (default {d['preset']})")
+    add("--preset", choices=PRESET_NAMES, help=f"synthetic model shape (default {d['preset']}; gpt-oss-*: GPT-OSS-shaped "
+        "mixture-of-experts, pyturbo.synth.GPT_OSS_PRESETS)")
     add("--yes", action="store_true", help=f"write a synthetic preset over {describe_bytes(LARGE_PRESET_BYTES)} "
-        "(8b: ~16 GB, 70b: ~40 GB) without asking")
+        "(8b: ~16 GB, 70b: ~40 GB, gpt-oss-20b: ~13 GB, gpt-oss-120b: ~61 GB) without asking")
+    add("--host-tensors", metavar="PATTERN", help="keep the weights whose names match this regular expression in host "
+        "memory, computed by this process's CPU, in every mode (Model(host_tensors=); llama.cpp's --override-tensor "
+        "PATTERN=CPU)")
+    add("--experts-in-host-memory", action="store_true", help="the routed experts of a mixture-of-experts model in "
+        f"host memory (Model(experts_in_host_memory=True): --host-tensors '{EXPERT_TENSORS}', llama.cpp's --cpu-moe)")
     add("--rpc", help="existing RPC workers host:port,host:port (default: start local ones)")
     add("--workers", type=int, help=f"local RPC workers = pipeline stages (default here {d['workers']})")
     add("--threads", type=int, help=f"threads per local worker (default here {d['threads']})")
@@ -148,10 +154,15 @@ def check_args(ap, args, d: dict) -> None:
     if args.model is not None:
         args.n_layer = check_model(ap, args.model)
     else:
-        args.n_layer = synth.PRESETS[args.preset].n_layer
+        args.n_layer = synth.preset_shape(args.preset).n_layer
+    try:
+        args.host_tensors = check_host_tensors(args.host_tensors, args.experts_in_host_memory)
+    except ValueError as e:
+        ap.error(f"--host-tensors / --experts-in-host-memory: {e}")
     args.split = check_split(ap, args)
     args.reference = reference_kind(args)
-    args.layout = layout_text(args, d)
+    args.layout = layout_text(args, d) + (f"; weights matching {args.host_tensors!r} in host memory, on this "
+                                          "process's CPU" if args.host_tensors else "")
     args.out = args.out or Path("bench-out") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     why = report.check_writable(args.out)
     if why:
@@ -299,9 +310,7 @@ def layout_text(args, d: dict) -> str:
 
 def cached_preset(preset: str) -> bool:
     """Whether synth.cached_model(preset) would find its file (the name spells out the shape; see synth)."""
-    s = synth.PRESETS[preset]
-    head = f"llama-L{s.n_layer}-E{s.n_embd}-F{s.n_ff}-H{s.n_head}-KV{s.n_head_kv}-V{s.n_vocab}-C{s.n_ctx_train}-{s.dtype}-"
-    return any(synth.default_cache_dir().glob(f"{head}*-seed0-vocab_none-v{synth.FORMAT_VERSION}.gguf"))
+    return synth.cached_path(preset).is_file()
 
 
 def confirm_preset(ap, preset: str, yes: bool) -> None:

@@ -11,6 +11,8 @@ from ...devices import usable_cpu_cores
 # busy (bench/results/2026-11-26-default-2core.md). More stages make stock slower still, but also the run longer.
 DEFAULT_STAGES = 4
 LARGE_PRESET_BYTES = 2 << 30      # a preset bigger than this is written only after --yes (or a yes at the prompt)
+# --preset's choices: the dense llama shapes, then the GPT-OSS-shaped mixtures of experts
+PRESET_NAMES = sorted(synth.PRESETS) + sorted(synth.GPT_OSS_PRESETS)
 
 
 def default_setup(cores: int | None = None) -> dict:
@@ -33,7 +35,10 @@ def default_setup(cores: int | None = None) -> dict:
 def preset_bytes(name: str) -> int:
     """About how many bytes the synthetic preset's GGUF file takes."""
     import gguf
-    shape = synth.PRESETS[name]
+    shape = synth.preset_shape(name)
+    if isinstance(shape, synth.GptOssShape):   # MXFP4 experts (17 bytes per 32 values), the rest F16 (or smaller F32)
+        experts = 3 * shape.n_layer * shape.n_expert * shape.n_embd * shape.n_ff_exp
+        return experts * 17 // 32 + (shape.n_params - experts) * 2
     qtype = gguf.GGMLQuantizationType[synth.DTYPES[shape.dtype][0]]
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     return math.ceil(shape.n_params * type_size / block)

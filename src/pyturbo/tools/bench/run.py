@@ -50,7 +50,7 @@ def _run(args) -> int:
             one_device = {}
             if args.reference == "1 device":     # first, alone: the split model is not loaded yet
                 print(f"measuring stock on {args.devices[0]} alone (the 1-device reference)", file=sys.stderr)
-                with Model(model_path, devices=[args.devices[0]]) as one:
+                with Model(model_path, devices=[args.devices[0]], host_tensors=args.host_tensors) as one:
                     one_device = one_device_series(one, args.lengths, args, progress)
             endpoints = args.endpoints
             if not endpoints and not args.devices and getattr(args, "link_rate", None) is not None:
@@ -61,11 +61,11 @@ def _run(args) -> int:
                 pool = workers.WorkerPool(args.workers, threads=args.threads)
                 endpoints = pool.endpoints
             models["split"] = Model(model_path, rpc_servers=endpoints or None, devices=args.devices,
-                                    tensor_split=args.split)
+                                    tensor_split=args.split, host_tensors=args.host_tensors)
             print(f"layers per stage: {models['split'].layers_per_stage} ({models['split'].split_choice})",
                   file=sys.stderr)
             if args.reference == "ceiling":
-                models["ceiling"] = Model(model_path, devices=["CPU"])
+                models["ceiling"] = Model(model_path, devices=["CPU"], host_tensors=args.host_tensors)
             for n in args.lengths:
                 series = measure_length(models, n, plans[n], args, progress, schedule)
                 length_rows = make_rows(n, series, args.ubatches, one_device.get(n), args.first_ubatch)
@@ -129,7 +129,7 @@ def make_doc(args, model_path: Path, devices: list[str], rows, schedule, timelin
                      "lengths": args.lengths, "ubatches": args.ubatches, "repeat": args.repeat,
                      "stock": {"n_batch": STOCK_BATCH, "n_ubatch": STOCK_UBATCH}, "sweep": not args.no_sweep,
                      "pipeline_modes": {name: value for name, value in PIPELINE_MODES},
-                     "tensor_split": args.split, "flash_attn": str(args.flash_attn), "in_flight": args.in_flight,
+                     "tensor_split": args.split, "host_tensors": args.host_tensors, "flash_attn": str(args.flash_attn), "in_flight": args.in_flight,
                      "first_ubatch": args.first_ubatch,
                      "client_threads": args.client_threads, "ceiling_threads": args.ceiling_threads},
         "table": {"repeat": args.repeat, "ubatches": args.ubatches, "sweep": not args.no_sweep, "gpu": args.on_gpu,
