@@ -268,8 +268,9 @@ def test_strict_model_name_refuses_other_ids(strict):
 
     from pyturbo.server.app import create_app
     from pyturbo.server.settings import parse_args
-    argv = ["--model", "m.gguf"] + (["--strict-model-name"] if strict else [])
-    app = TestClient(create_app(parse_args(argv)), raise_server_exceptions=False)
+    settings = parse_args(["--model", "m.gguf"] + (["--strict-model-name"] if strict else []))
+    assert settings.strict_model_name is strict
+    app = TestClient(create_app(settings), raise_server_exceptions=False)
     for path, body in (("/v1/completions", {"prompt": "a"}), ("/completion", {"prompt": "a"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})):
         other = app.post(path, json=body | {"model": "gpt-nope"})
