@@ -1,7 +1,7 @@
 """pyturbo's server against stock llama-server on the same model and the same kind of workers (issue 23's table).
 
-    python bench/server_reference.py            # the full table: ~15 min on 2 cores after the build
-    python bench/server_reference.py --quick    # a smoke run: small prompts, 1 and 4 users, one round (~3 min)
+    python bench/server_reference.py            # the full table (several minutes on 2 cores, after the build)
+    python bench/server_reference.py --quick    # a smoke run: small prompts, 1 and 4 users, one round (< 1 min)
 
 What it does:
 1. builds stock llama-server and its RPC server from the pinned llama.cpp (bench/reference_build.py: the source from
