@@ -82,12 +82,28 @@ llama_batch turbo_batch::view() {
     return b;
 }
 
+// The devices that compute the layers, in chain order: each layer's device, and after it any other device that holds
+// some of the layer's weights (llama_model_params::tensor_buft_overrides: the experts of a mixture-of-experts model
+// kept in host memory run on the CPU, between the layer's attention and the next layer on its device).
 std::vector<ggml_backend_dev_t> turbo_layer_devices(const llama_model & model) {
+    const int n_layer = (int) model.hparams.n_layer();
+    std::vector<std::vector<ggml_backend_dev_t>> weight_devices(n_layer);
+    for (const auto & [name, tensor] : model.tensors_by_name) {
+        int il = -1;
+        if (tensor->buffer && sscanf(name.c_str(), "blk.%d.", &il) == 1 && il >= 0 && il < n_layer) {
+            weight_devices[il].push_back(ggml_backend_buft_get_device(ggml_backend_buffer_get_type(tensor->buffer)));
+        }
+    }
     std::vector<ggml_backend_dev_t> devs;
-    for (int il = 0; il < (int) model.hparams.n_layer(); ++il) {
-        ggml_backend_dev_t dev = model.dev_layer(il);
-        if (std::find(devs.begin(), devs.end(), dev) == devs.end()) {
+    auto add = [&](ggml_backend_dev_t dev) {
+        if (dev && std::find(devs.begin(), devs.end(), dev) == devs.end()) {
             devs.push_back(dev);
+        }
+    };
+    for (int il = 0; il < n_layer; ++il) {
+        add(model.dev_layer(il));
+        for (ggml_backend_dev_t dev : weight_devices[il]) {
+            add(dev);
         }
     }
     return devs;
