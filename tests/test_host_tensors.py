@@ -1,7 +1,7 @@
 """Weights kept in host memory (Model(host_tensors=) / experts_in_host_memory=True, llama.cpp's --override-tensor
 PATTERN=CPU and --cpu-moe): the option's checks, the memory plan's numbers, and the pipelined prefill over devices
 whose layers hand their experts to this process's CPU and back (worker -> CPU -> worker within every layer), bit for bit
-against the standard path; the bench's --preset gpt-oss-* and --experts-in-host-memory.
+against the standard path; the bench's --preset gpt-oss-* and --experts-in-host-memory; the GPU script's CPU smoke run.
 
 gpt-oss-tiny's sliding window (64) is shorter than the prompts here, so the windowed layers mask tokens that the
 full-attention layers still see.
@@ -99,23 +99,29 @@ def test_experts_in_host_memory_is_the_expert_pattern(gpt_oss_tiny):
 
 def test_plan_counts_host_weights_as_host_memory(gpt_oss_tiny, rpc3):
     per_layer = expert_bytes_per_layer(gpt_oss_tiny)
-    needs = {}
+    needs, stages = {}, {}
     for pattern in (None, EXPERT_TENSORS, "no_such_weight"):
         with pyturbo.Model(gpt_oss_tiny, rpc_servers=rpc3.endpoints, tensor_split="even",
                            host_tensors=pattern) as model:
             needs[pattern] = model.memory_plan.needs(**{k: CTX[k] for k in ("n_ctx", "n_batch", "n_ubatch")},
                                                      flash_attn=-1)
-            layers = model.layers_per_stage
-            devices = model.devices
-    assert layers == [1, 2, 1]
+            stages[pattern] = dict(zip(model.devices, model.layers_per_stage))
+    # the CPU, holding the experts of every layer, is a stage after the first layer's device; it holds no whole layer
+    assert stages[EXPERT_TENSORS] == {"RPC0": 1, "CPU": 0, "RPC1": 2, "RPC2": 1}
+    assert stages[None] == stages["no_such_weight"] == {"RPC0": 1, "RPC1": 2, "RPC2": 1}
     plain, host, nothing = needs[None], needs[EXPERT_TENSORS], needs["no_such_weight"]
-    for dev, n in zip(devices, layers):
+    for dev, n in stages[None].items():
         assert plain[dev]["model"] - host[dev]["model"] == n * per_layer, dev
         assert host[dev]["context"] == plain[dev]["context"]                  # the KV cache stays on the devices
     assert host["CPU"]["model"] - plain["CPU"]["model"] == TINY.n_layer * per_layer
     # a pattern that matches nothing moves no weight (llama.cpp turns its own pipeline parallelism off whenever a
     # tensor override is given, which changes stock's compute buffers: those are not compared)
     assert {d: n["model"] for d, n in nothing.items()} == {d: n["model"] for d, n in plain.items()}
+
+
+def test_auto_split_is_refused_with_host_weights(gpt_oss_tiny, rpc3):
+    with pytest.raises(ValueError, match="tensor_split='auto' does not balance layers around weights kept in host"):
+        pyturbo.Model(gpt_oss_tiny, rpc_servers=rpc3.endpoints, tensor_split="auto", experts_in_host_memory=True)
 
 
 # ---- pipelined over the worker -> CPU -> worker alternation ---------------------------------------------------------
@@ -130,14 +136,15 @@ def test_pipelined_equals_standard_with_experts_in_host_memory(gpt_oss_tiny, rpc
     tokens = prompt(n_tokens, TINY.n_vocab)
     with pyturbo.Model(gpt_oss_tiny, rpc_servers=rpc3.endpoints[:n_workers], tensor_split="even",
                        experts_in_host_memory=True) as model:
-        assert model.devices == [f"RPC{i}" for i in range(n_workers)]
+        # the CPU is a stage of its own after the first worker: worker -> CPU -> worker within every layer
+        assert model.devices == ["RPC0", "CPU"] + [f"RPC{i}" for i in range(1, n_workers)]
         runs = run_modes(model, tokens, ctx_args)
     std, pipe = runs["off"], runs["force"]
     assert std[0].path == "standard" and np.isfinite(std[0].logits).all()
     assert_same_outputs(std, pipe)
     res = pipe[0]
     assert res.path == "pipelined", res.fallback_reason
-    assert res.n_stages == n_workers
+    assert res.n_stages == n_workers + 1
     n_ubatches = -(-n_tokens // ctx_args["n_ubatch"])
     cpu = [r for r in res.timeline if r.device == "CPU"]
     # per ubatch: the embedding lookup and each layer's experts
@@ -193,3 +200,29 @@ def test_bench_sizes_gpt_oss_presets():
     assert 13.0e9 < layout.preset_bytes("gpt-oss-20b") < 14.5e9
     assert 60e9 < layout.preset_bytes("gpt-oss-120b") < 68e9
     assert synth.cached_path("gpt-oss-tiny").name.startswith("gpt-oss-L4-")
+# ---- the GPU script, on the CPU ---------------------------------------------------------------------------------------
+
+def test_gpu_script_cpu_smoke(tmp_path):
+    """bench/gpu/gpt_oss_host_experts.py end to end on gpt-oss-tiny with RPC workers in place of the stream devices,
+    so that the GPU run does not fail on a typo: every mode measured, outputs compared, the markdown written."""
+    out = tmp_path / "host-experts.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu/gpt_oss_host_experts.py"), "--cpu-smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    md = out.read_text()
+    assert md == proc.stdout
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 2, md
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[-1] == "0 / 0", row        # logits max diff vs stock: default / forced
+        assert cells[-2] == "pipelined", row    # the forced mode pipelined
+    assert "Forced pipeline, 600 tokens, ubatch 32" in md and "busy CPU" in md
+
+
+def test_gpu_script_stops_at_its_budget(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/gpu/gpt_oss_host_experts.py"), "--cpu-smoke",
+                           "--budget", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round 1: not started, the budget of 0 s is spent" in proc.stderr
+    assert "| 300 | 32 | - | - | - |" in proc.stdout

@@ -27,6 +27,11 @@
 #              (stage threads spinning off and on), CPU threads HOST_THREADS (0: default), first ubatch sizes
 #              HOST_FIRST_UBATCH (0: uniform), with the host's checkpoints
 #              (bench/gpu/host_time.py), GPU_LENGTHS
+#   gpt-oss-host-experts  one GPU, the routed experts in host memory (Model(experts_in_host_memory=True), llama.cpp's
+#              --cpu-moe): stock on one device vs pyturbo's default stream layout and the forced pipeline, alternating
+#              processes (bench/gpu/gpt_oss_host_experts.py). HOST_EXPERTS_PRESET (gpt-oss-20b), HOST_EXPERTS_LENGTHS
+#              (2048,8192,16384), HOST_EXPERTS_UBATCH (2048), BENCH_REPEAT (2), HOST_EXPERTS_ROUNDS (2),
+#              HOST_EXPERTS_BUDGET (360 s: no mode of a length starts after it). Writes $OUT/gpt-oss-host-experts.md
 # Every bench step measures the default (auto, calibrated first), the forced pipeline and stock, interleaved.
 # BENCH_REPEAT: runs per setting (default 3, the median is shown). GPU_STOCK_BEST=1: stock's sweep of n_batch/n_ubatch.
 # GPU_BENCH_ARGS: more options for the GPU benches (e.g. "--first-ubatch 256").
@@ -152,6 +157,14 @@ for step in "$@"; do
           python3 bench/gpu/host_time.py --preset "${GPU_PRESET:-8b}" --tokens "${GPU_LENGTHS:-2048}" \
               --ubatch "${GPU_UBATCH:-512}" --threads "${HOST_THREADS:-0}" --first-ubatch "${HOST_FIRST_UBATCH:-0}" > "$OUT/host-time.log" 2> "$OUT/host-trace.log"; echo "rc $?"
           grep -v "^CUDA\|^CPU\|^time" "$OUT/host-time.log"; tail -3 "$OUT/host-trace.log" ) ;;
+    gpt-oss-host-experts)
+        echo "== GPT-OSS, experts in host memory, first GPU, ${HOST_EXPERTS_PRESET:-gpt-oss-20b}"
+        ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE
+          CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/gpt_oss_host_experts.py --preset "${HOST_EXPERTS_PRESET:-gpt-oss-20b}" \
+              --lengths "${HOST_EXPERTS_LENGTHS:-2048,8192,16384}" --ubatch "${HOST_EXPERTS_UBATCH:-2048}" \
+              --repeat "${BENCH_REPEAT:-2}" --rounds "${HOST_EXPERTS_ROUNDS:-2}" --budget "${HOST_EXPERTS_BUDGET:-360}" \
+              --out "$OUT/gpt-oss-host-experts.md" 2> "$OUT/gpt-oss-host-experts.log" > /dev/null
+          echo "rc $?"; cat "$OUT/gpt-oss-host-experts.md" 2>/dev/null; tail -8 "$OUT/gpt-oss-host-experts.log" ) ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done

@@ -112,6 +112,16 @@ def check_host_tensors(host_tensors: str | None, experts_in_host_memory: bool = 
     return host_tensors
 
 
+def stage_layers(stages: list[str], devices: list[str], tensor_split: Sequence[float] | None, n_gpu_layers: int,
+                 n_layer: int) -> list[int] | None:
+    """Repeating layers per stage where the split is known (tensor_split over `devices`, every layer offloaded); a
+    stage that is none of those devices holds no whole layer (the CPU, when it keeps some weights: host_tensors)."""
+    if not tensor_split or n_gpu_layers >= 0 or len(tensor_split) != len(devices):
+        return None
+    counts = dict(zip(devices, layers_from_split(tensor_split, n_layer)))
+    return [counts.get(name, 0) for name in stages]
+
+
 def model_identity(path: Path) -> str:
     """This model file as loaded by this build: measurements of another file or build do not apply."""
     stat = path.stat()
@@ -272,14 +282,15 @@ class Model(_native.NativeHandle):
         self.n_ctx_train, self.has_vocab = info.n_ctx_train, bool(info.has_vocab)
         names = ffi.new("const char *[]", max(info.n_stages, 1))
         lib.pt_model_stage_names(ptr, names, info.n_stages)
-        #: the devices holding the model's layers, in chain order (the pipeline's stages)
+        #: the devices holding the model's layers, in chain order (the pipeline's stages); with host_tensors, the CPU
+        #: (which holds some of the layers' weights) follows the first layer's device
         self.devices = [ffi.string(names[i]).decode() for i in range(info.n_stages)]
         described = {d.name: d for d in available}
         #: (device kind, RPC host or "") per stage: the layout as measurements are keyed (policy.calibration_key)
         self.stage_kinds = [stage_kind(name, described) for name in self.devices]
-        #: repeating layers per stage, where the split is known (tensor_split given and the layers all offloaded)
-        self.layers_per_stage = (layers_from_split(tensor_split, self.n_layer)
-                                 if tensor_split and n_gpu_layers < 0 and len(tensor_split) == len(self.devices) else None)
+        #: repeating layers per stage, where the split is known (tensor_split given and the layers all offloaded); 0 for
+        #: a stage that holds only some of the layers' weights (the CPU with host_tensors)
+        self.layers_per_stage = stage_layers(self.devices, devices, tensor_split, n_gpu_layers, self.n_layer)
         #: this model file as loaded by this build (measurements of another file or build do not apply)
         self.identity = model_identity(self.path) + self._placement_tag()
 
@@ -296,6 +307,9 @@ class Model(_native.NativeHandle):
         if n_gpu_layers != -1 or split_mode != "layer":
             raise ValueError("tensor_split='auto' balances a layer split with every layer on the devices: use "
                              "n_gpu_layers='all' and split_mode='layer' (or give the proportions yourself)")
+        if self.host_tensors:
+            raise ValueError("tensor_split='auto' does not balance layers around weights kept in host memory (the CPU "
+                             "is then a stage of every layer): give the proportions, or tensor_split='even'")
         described = {d.name: d for d in available}
         layout = [f"{kind}@{host}" if host else f"{kind}:{described[name].description}"
                   for name, (kind, host) in ((name, stage_kind(name, described)) for name in devices)]
