@@ -226,3 +226,23 @@ def test_gpu_script_stops_at_its_budget(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round 1: not started, the budget of 0 s is spent" in proc.stderr
     assert "| 300 | 32 | - | - | - |" in proc.stdout
+
+
+# ---- server ---------------------------------------------------------------------------------------------------------
+
+def test_server_options():
+    pytest.importorskip("fastapi", reason="the server's dependencies are missing: pip install '.[test]'")
+    from pyturbo.server.settings import parse_args
+    assert parse_args(["--model", "m.gguf"]).host_tensors is None
+    assert parse_args(["--model", "m.gguf", "--experts-in-host-memory"]).host_tensors == EXPERT_TENSORS
+    assert parse_args(["--model", "m.gguf", "--cpu-moe"]).host_tensors == EXPERT_TENSORS
+    assert parse_args(["--model", "m.gguf", "--host-tensors", "attn_.*"]).host_tensors == "attn_.*"
+
+
+@pytest.mark.parametrize("argv", [["--host-tensors", "exps("], ["--host-tensors", "x", "--cpu-moe"]])
+def test_server_bad_host_options_are_argparse_errors(argv, capsys):
+    pytest.importorskip("fastapi", reason="the server's dependencies are missing: pip install '.[test]'")
+    from pyturbo.server.settings import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m.gguf", *argv])
+    assert "--host-tensors / --experts-in-host-memory: " in capsys.readouterr().err

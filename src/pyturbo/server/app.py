@@ -198,7 +198,7 @@ async def props(engine: EngineDep, settings: SettingsDep):
             "chat_template": engine.template.text if engine.template else None,
             "pyturbo": {"pipeline": settings.pipeline, "n_batch": settings.n_batch, "n_ubatch": settings.n_ubatch,
                         "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints,
-                        "strict_model_name": settings.strict_model_name}}
+                        "host_tensors": settings.host_tensors, "strict_model_name": settings.strict_model_name}}
 
 
 # ---- generation -------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ class Engine:
             path = demo.model_path()
             self.pool = demo.restart_workers(self.pool, s.demo_workers)
             self.endpoints = self.pool.endpoints
-        model = Model(path, rpc_servers=self.endpoints or None, devices=s.devices,
+        model = Model(path, rpc_servers=self.endpoints or None, devices=s.devices, host_tensors=s.host_tensors,
                       tensor_split=s.tensor_split if s.tensor_split is not None else ("even" if s.demo else None))
         try:
             contexts = [model.context(n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.threads)

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..model import parse_endpoints
+from ..model import EXPERT_TENSORS, check_host_tensors, parse_endpoints
 
 # The library's pipeline modes (Context.prefill(pipeline=...)): "auto" pipelines where pyturbo measured it faster
 # (pyturbo.policy), "force" wherever it is safe, "off" never; where it is unsafe or impossible the standard path runs
@@ -31,6 +31,7 @@ class ServerSettings:
     rpc: list[str] = field(default_factory=list)
     devices: list[str] | None = None
     tensor_split: list[float] | str | None = None
+    host_tensors: str | None = None     # weights kept in host memory (Model(host_tensors=)), a regular expression
     n_ctx: int = 32768
     n_batch: int = 8192
     n_ubatch: int = 512
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--devices", default=None, help="devices to split over, e.g. CUDA0,CUDA1 (default: the RPC "
                                                     "workers if given, else the local GPUs)")
     ap.add_argument("--tensor-split", type=_split, default=None, help="proportions per device, e.g. 1,1, or 'even'")
+    ap.add_argument("--host-tensors", metavar="PATTERN", default=None,
+                    help="keep the weights whose names match this regular expression in host memory, computed by "
+                         "the CPU (llama.cpp's --override-tensor PATTERN=CPU)")
+    ap.add_argument("--experts-in-host-memory", "--cpu-moe", action="store_true",
+                    help=f"the routed experts of a mixture-of-experts model in host memory (--host-tensors "
+                         f"'{EXPERT_TENSORS}', llama-server's --cpu-moe)")
     ap.add_argument("--n-ctx", type=_positive("--n-ctx"), help="context size per slot (default 32768; demo 8192)")
     ap.add_argument("--n-batch", type=_positive("--n-batch"), help="tokens per llama_decode call (default 8192)")
     ap.add_argument("--n-ubatch", type=_positive("--n-ubatch"), help="tokens per ubatch (default 512; demo 128)")
@@ -130,12 +137,16 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
         ap.error(f"--rpc: {e}")
     if a.chat_template is not None and not a.chat_template.is_file():
         ap.error(f"--chat-template: no such file: {a.chat_template}")
+    try:
+        host_tensors = check_host_tensors(a.host_tensors, a.experts_in_host_memory)
+    except ValueError as e:
+        ap.error(f"--host-tensors / --experts-in-host-memory: {e}")
     sized = {k: getattr(a, k) if getattr(a, k) is not None else v
              for k, v in (DEMO_DEFAULTS if a.demo else DEFAULTS).items()}
     if sized["n_ubatch"] > sized["n_batch"]:
         ap.error(f"--n-ubatch ({sized['n_ubatch']}) must not exceed --n-batch ({sized['n_batch']})")
     return ServerSettings(
         model=a.model, rpc=rpc, devices=a.devices.split(",") if a.devices else None, tensor_split=a.tensor_split,
-        pipeline=a.pipeline, host=a.host, port=a.port, api_key=a.api_key, chat_template=a.chat_template,
+        host_tensors=host_tensors, pipeline=a.pipeline, host=a.host, port=a.port, api_key=a.api_key, chat_template=a.chat_template,
         parallel=a.parallel, max_request_bytes=a.max_request_bytes, model_alias=a.model_alias,
         strict_model_name=a.strict_model_name, demo=a.demo, **sized)
