@@ -200,7 +200,7 @@ def test_bench_sizes_gpt_oss_presets():
     assert 13.0e9 < layout.preset_bytes("gpt-oss-20b") < 14.5e9
     assert 60e9 < layout.preset_bytes("gpt-oss-120b") < 68e9
     assert synth.cached_path("gpt-oss-tiny").name.startswith("gpt-oss-L4-")
-# ---- the GPU script, on the CPU ---------------------------------------------------------------------------------------
+# ---- the GPU script, on the CPU -------------------------------------------------------------------------------------
 
 def test_gpu_script_cpu_smoke(tmp_path):
     """bench/gpu/gpt_oss_host_experts.py end to end on gpt-oss-tiny with RPC workers in place of the stream devices,

@@ -209,8 +209,8 @@ def report(args, records: list[dict]) -> str:
             + (" -- CPU smoke run: local RPC workers stand in for the devices" if args.cpu_smoke else ""), ""]
     tail = [""] + ([f"auto took the standard path at {', '.join(auto_why)}"] if auto_why else [])
     tail += [f"the forced pipeline fell back to the standard path at {', '.join(forced_why)}"] if forced_why else []
-    tail += [f"not measured in some round (time budget): {', '.join(f'{m} {n} tokens ub {u}' for m, n, u in skipped)}"] \
-        if skipped else []
+    left_out = ", ".join(f"{m} {n} tokens ub {u}" for m, n, u in skipped)
+    tail += [f"not measured in some round (time budget): {left_out}"] if skipped else []
     return "\n".join(head + table(args, runs) + tail + timelines(runs)) + "\n"
 
 

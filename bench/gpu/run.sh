@@ -160,9 +160,10 @@ for step in "$@"; do
     gpt-oss-host-experts)
         echo "== GPT-OSS, experts in host memory, first GPU, ${HOST_EXPERTS_PRESET:-gpt-oss-20b}"
         ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE
-          CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/gpt_oss_host_experts.py --preset "${HOST_EXPERTS_PRESET:-gpt-oss-20b}" \
-              --lengths "${HOST_EXPERTS_LENGTHS:-2048,8192,16384}" --ubatch "${HOST_EXPERTS_UBATCH:-2048}" \
-              --repeat "${BENCH_REPEAT:-2}" --rounds "${HOST_EXPERTS_ROUNDS:-2}" --budget "${HOST_EXPERTS_BUDGET:-360}" \
+          CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/gpt_oss_host_experts.py \
+              --preset "${HOST_EXPERTS_PRESET:-gpt-oss-20b}" --lengths "${HOST_EXPERTS_LENGTHS:-2048,8192,16384}" \
+              --ubatch "${HOST_EXPERTS_UBATCH:-2048}" --repeat "${BENCH_REPEAT:-2}" \
+              --rounds "${HOST_EXPERTS_ROUNDS:-2}" --budget "${HOST_EXPERTS_BUDGET:-360}" \
               --out "$OUT/gpt-oss-host-experts.md" 2> "$OUT/gpt-oss-host-experts.log" > /dev/null
           echo "rc $?"; cat "$OUT/gpt-oss-host-experts.md" 2>/dev/null; tail -8 "$OUT/gpt-oss-host-experts.log" ) ;;
     *) echo "unknown step $step"; exit 2 ;;

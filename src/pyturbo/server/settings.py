@@ -147,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
         ap.error(f"--n-ubatch ({sized['n_ubatch']}) must not exceed --n-batch ({sized['n_batch']})")
     return ServerSettings(
         model=a.model, rpc=rpc, devices=a.devices.split(",") if a.devices else None, tensor_split=a.tensor_split,
-        host_tensors=host_tensors, pipeline=a.pipeline, host=a.host, port=a.port, api_key=a.api_key, chat_template=a.chat_template,
+        host_tensors=host_tensors, pipeline=a.pipeline, host=a.host, port=a.port, api_key=a.api_key,
+        chat_template=a.chat_template,
         parallel=a.parallel, max_request_bytes=a.max_request_bytes, model_alias=a.model_alias,
         strict_model_name=a.strict_model_name, demo=a.demo, **sized)

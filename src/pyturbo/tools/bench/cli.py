@@ -46,8 +46,8 @@ def build_parser(d: dict) -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
     add("--model", type=Path, help="a GGUF model (default: a synthetic one, cached)")
-    add("--preset", choices=PRESET_NAMES, help=f"synthetic model shape (default {d['preset']}; gpt-oss-*: GPT-OSS-shaped "
-        "mixture-of-experts, pyturbo.synth.GPT_OSS_PRESETS)")
+    add("--preset", choices=PRESET_NAMES, help=f"synthetic model shape (default {d['preset']}; gpt-oss-*: "
+        "GPT-OSS-shaped mixture-of-experts, pyturbo.synth.GPT_OSS_PRESETS)")
     add("--yes", action="store_true", help=f"write a synthetic preset over {describe_bytes(LARGE_PRESET_BYTES)} "
         "(8b: ~16 GB, 70b: ~40 GB, gpt-oss-20b: ~13 GB, gpt-oss-120b: ~61 GB) without asking")
     add("--host-tensors", metavar="PATTERN", help="keep the weights whose names match this regular expression in host "
