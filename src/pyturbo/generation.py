@@ -1,8 +1,9 @@
 """Text generation on a `Context`: the prompt cache, the sampling loop, stop strings, incremental detokenizing,
 end-of-generation control (ignore_eos, min_tokens) and log-probabilities.
 
-Used through `Context.stream()` and `Context.complete()`; see there. The pieces a batched loop needs besides
-(token_logprobs, without_end_of_generation) are functions of their own.
+Used through `Context.stream()` and `Context.complete()`; see there. What happens to each sampled token (the end of
+generation, stop strings, text, logprobs, max_tokens) is `Answer`, shared with the batched generator
+(pyturbo.batching), as are the prompt's checks (`check_generation_options`).
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def check_prompt(n_prompt: int, n_ctx: int, larger: str = "use a larger n_ctx", 
     if not fits(n_prompt + 1, n_ctx):
         raise error(f"the prompt has {n_prompt} tokens but the context holds {n_ctx} (and needs room for the "
                     f"answer); shorten it or {larger}")
+
+
+def penalty_history(prompt: Sequence[int], settings: SamplerSettings) -> Sequence[int]:
+    """The prompt tokens a new sampler's penalties look back over (its last penalty_last_n), as llama-server's do."""
+    last_n = settings.penalty_last_n
+    return prompt[max(0, len(prompt) - last_n):] if last_n else []
 
 
 def prefill_cached(ctx, tokens: Sequence[int], pipeline=True, cache_prompt: bool = True):
@@ -165,6 +172,83 @@ class Completion:
     logprobs: list[TokenLogprobs] | None = None     # one per token, when asked for (stream(logprobs=N))
 
 
+def check_generation_options(max_tokens, stop, ignore_eos, min_tokens, logprobs) -> list[str]:
+    """ValueError for a bad option of a generation (stream() / the batched generator's submit()); the stop strings
+    as a list."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an int >= 1, not {max_tokens!r}")
+    if not isinstance(ignore_eos, bool):
+        raise ValueError(f"ignore_eos must be True or False, not {ignore_eos!r}")
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise ValueError(f"min_tokens must be an int >= 0, not {min_tokens!r}")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+        raise ValueError(f"logprobs must be None or an int >= 0 (how many most likely tokens), not {logprobs!r}")
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, not {stop!r}")
+    return stop
+
+
+class Answer:
+    """The answer of one generation as its tokens are sampled: what each token does to it (an end-of-generation token
+    ends it; otherwise the token's text goes through the stop strings and the incremental UTF-8 decoder, its
+    logprobs are taken, and max_tokens ends it), and the logits the sampler may draw from (ignore_eos, min_tokens).
+    finish_reason is None until it ends ("stop": end of generation or a stop string, "length": max_tokens; the caller
+    sets "length" itself when the context is full)."""
+
+    def __init__(self, model, stop: Sequence[str], max_tokens: int, ignore_eos: bool = False, min_tokens: int = 0,
+                 logprobs: int | None = None):
+        self.model, self.max_tokens = model, max_tokens
+        self.ignore_eos, self.min_tokens, self.n_top_logprobs = ignore_eos, min_tokens, logprobs
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_string: str | None = None
+        self.token_logprobs: list[TokenLogprobs] | None = None if logprobs is None else []
+        self._stops = StopStrings(stop)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def drawable(self, logits: np.ndarray) -> np.ndarray:
+        """The logits the sampler draws from: without end-of-generation tokens under ignore_eos and before
+        min_tokens (a model without a vocabulary has none)."""
+        if self.model.has_vocab and (self.ignore_eos or len(self.tokens) < self.min_tokens):
+            return without_end_of_generation(logits, self.model.eog_tokens)
+        return logits
+
+    def take(self, token: int, logits: np.ndarray) -> Piece | None:
+        """A sampled token (drawn from these raw logits): the `Piece` to emit, or None when it ended the generation
+        (an end-of-generation token is not part of the answer). The piece's text may be "" (part of a character, or
+        held back by a stop string)."""
+        model = self.model
+        if model.has_vocab and model.is_eog(token):
+            self.finish_reason = "stop"
+            return None
+        self.tokens.append(token)
+        picked = None
+        if self.token_logprobs is not None:
+            picked = token_logprobs(model, logits, token, self.n_top_logprobs)
+            self.token_logprobs.append(picked)
+        # a model without a vocabulary (synthetic, token ids only) generates tokens without text
+        text, hit = self._stops.push(self._decoder.decode(model.token_bytes(token) if model.has_vocab else b""))
+        self.text += text
+        if hit:
+            self.finish_reason, self.stop_string = "stop", self._stops.hit
+        elif len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+        return Piece(text, token, picked)
+
+    def tail(self) -> Piece | None:
+        """Text still held (by a stop string that did not come, or an unfinished character) once the answer ended
+        other than by a stop string: the last `Piece` (token None), or None."""
+        if self.stop_string is not None:
+            return None
+        tail = self._stops.flush() + self._decoder.decode(b"", final=True)
+        if not tail:
+            return None
+        self.text += tail
+        return Piece(tail, None)
+
+
 class Generation:
     """One generation on a context: iterate it for `Piece`s as they are produced (once). The prompt is tokenized
     and checked at construction, so a bad request fails before any work. cancel() stops it from any thread within
@@ -181,34 +265,36 @@ class Generation:
                  sampling: SamplerSettings | None = None, pipeline=True, cache_prompt: bool = True,
                  ignore_eos: bool = False, min_tokens: int = 0, logprobs: int | None = None, lock=None):
         self.prompt_tokens = prompt_tokens(ctx.model, prompt)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, not {max_tokens!r}")
-        if not isinstance(ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be True or False, not {ignore_eos!r}")
-        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
-            raise ValueError(f"min_tokens must be an int >= 0, not {min_tokens!r}")
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
-            raise ValueError(f"logprobs must be None or an int >= 0 (how many most likely tokens), not {logprobs!r}")
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(s, str) for s in stop):
-            raise ValueError(f"stop must be a string or a list of strings, not {stop!r}")
+        stop = check_generation_options(max_tokens, stop, ignore_eos, min_tokens, logprobs)
         check_prompt(len(self.prompt_tokens), ctx.n_ctx)
         self.ctx, self.max_tokens, self.stop = ctx, max_tokens, stop
         self.settings = sampling or SamplerSettings()
         self.pipeline, self.cache_prompt = pipeline, cache_prompt
-        self.ignore_eos, self.min_tokens, self.n_top_logprobs = ignore_eos, min_tokens, logprobs
-        self.token_logprobs: list[TokenLogprobs] | None = None if logprobs is None else []
-        self.stop_string: str | None = None
+        self.answer = Answer(ctx.model, stop, max_tokens, ignore_eos, min_tokens, logprobs)
         self._lock = lock
         self._cancelled = threading.Event()
         self._busy = threading.Event()
         self._started = False
-        self.tokens: list[int] = []
-        self.text = ""
         self.finish_reason: str | None = None
         self.n_cached = 0
         self.prefill = None
         self.t_start = self.t_first = self.t_end = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.answer.tokens
+
+    @property
+    def text(self) -> str:
+        return self.answer.text
+
+    @property
+    def stop_string(self) -> str | None:
+        return self.answer.stop_string
+
+    @property
+    def token_logprobs(self) -> list[TokenLogprobs] | None:
+        return self.answer.token_logprobs
 
     # ---- control --------------------------------------------------------------------------------------------------
 
@@ -271,57 +357,31 @@ class Generation:
             self._busy.clear()
 
     def _run(self) -> Iterator[Piece]:
-        ctx, model = self.ctx, self.ctx.model
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopStrings(self.stop)
-        with Sampler(model, self.settings) as sampler:  # first: bad settings fail before the prefill
+        ctx, answer = self.ctx, self.answer
+        with Sampler(ctx.model, self.settings) as sampler:  # first: bad settings fail before the prefill
             res, self.n_cached = self._step(lambda: prefill_cached(ctx, self.prompt_tokens, self.pipeline,
                                                                    self.cache_prompt))
             self.prefill = res
             logits = res.logits
-            last_n = self.settings.penalty_last_n  # the penalties look back over the prompt too, as llama-server's
-            sampler.accept(self.prompt_tokens[max(0, len(self.prompt_tokens) - last_n):] if last_n else [])
+            sampler.accept(penalty_history(self.prompt_tokens, self.settings))
             while True:
                 if self._cancelled.is_set():
                     raise _Cancelled
-                token = sampler.sample(self._drawable(logits))
+                token = sampler.sample(answer.drawable(logits))
                 if self.t_first is None:
                     self.t_first = time.perf_counter()
-                if model.has_vocab and model.is_eog(token):
-                    self.finish_reason = "stop"
-                    break
-                self.tokens.append(token)
-                picked = self._logprobs_of(token, logits)
-                # a model without a vocabulary (synthetic, token ids only) generates tokens without text
-                text, hit = stops.push(decoder.decode(model.token_bytes(token) if model.has_vocab else b""))
-                self.text += text
-                yield Piece(text, token, picked)  # text may be "" (part of a character, or held back by a stop string)
-                if hit:
-                    self.finish_reason, self.stop_string = "stop", stops.hit
-                    return
-                if len(self.tokens) >= self.max_tokens or ctx.n_past >= ctx.n_ctx:
-                    self.finish_reason = "length"
+                piece = answer.take(token, logits)
+                if answer.finish_reason is None and ctx.n_past >= ctx.n_ctx:
+                    answer.finish_reason = "length"
+                self.finish_reason = answer.finish_reason
+                if piece is not None:
+                    yield piece
+                if answer.finish_reason is not None:
                     break
                 logits = self._step(lambda: self._decode(token))
-        tail = stops.flush() + decoder.decode(b"", final=True)
-        if tail:
-            self.text += tail
-            yield Piece(tail, None)
-
-    def _drawable(self, logits: np.ndarray) -> np.ndarray:
-        """The logits the sampler draws from: without end-of-generation tokens under ignore_eos and before
-        min_tokens (a model without a vocabulary has none)."""
-        model = self.ctx.model
-        if model.has_vocab and (self.ignore_eos or len(self.tokens) < self.min_tokens):
-            return without_end_of_generation(logits, model.eog_tokens)
-        return logits
-
-    def _logprobs_of(self, token: int, logits: np.ndarray) -> TokenLogprobs | None:
-        if self.token_logprobs is None:
-            return None
-        picked = token_logprobs(self.ctx.model, logits, token, self.n_top_logprobs)
-        self.token_logprobs.append(picked)
-        return picked
+        tail = answer.tail()
+        if tail is not None:
+            yield tail
 
     def _decode(self, token: int) -> np.ndarray:
         logits = self.ctx.decode(token)
