@@ -236,3 +236,55 @@ def test_bad_requests_fail_at_submit(model):
     with pytest.raises(ValueError, match="n_ctx"):
         with model.context(n_ctx=256, n_seq=2, **CTX) as ctx:
             BatchedGenerator(ctx, n_ctx=200)
+
+
+# ---- through the server ---------------------------------------------------------------------------------------------
+
+def parted_only_at_a_tie(alone: list[dict], batched: list[dict]) -> bool:
+    """Two greedy answers' logprobs (OpenAI's chat content entries, with ids): the same tokens, or they part at a step
+    where the alone answer's two most likely tokens were within twice the largest difference seen between the two
+    answers' log-probabilities of the same tokens (up to that step)."""
+    diff = 0.0
+    for a, b in zip(alone, batched):
+        a_top = {t["id"]: t["logprob"] for t in a["top_logprobs"]}
+        b_top = {t["id"]: t["logprob"] for t in b["top_logprobs"]}
+        diff = max([diff] + [abs(a_top[t] - b_top[t]) for t in set(a_top) & set(b_top)])
+        if a["id"] != b["id"]:
+            first, second = sorted(a_top.values(), reverse=True)[:2]
+            return first - second <= 2 * diff
+    return len(alone) == len(batched)
+
+
+def test_eight_concurrent_greedy_requests_answer_as_each_alone(model_dir, tmp_path):
+    pytest.importorskip("fastapi", reason="the server's dependencies are missing: pip install '.[test]'")
+    httpx = pytest.importorskip("httpx", reason="the server's dependencies are missing: pip install '.[test]'")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyturbo import synth, workers
+    from serverproc import ServerProcess
+    shape = synth.ModelShape(**{**synth.PRESETS["tiny"].__dict__, "n_vocab": synth.tiny_vocab_size()})
+    path = synth.write_model(model_dir / "batching-chat.gguf", shape, seed=5, vocab="tiny",
+                             chat_template=synth.TINY_CHAT_TEMPLATE)
+    questions = [f"question {i}: " + " ".join(["the fox and the dog"] * (i + 1)) for i in range(8)]
+
+    def ask(url, question):
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 16, "temperature": 0,
+                "ignore_eos": True, "logprobs": True, "top_logprobs": 2, "cache_prompt": False}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["message"]["content"], choice["logprobs"]["content"]
+
+    with workers.local(2, threads=1) as pool, \
+            ServerProcess(["--model", path, "--rpc", ",".join(pool.endpoints), "--n-ctx", "512", "--n-batch", "256",
+                           "--n-ubatch", "32", "--threads", "1", "--parallel", "4"], tmp_path / "server.log") as srv:
+        props = httpx.get(srv.url + "/props", timeout=10).json()
+        assert props["total_slots"] == 4 and props["default_generation_settings"]["n_ctx"] == 512
+        assert props["pyturbo"]["kv_cells"] == 4 * 512
+        alone = [ask(srv.url, q) for q in questions]
+        with ThreadPoolExecutor(8) as pool_of_clients:
+            together = list(pool_of_clients.map(lambda q: ask(srv.url, q), questions))
+        assert "Traceback" not in srv.log_tail(10**6)
+    for (text_alone, lp_alone), (text, lp) in zip(alone, together):
+        assert len(lp) == len(lp_alone) == 16
+        assert text == text_alone or parted_only_at_a_tie(lp_alone, lp), (text_alone, text)

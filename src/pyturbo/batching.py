@@ -280,7 +280,8 @@ class BatchedGeneration:
             text=a.text, tokens=list(a.tokens), finish_reason=reason, n_prompt=len(self.prompt_tokens),
             n_cached=self.n_cached, prefill=merged_prefill(self.prefill_chunks),
             ttft_seconds=(self.t_first or self.t_end) - self.t_submit, seconds=self.t_end - self.t_submit,
-            stop_string=a.stop_string, logprobs=None if a.token_logprobs is None else list(a.token_logprobs))
+            stop_string=a.stop_string, logprobs=None if a.token_logprobs is None else list(a.token_logprobs),
+            queue_seconds=(self.t_admitted or self.t_end) - self.t_submit)
         self._done.set()
         self.deliver(self._completion)
         return self._completion
@@ -572,7 +573,8 @@ class BatchedGenerator:
                 n_keep = 0
                 if not self.ctx.truncate(0, seq=seq):
                     raise PrefillError(f"sequence {seq} of the KV cache cannot be cleared")
-        except FATAL:
+        except FATAL as e:
+            run.fail(e)   # in no list now: the others are failed by the scheduler
             raise
         except Exception as e:
             self._table.release(seq, keep_tokens=False)

@@ -170,6 +170,7 @@ class Completion:
     seconds: float              # call to end
     stop_string: str | None = None                  # the stop string that ended it, if one did
     logprobs: list[TokenLogprobs] | None = None     # one per token, when asked for (stream(logprobs=N))
+    queue_seconds: float = 0.0  # of ttft_seconds, waiting for a sequence before any work (pyturbo.batching)
 
 
 def check_generation_options(max_tokens, stop, ignore_eos, min_tokens, logprobs) -> list[str]:

@@ -151,7 +151,7 @@ async def page():
 async def health(engine: EngineDep, settings: SettingsDep):
     body = {"status": {"up": "ok"}.get(engine.state, engine.state), "model": settings.model_id,
             "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints,
-            "slots": len(engine.slots), "slots_free": engine.n_free, "queue": engine.n_waiting,
+            "slots": engine.n_slots, "slots_free": engine.n_free, "queue": engine.n_waiting,
             "pipeline": settings.pipeline, "n_ctx": settings.n_ctx,
             "chat_template": engine.template.source if engine.template else None}
     if engine.state != "up":
@@ -194,11 +194,14 @@ async def detokenize(req: DetokenizeRequest, engine: EngineDep):
 async def props(engine: EngineDep, settings: SettingsDep):
     """What llama-server's /props says that applies here, and pyturbo's own settings beside it."""
     return {"default_generation_settings": {"n_ctx": settings.n_ctx, "model": settings.model_id},
-            "total_slots": len(engine.slots), "model_path": str(settings.model) if settings.model else None,
+            "total_slots": engine.n_slots, "model_path": str(settings.model) if settings.model else None,
             "chat_template": engine.template.text if engine.template else None,
             "pyturbo": {"pipeline": settings.pipeline, "n_batch": settings.n_batch, "n_ubatch": settings.n_ubatch,
                         "devices": engine.model.devices if engine.model else [], "rpc": engine.endpoints,
-                        "host_tensors": settings.host_tensors, "strict_model_name": settings.strict_model_name}}
+                        "host_tensors": settings.host_tensors, "strict_model_name": settings.strict_model_name,
+                        # n_ctx above is per slot: one KV cache of slots x n_ctx cells, each slot up to n_ctx
+                        "n_ctx_per_slot": settings.n_ctx, "kv_cells": settings.n_ctx * settings.parallel,
+                        "max_gap_ms": settings.max_gap_ms}}
 
 
 # ---- generation -------------------------------------------------------------------------------------------------

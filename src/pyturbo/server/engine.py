@@ -1,26 +1,30 @@
-"""The model owner: loads the model (for --demo also its local RPC workers), keeps --parallel slots (one context
-each, with its own prompt cache), queues requests in arrival order, runs each generation on a thread of its own,
-and reloads the model after a device failure.
+"""The model owner: loads the model (for --demo also its local RPC workers) and one context whose --parallel
+sequences a batched generator serves (pyturbo.batching), calibrates the prefill paths at start-up, hands it the
+requests, and reloads the model after a device failure.
 
-Concurrency: a request holds one slot from its prefill to its last token; further requests wait in arrival order.
-The slots' native steps (a prefill, one decoded token) take turns on one lock, so several slots share the devices
-token by token and a long prefill delays the others' tokens; nothing is interrupted silently.
+Concurrency: the --parallel sequences share one KV cache of parallel x --n-ctx cells, and each may hold --n-ctx
+positions (llama-server's -c / -np split, so every request can always use its --n-ctx). Every decode step puts each
+generating request's next token into one llama_decode; a prompt that arrives while others generate prefills in chunks
+between their steps, so none of them waits longer than about --max-gap-ms for its next token (a prompt alone
+prefills at once). Further requests wait in arrival order; a request's tokens come back to its HTTP handler on the
+event loop (`Run`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import ContextDeadError, PyturboError, WorkerError
-from ..generation import Completion, Generation, Piece, check_prompt, common_prefix, prompt_tokens
+from .. import policy
+from ..batching import FATAL, BatchedGeneration, BatchedGenerator
+from ..chat import ChatTemplate
+from ..errors import PyturboError, WorkerError
+from ..generation import Completion, Piece, check_prompt, prompt_tokens
 from ..model import Model, check_reachable
 from ..sampling import SamplerSettings
-from ..chat import ChatTemplate
 from .settings import ServerSettings
 
 log = logging.getLogger("pyturbo.server")
@@ -60,27 +64,19 @@ class Outcome:
     pipeline: str
 
 
-@dataclass(eq=False)
-class Slot:
-    """llama-server's slot: one context (its own KV cache and prompt cache) serving one request at a time. Not the
-    executor's slots (a ubatch in flight's scheduler: PrefillResult.slot_buffer_bytes, llama-turbo/turbo-slots.cpp)."""
-    id: int
-    ctx: object = None
-    busy: bool = False
-
-
 class Run:
-    """One request on a slot. Its generation runs on a thread; next() hands over what it produces: `Piece`s, then
-    the `Outcome`, or raises what failed it."""
+    """One request on the batched generator. Its pieces are handed over from the generator's thread: next() gives
+    `Piece`s, then the `Outcome`, or raises what failed it."""
 
-    def __init__(self, loop, gen: Generation, slot: Slot, t_arrival: float, pipeline: str):
-        self.gen, self.slot, self.t_arrival, self.pipeline = gen, slot, t_arrival, pipeline
-        self.t_slot = time.perf_counter()
+    def __init__(self, loop, t_arrival: float, pipeline: str):
+        self.t_arrival, self.pipeline = t_arrival, pipeline
+        self.t_submit = time.perf_counter()
+        self.request: BatchedGeneration | None = None
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
 
-    def post(self, item) -> None:  # from the generation thread
+    def post(self, item) -> None:  # from the generator's thread
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     async def next(self) -> Piece | Outcome:
@@ -93,12 +89,24 @@ class Run:
         return item
 
     def cancel(self) -> None:
-        self.gen.cancel()
+        if self.request is not None:
+            self.request.cancel()
 
-    def outcome(self) -> Outcome:
-        gen = self.gen
-        return Outcome(gen.result(), ttft_seconds=(gen.t_first or gen.t_end) - self.t_arrival,
-                       queue_seconds=self.t_slot - self.t_arrival, pipeline=self.pipeline)
+    def outcome(self, completion: Completion) -> Outcome:
+        waited = self.t_submit - self.t_arrival   # arrival to the generator
+        return Outcome(completion, ttft_seconds=waited + completion.ttft_seconds,
+                       queue_seconds=waited + completion.queue_seconds, pipeline=self.pipeline)
+
+
+def calibration_lengths(n_ubatch: int, n_ctx: int) -> list[int]:
+    """Prompt lengths the server calibrates at start-up: one per length bucket of pyturbo.policy (powers of two) from
+    the shortest that pipelines (two ubatches) to the longest that fits a sequence."""
+    n = 1 << max(0, (2 * n_ubatch - 1).bit_length())
+    out = []
+    while n < n_ctx:
+        out.append(n)
+        n *= 2
+    return out
 
 
 class Engine:
@@ -106,25 +114,22 @@ class Engine:
         self.settings, self.metrics = settings, metrics
         self.state, self.reason, self.failed_endpoints = "loading", "the model is loading", []
         self.model: Model | None = None
+        self.generator: BatchedGenerator | None = None
         self.template: ChatTemplate | None = None
         self.endpoints: list[str] = list(settings.rpc)
         self.pool = None                                  # --demo: the local workers
-        self.slots = [Slot(i) for i in range(settings.parallel)]
-        self.step_lock = threading.Lock()                 # one native step at a time across slots
         self._model_lock = threading.RLock()              # the model's lifetime vs tokenizing on the event loop
-        self._free: list[Slot] = []
-        self._waiters: deque[asyncio.Future] = deque()
-        self._runs: set[Run] = set()                      # generations running on their threads
-        self._runs_lock = threading.Lock()
         self._closed = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=settings.parallel, thread_name_prefix="pyturbo-slot")
         self._loop: asyncio.AbstractEventLoop | None = None
         self.created = int(time.time())
+        metrics.slots_busy.set_function(lambda: self.n_busy)
+        metrics.queue.set_function(lambda: self.n_waiting)
 
     # ---- loading --------------------------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the model and one context per slot (blocking). For --demo, (re)start the local workers first."""
+        """Load the model and the context of --parallel sequences (blocking), and calibrate. For --demo, (re)start
+        the local workers first."""
         s = self.settings
         path = s.model
         if s.demo:
@@ -132,51 +137,60 @@ class Engine:
             path = demo.model_path()
             self.pool = demo.restart_workers(self.pool, s.demo_workers)
             self.endpoints = self.pool.endpoints
-        model = Model(path, rpc_servers=self.endpoints or None, devices=s.devices, host_tensors=s.host_tensors,
+        model = Model(path, rpc_servers=self.endpoints or None, devices=s.devices,
                       tensor_split=s.tensor_split if s.tensor_split is not None else ("even" if s.demo else None))
         try:
-            contexts = [model.context(n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.threads)
-                        for _ in self.slots]
-            override = s.chat_template.read_text() if s.chat_template else None
-            template = ChatTemplate.for_model(model, override, str(s.chat_template or "")) if model.has_vocab else None
+            ctx = model.context(n_ctx=s.n_ctx * s.parallel, n_seq=s.parallel, n_batch=s.n_batch, n_ubatch=s.n_ubatch,
+                                n_threads=s.threads)
+            generator = BatchedGenerator(ctx, n_ctx=s.n_ctx, max_gap_ms=s.max_gap_ms, owns_context=True)
+            try:
+                self._calibrate(generator)
+                override = s.chat_template.read_text() if s.chat_template else None
+                template = ChatTemplate.for_model(model, override, str(s.chat_template or "")) if model.has_vocab \
+                    else None
+            except BaseException:
+                generator.close()
+                raise
         except BaseException:
             model.close()
             raise
         with self._model_lock:
-            self.model, self.template = model, template
-            for slot, ctx in zip(self.slots, contexts):
-                slot.ctx = ctx
+            self.model, self.generator, self.template = model, generator, template
             self.state, self.reason, self.failed_endpoints = "up", "", []
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._reset_free)
-        else:
-            self._reset_free()
         self.metrics.up.set(1)
-        log.info("model %s loaded on %s; chat template: %s", path, ", ".join(model.devices),
+        log.info("model %s loaded on %s: %d sequences of %d tokens (%d KV cells), max gap %.0f ms; chat template: %s",
+                 path, ", ".join(model.devices), s.parallel, s.n_ctx, s.parallel * s.n_ctx, s.max_gap_ms,
                  template.source if template else "none (the model has no vocabulary)")
 
-    def _reset_free(self) -> None:  # on the event loop, after a (re)load: every slot not in use is free
-        for slot in self.slots:
-            if not slot.busy and slot not in self._free:
-                self._give(slot)
+    def _calibrate(self, generator: BatchedGenerator) -> None:
+        """Measure both prefill paths on synthetic prompts before serving (bounded by --calibration-s), so that the
+        first users' long prompts already take the faster path; measurements kept from earlier runs count
+        (pyturbo.policy), so a later start mostly measures nothing."""
+        s = self.settings
+        if s.pipeline != "auto" or policy.env_override(os.environ) is not None or s.calibration_s <= 0:
+            return
+        t0 = time.perf_counter()
+        done = generator.calibrate(calibration_lengths(s.n_ubatch, s.n_ctx), s.calibration_s)
+        measured = "; ".join(f"{n} tokens: " + ", ".join(f"{path} {max(v):.0f}" for path, v in m.items() if v)
+                             for n, m in done)
+        log.info("calibrated the prefill paths in %.1f s (tok/s, best run: %s)%s", time.perf_counter() - t0,
+                 measured or "nothing measured", "" if len(done) == len(calibration_lengths(s.n_ubatch, s.n_ctx))
+                 else "; longer prompts calibrate as they come (--calibration-s bounds this)")
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
     def _unload(self) -> None:
-        with self._model_lock:
-            model, self.model = self.model, None
-            for slot in self.slots:
-                slot.ctx = None
-            if model is not None:
-                model.close()  # closes the contexts first; safe after a device failure
+        with self._model_lock:   # taken apart under the lock, closed outside it (the generator's thread may want it)
+            model, generator = self.model, self.generator
+            self.model = self.generator = None
+        if generator is not None:
+            generator.close()
+        if model is not None:
+            model.close()  # safe after a device failure
 
     def close(self) -> None:
         self._closed.set()
-        with self._runs_lock:
-            for run in self._runs:
-                run.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
         self._unload()
         if self.pool is not None:
             self.pool.stop()
@@ -219,107 +233,68 @@ class Engine:
             return [self.model.token_bytes(t).decode(errors="replace") for t in tokens]
 
     @property
+    def n_slots(self) -> int:
+        """Sequences (llama-server's slots): --parallel."""
+        return self.settings.parallel
+
+    @property
+    def n_busy(self) -> int:
+        generator = self.generator
+        return generator.n_busy if generator is not None else 0
+
+    @property
     def n_free(self) -> int:
-        """Slots free now (a read-only view for /health)."""
-        return len(self._free)
+        """Slots free now (a read-only view for /health; none while the model is not loaded)."""
+        generator = self.generator
+        return generator.n_free if generator is not None else 0
 
     @property
     def n_waiting(self) -> int:
         """Requests waiting for a slot."""
-        return len(self._waiters)
+        generator = self.generator
+        return generator.n_waiting if generator is not None else 0
 
     # ---- running --------------------------------------------------------------------------------------------------
 
     async def submit(self, job: Job, t_arrival: float) -> Run:
-        """Wait (in arrival order) for a slot and start the job there. Raises PromptTooLong, Unavailable."""
+        """Hand the job to the generator (it waits there, in arrival order, for a free sequence). Raises
+        PromptTooLong, Unavailable."""
         n_ctx = self.settings.n_ctx
         check_prompt(len(job.tokens), n_ctx, "start the server with a larger --n-ctx", error=PromptTooLong)
-        slot = await self._acquire(job.tokens)
+        with self._model_lock:
+            self.check_up()
+            generator = self.generator
+        mode = job.pipeline or self.settings.pipeline
+        max_tokens = min(job.max_tokens or self.settings.max_tokens or n_ctx, n_ctx - len(job.tokens))
+        run = Run(self._loop, t_arrival, mode)
         try:
-            mode = job.pipeline or self.settings.pipeline
-            max_tokens = min(job.max_tokens or self.settings.max_tokens or n_ctx, n_ctx - len(job.tokens))
-            gen = slot.ctx.stream(job.tokens, max_tokens=max_tokens, stop=job.stop, sampling=job.sampling,
-                                  pipeline=mode, cache_prompt=job.cache_prompt, ignore_eos=job.ignore_eos,
-                                  min_tokens=job.min_tokens, logprobs=job.logprobs, lock=self.step_lock)
-            run = Run(self._loop, gen, slot, t_arrival, mode)
-            with self._runs_lock:
-                self._runs.add(run)
-            self._executor.submit(self._work, run)
-            return run
-        except BaseException:
-            self._release(slot)
+            run.request = generator.submit(
+                job.tokens, max_tokens=max_tokens, stop=job.stop, sampling=job.sampling, pipeline=mode,
+                cache_prompt=job.cache_prompt, ignore_eos=job.ignore_eos, min_tokens=job.min_tokens,
+                logprobs=job.logprobs, listener=lambda item: self._deliver(run, item))
+        except FATAL as e:
+            raise self._device_failed(e) from None
+        except ValueError:
+            if generator.failed is not None or self.state != "up":   # closed by a failure meanwhile
+                raise Unavailable(self.reason, self.failed_endpoints) from None
             raise
+        return run
 
-    def _work(self, run: Run) -> None:
-        try:
-            for piece in run.gen:
-                run.post(piece)
-            outcome = run.outcome()
-            self.metrics.record(outcome)
-            run.post(outcome)
-        except (ContextDeadError, WorkerError) as e:
-            run.post(self._device_failed(e))
-        except BaseException as e:  # handed to the request, which reports it
-            run.post(e)
-        finally:
-            with self._runs_lock:
-                self._runs.discard(run)
-            self._loop.call_soon_threadsafe(self._release, run.slot)
-
-    async def _acquire(self, tokens: list[int]) -> Slot:
-        self.check_up()
-        if self._free and not self._waiters:  # the free slot whose cache shares the longest prefix
-            slot = max(self._free, key=lambda s: common_prefix(s.ctx.prompt_cache.tokens if s.ctx else [], tokens))
-            self._free.remove(slot)
-        else:
-            fut = self._loop.create_future()
-            self._waiters.append(fut)
-            self.metrics.queue.set(len(self._waiters))
-            try:
-                slot = await fut
-            except asyncio.CancelledError:  # the client left while waiting: pass on a slot it was just given
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    self._give(fut.result())
-                raise
-            finally:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
-                self.metrics.queue.set(len(self._waiters))
-        slot.busy = True
-        self.metrics.slots_busy.inc()
-        if self.state != "up":
-            self._release(slot)
-            raise Unavailable(self.reason, self.failed_endpoints)
-        return slot
-
-    def _release(self, slot: Slot) -> None:  # on the event loop
-        self.metrics.slots_busy.dec()
-        self._give(slot)
-
-    def _give(self, slot: Slot) -> None:
-        """To the first request still waiting (reserved for it: busy), else back to the free slots."""
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                slot.busy = True
-                fut.set_result(slot)
-                return
-        slot.busy = False
-        if slot not in self._free:
-            self._free.append(slot)
-
-    def _fail_waiters(self, error: Unavailable) -> None:  # on the event loop
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(error)
-        self.metrics.queue.set(0)
+    def _deliver(self, run: Run, item) -> None:
+        """On the generator's thread: a request's Piece, Completion or failure, to its HTTP handler."""
+        if isinstance(item, Completion):
+            item = run.outcome(item)
+            self.metrics.record(item)
+        elif isinstance(item, FATAL):
+            item = self._device_failed(item)
+        run.post(item)
 
     # ---- failure and recovery -------------------------------------------------------------------------------------
 
     def _device_failed(self, exc: BaseException) -> Unavailable:
         """Mark the model down (once), start the recovery, and return the error the request reports."""
-        dead = [ep for ep in self.endpoints if not _reachable(ep)]
+        # probed outside the lock (tokenizing on the event loop takes it), and only while the model was up
+        dead = [ep for ep in self.endpoints if not _reachable(ep)] if self.state == "up" else []
         with self._model_lock:
             if self.state == "up":
                 named = dead or [ep for ep in self.endpoints if ep in str(exc)]
@@ -331,15 +306,11 @@ class Engine:
                 self.state = "down"
                 self.metrics.up.set(0)
                 log.error("%s", self.reason)
-                self._loop.call_soon_threadsafe(self._fail_waiters, Unavailable(self.reason, named))
                 threading.Thread(target=self._recover, name="pyturbo-recover", daemon=True).start()
             return Unavailable(self.reason, self.failed_endpoints)
 
     def _recover(self) -> None:
-        # the other running requests end at their next step (their contexts are dead): wait before freeing the model
-        deadline = time.monotonic() + 60
-        while self._runs and time.monotonic() < deadline and not self._closed.is_set():
-            time.sleep(0.05)
+        # the generator has failed every request it held; closing it ends its thread
         self._unload()
         while not self._closed.is_set():
             try:

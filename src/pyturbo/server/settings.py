@@ -5,6 +5,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..batching import DEFAULT_MAX_GAP_MS
 from ..model import EXPERT_TENSORS, check_host_tensors, parse_endpoints
 
 # The library's pipeline modes (Context.prefill(pipeline=...)): "auto" pipelines where pyturbo measured it faster
@@ -45,6 +46,8 @@ class ServerSettings:
     max_tokens: int | None = None       # default max_tokens of a request that gives none (None: until the context ends)
     max_request_bytes: int = 8 << 20
     model_alias: str | None = None      # the id /v1/models lists (default: the file name without .gguf)
+    max_gap_ms: float = DEFAULT_MAX_GAP_MS   # bound on a generating request's wait for a token during a prefill
+    calibration_s: float = 60.0         # start-up calibration of the prefill paths, at most this long (0: none)
     strict_model_name: bool = False     # a request naming another model id: 404 (default: served, as llama-server)
     demo: bool = False
     demo_workers: int = 2
@@ -67,6 +70,22 @@ def _positive(name):
             raise argparse.ArgumentTypeError(f"{name} must be >= 1, not {value}")
         return value
     return parse
+
+
+def _positive_float(name, minimum_exclusive: bool = True):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, not {text!r}") from None
+        if not (value > 0 if minimum_exclusive else value >= 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be {'>' if minimum_exclusive else '>='} 0, not {text}")
+        return value
+    return parse
+
+
+def _non_negative_float(name):
+    return _positive_float(name, minimum_exclusive=False)
 
 
 def _split(text: str):
@@ -94,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--experts-in-host-memory", "--cpu-moe", action="store_true",
                     help=f"the routed experts of a mixture-of-experts model in host memory (--host-tensors "
                          f"'{EXPERT_TENSORS}', llama-server's --cpu-moe)")
-    ap.add_argument("--n-ctx", type=_positive("--n-ctx"), help="context size per slot (default 32768; demo 8192)")
+    ap.add_argument("--n-ctx", type=_positive("--n-ctx"),
+                    help="context size per slot: each of the --parallel slots may hold this many tokens, in one KV "
+                         "cache of parallel x n-ctx cells (default 32768; demo 8192)")
     ap.add_argument("--n-batch", type=_positive("--n-batch"), help="tokens per llama_decode call (default 8192)")
     ap.add_argument("--n-ubatch", type=_positive("--n-ubatch"), help="tokens per ubatch (default 512; demo 128)")
     ap.add_argument("--threads", type=_positive("--threads"), help="CPU threads here (default: all cores; demo 1)")
@@ -107,7 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--chat-template", type=Path, default=None,
                     help="a Jinja2 chat template file, instead of the model's tokenizer.chat_template")
     ap.add_argument("--parallel", type=_positive("--parallel"), default=1,
-                    help="independent slots (each its own KV cache of --n-ctx); further requests queue in order")
+                    help="slots: sequences of one context whose decode steps are batched together; further requests "
+                         "queue in arrival order")
+    ap.add_argument("--max-gap-ms", type=_positive_float("--max-gap-ms"), default=DEFAULT_MAX_GAP_MS,
+                    help="while a prompt prefills, the slots that are generating wait at most about this long for "
+                         "their next token: the prompt prefills in chunks of this duration (never below (stages + "
+                         f"1) ubatches) between their steps (default {DEFAULT_MAX_GAP_MS:.0f})")
+    ap.add_argument("--calibration-s", type=_non_negative_float("--calibration-s"), default=60.0,
+                    help="at start-up, measure the pipelined and standard prefill on synthetic prompts for at most "
+                         "this many seconds (results are kept for later starts; 0: none, prompts calibrate as they "
+                         "come) (default 60)")
     ap.add_argument("--max-tokens", type=_positive("--max-tokens"),
                     help="max_tokens of a request that gives none (default: until the context is full; demo 200)")
     ap.add_argument("--max-request-bytes", type=_positive("--max-request-bytes"), default=8 << 20,
@@ -150,4 +180,5 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
         host_tensors=host_tensors, pipeline=a.pipeline, host=a.host, port=a.port, api_key=a.api_key,
         chat_template=a.chat_template,
         parallel=a.parallel, max_request_bytes=a.max_request_bytes, model_alias=a.model_alias,
+        max_gap_ms=a.max_gap_ms, calibration_s=a.calibration_s,
         strict_model_name=a.strict_model_name, demo=a.demo, **sized)
