@@ -13,6 +13,8 @@
 #include "llama-impl.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
 
 // The ubatches kept in flight: max_in_flight when given, else one per stage plus one, so that the next ubatch is set up
 // while every stage works. Decided here only: pyturbo sizes its memory check with it (llama_turbo_n_in_flight).
@@ -107,6 +109,7 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
                 ret = GGML_STATUS_FAILED;
                 return nullptr;
             }
+            place_host_weight_ops(lctx.sched.get(), gf);
             if (!ggml_backend_sched_alloc_graph(lctx.sched.get(), gf)) {
                 LLAMA_LOG_ERROR("%s: failed to allocate the graph\n", __func__);
                 ret = GGML_STATUS_ALLOC_FAILED;
@@ -181,4 +184,40 @@ void llama_turbo::wait_outputs() {
     }
     ggml_status ret;
     wait_host([&] { return n_outputs_pending == 0; }, ret);
+}
+
+// Weights kept in host memory (Model(host_tensors=...): the experts) are copied to a GPU for each ubatch where the op
+// is big enough for that to pay (llama.cpp's op offload), and llama.cpp's scheduler hands every such op to the first
+// GPU that takes it. On the pipeline's chain that makes the first stage copy and compute every layer's experts while
+// the others wait; run each one on its layer's own device instead, so every stage copies and computes its own layers'
+// experts on its own stream. The kernels are the same, so are the results.
+void llama_turbo::place_host_weight_ops(ggml_backend_sched_t sched, ggml_cgraph * gf) const {
+    if (!lctx.cparams.op_offload) {
+        return;
+    }
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        const ggml_tensor * weight = nullptr;
+        for (const ggml_tensor * src : node->src) {
+            if (src && src->buffer && ggml_backend_buffer_get_usage(src->buffer) == GGML_BACKEND_BUFFER_USAGE_WEIGHTS &&
+                ggml_backend_buffer_is_host(src->buffer)) {
+                weight = src;
+                break;
+            }
+        }
+        const char * dash = weight ? strrchr(node->name, '-') : nullptr;
+        int il = -1;
+        if (!dash || sscanf(dash + 1, "%d", &il) != 1 || il < 0 || il >= (int) lctx.model.hparams.n_layer()) {
+            continue;
+        }
+        ggml_backend_dev_t dev = lctx.model.dev_layer(il);
+        for (size_t b = 0; b < lctx.backend_ptrs.size(); ++b) {
+            ggml_backend_t backend = lctx.backend_ptrs[b];
+            if (traits[b].gpu && ggml_backend_get_device(backend) == dev && ggml_backend_supports_op(backend, node) &&
+                ggml_backend_offload_op(backend, node)) {
+                ggml_backend_sched_set_tensor_backend(sched, node, backend);
+                break;
+            }
+        }
+    }
 }

@@ -203,6 +203,7 @@ struct llama_turbo : llama_ubatch_executor {
     // ---- turbo-slots.cpp: schedulers of the ubatches in flight -------------------------------------------------------
     int32_t n_in_flight() const;     // how many slots: the one place the default is decided
     std::string prepare_slots(llama_turbo_result & r);
+    void place_host_weight_ops(ggml_backend_sched_t sched, ggml_cgraph * gf) const;
     void release_slots();
 
     // ---- turbo-stages.cpp: stage threads, readiness, split planning, staging -----------------------------------------
