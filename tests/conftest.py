@@ -54,3 +54,15 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter: an abort in C there fails the test instead of killing pytest."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def recomputed_logprobs(ctx, prompt_tokens, tokens) -> list[np.ndarray]:
+    """log-softmax of the raw logits before each of tokens, from a fresh prefill and one decode per token."""
+    from pyturbo.generation import log_softmax
+    ctx.reset()
+    logits = ctx.prefill(prompt_tokens, pipeline="off").logits
+    out = []
+    for token in tokens:
+        out.append(log_softmax(logits))
+        logits = ctx.decode(token)
+    return out

@@ -11,8 +11,7 @@ import pytest
 import pyturbo
 from pyturbo import synth
 from pyturbo.chat import CHATML_STOP
-from pyturbo.generation import log_softmax
-from conftest import run_python
+from conftest import recomputed_logprobs, run_python
 
 pytest.importorskip("jinja2", reason="chat templates need Jinja2: pip install '.[server]'")
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the fox"}]
@@ -38,17 +37,6 @@ def certain_end(ctx) -> dict:
     """Greedy sampling with EOS made certain by a logit bias."""
     assert ctx.model.eog_tokens == (ctx.model.eos_id,)
     return {"temperature": 0, "logit_bias": {ctx.model.eos_id: 100.0}}
-
-
-def recomputed(ctx, prompt_tokens, tokens) -> list[np.ndarray]:
-    """log-softmax of the raw logits before each of tokens (a fresh prefill, one decode per token)."""
-    ctx.reset()
-    logits = ctx.prefill(prompt_tokens, pipeline="off").logits
-    out = []
-    for token in tokens:
-        out.append(log_softmax(logits))
-        logits = ctx.decode(token)
-    return out
 
 
 def test_model_chat_template_is_the_ggufs_else_chatml(ctx, vocab_model):
@@ -134,7 +122,7 @@ def test_logprobs_are_the_log_softmax_of_the_raw_logits(ctx):
     pieces = [p for p in gen if p.token is not None]
     c = gen.result()
     assert [p.logprobs for p in pieces] == c.logprobs and [e.chosen.token for e in c.logprobs] == c.tokens
-    expected = recomputed(ctx, ctx.model.tokenize(TEXT, parse_special=True), c.tokens)
+    expected = recomputed_logprobs(ctx, ctx.model.tokenize(TEXT, parse_special=True), c.tokens)
     for e, lp in zip(c.logprobs, expected):
         assert e.chosen.logprob == pytest.approx(lp[e.chosen.token], abs=1e-12) and e.chosen.logprob <= 0
         assert [t.token for t in e.top] == [int(i) for i in np.argsort(-lp, kind="stable")[:4]]

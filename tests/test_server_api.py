@@ -14,7 +14,7 @@ import pytest
 
 import pyturbo
 from pyturbo import synth
-from pyturbo.generation import log_softmax
+from conftest import recomputed_logprobs
 from serverproc import ServerProcess
 
 pytest.importorskip("fastapi", reason="the server's dependencies are missing: pip install '.[test]'")
@@ -75,17 +75,6 @@ def events(server, path: str, body: dict) -> list[str]:
 def greedy(ctx, prompt, n: int, **kw):
     """The library's greedy answer that runs to n tokens."""
     return ctx.complete(prompt, max_tokens=n, temperature=0, ignore_eos=True, cache_prompt=False, **kw)
-
-
-def recomputed_logprobs(ctx, prompt_tokens: list[int], tokens: list[int]) -> list[np.ndarray]:
-    """log-softmax of the raw logits before each of tokens, from a fresh prefill and one decode per token."""
-    ctx.reset()
-    logits = ctx.prefill(prompt_tokens, pipeline="off").logits
-    out = []
-    for token in tokens:
-        out.append(log_softmax(logits))
-        logits = ctx.decode(token)
-    return out
 
 
 def check_entries(entries: list[dict], expected: list[np.ndarray], tokens: list[int], n_top: int) -> None:
