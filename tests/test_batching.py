@@ -288,3 +288,14 @@ def test_eight_concurrent_greedy_requests_answer_as_each_alone(model_dir, tmp_pa
     for (text_alone, lp_alone), (text, lp) in zip(alone, together):
         assert len(lp) == len(lp_alone) == 16
         assert text == text_alone or parted_only_at_a_tie(lp_alone, lp), (text_alone, text)
+
+
+def test_forget_prompt_caches_frees_the_free_sequences_cells(model):
+    with BatchedGenerator.open(model, n_seq=2, n_ctx=512, **CTX) as gen:
+        gen.submit(prompt(100, seed=90), max_tokens=3, temperature=0).result(60)
+        busy = gen.submit(prompt(50, seed=91), max_tokens=4000, temperature=0)
+        next(iter(busy))
+        assert gen.forget_prompt_caches() == 102      # the prompt and two of its three tokens were decoded
+        lengths = gen.call(lambda ctx: [ctx.seq_len(s) for s in range(2)])
+        assert lengths[busy.seq] > 50 and lengths[1 - busy.seq] == 0
+        busy.cancel()
