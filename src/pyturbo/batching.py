@@ -372,14 +372,7 @@ class BatchedGenerator:
         finish_reason "length"). listener: see BatchedGeneration. on_logits(logits): called on the scheduler thread
         with the raw logits each token is drawn from (diagnostics, tests). Bad options raise here, before any work."""
         model = self.ctx.model
-        if settings:
-            unknown = sorted(set(settings) - set(SamplerSettings.names()))
-            if unknown:
-                raise TypeError(f"unknown sampler setting(s) {unknown}; known: {list(SamplerSettings.names())}")
-            if sampling is not None:
-                raise TypeError("pass either sampling=SamplerSettings(...) or its fields as keywords, not both")
-            sampling = SamplerSettings(**settings)
-        sampling = sampling or SamplerSettings()
+        sampling = SamplerSettings.from_call(sampling, settings)
         tokens = prompt_tokens(model, prompt)
         stop = check_generation_options(max_tokens, stop, ignore_eos, min_tokens, logprobs)
         check_prompt(len(tokens), self.n_ctx, "use a larger n_ctx per sequence")

@@ -749,13 +749,7 @@ class Context(_native.NativeHandle):
         """
         from .generation import Generation
         from .sampling import SamplerSettings
-        if settings:
-            unknown = sorted(set(settings) - set(SamplerSettings.names()))
-            if unknown:
-                raise TypeError(f"unknown sampler setting(s) {unknown}; known: {list(SamplerSettings.names())}")
-            if sampling is not None:
-                raise TypeError("pass either sampling=SamplerSettings(...) or its fields as keywords, not both")
-            sampling = SamplerSettings(**settings)
+        sampling = SamplerSettings.from_call(sampling, settings)
         return Generation(self, prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, pipeline=pipeline,
                           cache_prompt=cache_prompt, ignore_eos=ignore_eos, min_tokens=min_tokens, logprobs=logprobs,
                           lock=lock)

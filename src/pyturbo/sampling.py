@@ -80,6 +80,18 @@ class SamplerSettings:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
+    @classmethod
+    def from_call(cls, sampling: "SamplerSettings | None", keywords: dict) -> "SamplerSettings":
+        """The settings of a call that takes either sampling=SamplerSettings(...) or its fields as keywords."""
+        if keywords:
+            unknown = sorted(set(keywords) - set(cls.names()))
+            if unknown:
+                raise TypeError(f"unknown sampler setting(s) {unknown}; known: {list(cls.names())}")
+            if sampling is not None:
+                raise TypeError("pass either sampling=SamplerSettings(...) or its fields as keywords, not both")
+            return cls(**keywords)
+        return sampling or cls()
+
 
 class Sampler(_native.NativeHandle):
     """A llama.cpp sampler chain for one generation: it keeps the history the penalties look at and the random
