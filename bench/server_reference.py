@@ -338,12 +338,9 @@ def running_server(name: str, args, model: Path, vocab: Vocab, bins: dict | None
                    "-ngl", "99", "-sm", "layer", "-ts", split, "-c", args.ctx * args.parallel, "-np", args.parallel,
                    "-b", args.n_batch, "-ub", args.n_ubatch, "-t", args.server_threads, "-tb", args.server_threads,
                    "-cb"]
-            # one KV buffer for all slots, each slot limited to --ctx (where this build has the flags), no web UI,
-            # no automatic fitting (the sizes are given)
-            if has_flag(helptext, "--kv-unified"):
-                cmd += ["--kv-unified"]
-                if has_flag(helptext, "--kv-unified-per-slot"):
-                    cmd += ["--kv-unified-per-slot", args.ctx]
+            # each slot its own --ctx cells (llama-server's default with -np: -c split over the slots, as pyturbo's
+            # server does), no web UI, no automatic fitting (the sizes are given)
+            cmd += ["--no-kv-unified"] if has_flag(helptext, "--no-kv-unified") else []
             cmd += ["--no-webui"] if has_flag(helptext, "--no-webui") else []
             cmd += ["--fit", "off"] if has_flag(helptext, "--fit") else []
         else:

@@ -83,7 +83,8 @@ def test_prefill_cuts_a_prompt_like_the_calls_of_n_batch(model):
             assert np.array_equal(res.logits, expected) and ctx.kv_state() == kv, mode
 
 
-def test_sequences_of_one_context_prefill_and_step_together(model):
+@pytest.mark.parametrize("kv_unified", [True, False])
+def test_sequences_of_one_context_prefill_and_step_together(model, kv_unified):
     """Four sequences in one context (one KV cache): each prefills pipelined, then one decode_tokens() call takes a
     step of all four. Sequence 0's prefill equals a context of its own bit for bit (its cells are the first of an
     empty cache either way); the others' prefills and the step are within SEQUENCE_BATCH_TOLERANCE (other kernel
@@ -95,7 +96,7 @@ def test_sequences_of_one_context_prefill_and_step_together(model):
             first = ctx.prefill(toks, pipeline="force").logits
             step = ctx.decode_tokens([int(np.argmax(first))])[0]
             alone.append((first, step))
-    with model.context(**dict(CTX, n_ctx=1024), n_seq=4) as ctx:
+    with model.context(**dict(CTX, n_ctx=2048), n_seq=4, kv_unified=kv_unified) as ctx:
         firsts = []
         for s, toks in enumerate(prompts):
             res = ctx.prefill(toks, pipeline="force", seq=s)
@@ -103,6 +104,8 @@ def test_sequences_of_one_context_prefill_and_step_together(model):
             firsts.append(res.logits)
             assert ctx.seq_len(s) == len(toks)
         assert np.array_equal(firsts[0], alone[0][0])
+        if not kv_unified:   # each sequence prefilled into cells of its own, as alone: all of them bit for bit
+            assert all(np.array_equal(first, a[0]) for first, a in zip(firsts, alone))
         nexts = [int(np.argmax(f)) for f in firsts]
         steps = ctx.decode_tokens(nexts, seqs=[0, 1, 2, 3])
         assert steps.shape == (4, model.n_vocab)
@@ -112,13 +115,18 @@ def test_sequences_of_one_context_prefill_and_step_together(model):
 
 
 
-def test_copy_prefix_shares_a_prompt_between_sequences(model):
+@pytest.mark.parametrize("kv_unified", [True, False])
+def test_copy_prefix_shares_a_prompt_between_sequences(model, kv_unified):
+    """Unified: sequence 1 shares sequence 0's cells; split: they are copied into sequence 1's own (llama.cpp copies
+    whole streams only; the tail is dropped after). Either way sequence 1 then continues as if it had prefilled the
+    prefix itself, and sequence 0 keeps all of its own."""
     toks = prompt(120, seed=20)
-    with model.context(**CTX, n_seq=2) as ctx:
+    with model.context(**dict(CTX, n_ctx=1024), n_seq=2, kv_unified=kv_unified) as ctx:
         ctx.prefill(toks[:100], seq=0)
         ctx.copy_prefix(0, 1, 80)
         assert ctx.seq_len(1) == 80
         shared = ctx.prefill(toks[80:], seq=1, pipeline="off").logits
+        assert ctx.seq_len(0) == 100 and ctx.seq_len(1) == 120
         with pytest.raises(PrefillError, match="fewer than"):
             ctx.copy_prefix(0, 1, 101)
     with model.context(**CTX) as alone:
@@ -134,6 +142,10 @@ def test_bad_sequences_are_refused_before_c(model):
             ctx.decode_tokens([1, 2], seqs=[0])
         with pytest.raises(ValueError, match="n_seq"):
             model.context(**CTX, n_seq=0)
+        with pytest.raises(ValueError, match="multiple of n_seq"):
+            model.context(**dict(CTX, n_ctx=513), n_seq=2, kv_unified=False)
+        with pytest.raises(ValueError, match="kv_unified"):
+            model.context(**CTX, kv_unified=1)
         with pytest.raises(ValueError, match="capture"):
             with ctx.capture(pipeline="auto"):
                 pass

@@ -121,5 +121,5 @@ def test_end_to_end_both_servers(vocab_model, tmp_path):
     out = tmp_path / "report.md"
     assert sr.main(_small_run(vocab_model, out, "llama-server,pyturbo")) == 0
     text = _check_report(out, ["llama-server", "pyturbo"])
-    assert "--kv-unified" in text and "--no-webui" in text and "-ngl 99" in text
+    assert "--no-kv-unified" in text and "--no-webui" in text and "-ngl 99" in text
     assert "llama-server round 1: ignore_eos honoured: True" in text

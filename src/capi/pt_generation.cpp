@@ -123,8 +123,11 @@ int32_t pt_context_copy_prefix(pt_context * ctx, int32_t src_seq, int32_t dst_se
             return fail_with<int32_t>("sequence " + std::to_string(src_seq) + " holds fewer than " +
                                       std::to_string(n_tokens) + " positions", -1);
         }
+        // the whole sequence, then the tail removed: between the streams of a split cache llama.cpp copies whole
+        // streams only (and asserts on a range); in a unified cache the cells become shared, nothing is copied
         llama_memory_seq_rm(mem, dst_seq, -1, -1);
-        llama_memory_seq_cp(mem, src_seq, dst_seq, 0, n_tokens); // the cells become shared, nothing is copied
+        llama_memory_seq_cp(mem, src_seq, dst_seq, -1, -1);
+        llama_memory_seq_rm(mem, dst_seq, n_tokens, -1);
         return 0;
     });
 }

@@ -84,6 +84,6 @@ std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32
                             int32_t n_devices, int32_t input_on_first_device, const char * host_tensors,
                             int32_t use_mmap, pt_model_arrays & arrays);
 
-// llama_context_params as pt_context_new documents its arguments (n_seq_max sequences sharing one KV cache, no performance counters).
+// llama_context_params as pt_context_new documents its arguments (n_seq_max sequences, no performance counters).
 llama_context_params pt_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
-                                       int32_t flash_attn, int32_t n_seq_max);
+                                       int32_t flash_attn, int32_t n_seq_max, int32_t kv_unified);

@@ -130,7 +130,7 @@ void pt_plan_free(pt_plan * plan) {
 int32_t pt_plan_needs(pt_plan * plan, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t flash_attn,
                       pt_memory_need * needs, int32_t capacity) {
     return guarded<int32_t>(-1, "planning the context's memory", [&] {
-        llama_context * c = llama_init_from_model(plan->model, pt_context_params(n_ctx, n_batch, n_ubatch, 1, flash_attn, 1));
+        llama_context * c = llama_init_from_model(plan->model, pt_context_params(n_ctx, n_batch, n_ubatch, 1, flash_attn, 1, 1));
         if (!c) {
             return pt_fail("llama.cpp could not plan a context with these parameters");
         }

@@ -162,13 +162,13 @@ std::string pt_model_params(llama_model_params * mp, int32_t n_gpu_layers, int32
 }
 
 llama_context_params pt_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch, int32_t n_threads,
-                                       int32_t flash_attn, int32_t n_seq_max) {
+                                       int32_t flash_attn, int32_t n_seq_max, int32_t kv_unified) {
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx           = n_ctx;
     cp.n_batch         = n_batch;
     cp.n_ubatch        = n_ubatch;
     cp.n_seq_max       = (uint32_t) std::max(1, n_seq_max);
-    cp.kv_unified      = true; // the sequences share the n_ctx cells, as llama-server's slots do
+    cp.kv_unified      = kv_unified != 0; // one cache for all sequences, or n_ctx / n_seq_max cells each
     cp.n_threads       = n_threads;
     cp.n_threads_batch = n_threads;
     cp.flash_attn_type = (llama_flash_attn_type) flash_attn;
@@ -330,11 +330,12 @@ int32_t pt_model_stage_names(pt_model * model, const char ** names, int32_t capa
 
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
                             int32_t n_threads, int32_t flash_attn, int32_t max_in_flight, int32_t host_staging,
-                            int32_t relay_rpc, int32_t rpc_wire, int32_t n_seq_max) {
+                            int32_t relay_rpc, int32_t rpc_wire, int32_t n_seq_max, int32_t kv_unified) {
     return guarded<pt_context *>(nullptr, "creating the context failed", [&]() -> pt_context * {
         init_once();
         clear_recent_errors();
-        const llama_context_params cp = pt_context_params(n_ctx, n_batch, n_ubatch, n_threads, flash_attn, n_seq_max);
+        const llama_context_params cp = pt_context_params(n_ctx, n_batch, n_ubatch, n_threads, flash_attn, n_seq_max,
+                                                          kv_unified);
         llama_context * c = llama_init_from_model(model->model, cp);
         if (!c) {
             const std::string why = take_recent_errors();

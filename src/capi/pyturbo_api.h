@@ -72,10 +72,11 @@ int32_t    pt_model_stage_names(pt_model * model, const char ** names, int32_t c
 
 // flash_attn: -1 auto, 0 off, 1 on. max_in_flight: 0 = the executor's default (pt_context_n_in_flight). host_staging,
 // relay_rpc, rpc_wire (enum llama_turbo_wire): see llama_turbo_options. n_seq_max: the sequences (0 .. n_seq_max - 1)
-// that share the context's n_ctx KV cells, as llama-server's slots do.
+// of the context, as llama-server's slots; kv_unified: they share the n_ctx KV cells (a token attends over the range
+// of every sequence's cells), else each has n_ctx / n_seq_max cells of its own.
 pt_context * pt_context_new(pt_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
                             int32_t n_threads, int32_t flash_attn, int32_t max_in_flight, int32_t host_staging,
-                            int32_t relay_rpc, int32_t rpc_wire, int32_t n_seq_max);
+                            int32_t relay_rpc, int32_t rpc_wire, int32_t n_seq_max, int32_t kv_unified);
 void         pt_context_free(pt_context * ctx);
 int32_t      pt_context_n_past(pt_context * ctx, int32_t seq_id); // positions the sequence holds
 int32_t      pt_context_is_dead(pt_context * ctx);
@@ -147,8 +148,9 @@ int32_t      pt_sampler_accept(pt_sampler * sampler, const int32_t * tokens, int
 // Drops every position >= n_keep from a sequence of the KV cache (reuse of a common prompt prefix). Returns 0, or
 // -1 when the cache cannot be cut there (then reset it).
 int32_t pt_context_truncate(pt_context * ctx, int32_t seq_id, int32_t n_keep);
-// Makes dst_seq hold the first n_tokens positions of src_seq (and nothing else): the cells are shared, not copied
-// (a prompt prefix common to two sequences). Returns 0 or -1.
+// Makes dst_seq hold the first n_tokens positions of src_seq (and nothing else; a prompt prefix common to two
+// sequences): in a unified KV cache the cells are shared, not copied; else src's cells are copied into dst's (on the
+// next decode). Returns 0 or -1.
 int32_t pt_context_copy_prefix(pt_context * ctx, int32_t src_seq, int32_t dst_seq, int32_t n_tokens);
 
 // ---- vocabulary (src/capi/pt_vocab.cpp) ----

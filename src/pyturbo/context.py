@@ -217,7 +217,7 @@ class Context(_native.NativeHandle):
     def __init__(self, model, *, n_ctx: int = 4096, n_batch: int = 2048, n_ubatch: int = 512,
                  n_threads: int | None = None, flash_attn: bool | str | None = None, max_in_flight: int = 0,
                  first_ubatch: int | None = None, rpc_transfers: str = "direct", rpc_wire: str | None = None,
-                 n_seq: int = 1):
+                 n_seq: int = 1, kv_unified: bool = True):
         if model.closed:
             raise ValueError("the model is closed")
         # bool is an int subclass: n_ctx=True would otherwise be a context of one token
@@ -240,6 +240,11 @@ class Context(_native.NativeHandle):
                              f"not {n_threads!r}")
         if not _is_int(n_seq) or not 1 <= n_seq <= MAX_SEQUENCES:
             raise ValueError(f"n_seq must be an int from 1 to {MAX_SEQUENCES}, not {n_seq!r}")
+        if not isinstance(kv_unified, bool):
+            raise ValueError(f"kv_unified must be True or False, not {kv_unified!r}")
+        if not kv_unified and n_ctx % n_seq:
+            raise ValueError(f"with kv_unified=False each of the {n_seq} sequences gets n_ctx / n_seq cells: make "
+                             f"n_ctx ({n_ctx}) a multiple of n_seq")
         if rpc_transfers not in RPC_TRANSFERS:
             raise ValueError(f"rpc_transfers must be one of {RPC_TRANSFERS}, not {rpc_transfers!r}")
         if rpc_wire not in RPC_WIRE:
@@ -251,7 +256,9 @@ class Context(_native.NativeHandle):
         self.n_ctx, self.n_batch, self.n_ubatch, self.n_threads = n_ctx, n_batch, n_ubatch, n_threads
         self.flash_attn = flash_attn
         self.max_in_flight = max_in_flight
-        self.n_seq = n_seq
+        self.n_seq, self.kv_unified = n_seq, kv_unified
+        # the positions one sequence can hold: all cells of a unified cache, else its share
+        self.n_ctx_seq = n_ctx if kv_unified else n_ctx // n_seq
         self.prompt_cache = PromptCache()
         self._warm_paths: set[str] = set()  # paths that ran here once already (their first run allocates)
         self._lock = threading.RLock()     # held by the thread running a call on this context
@@ -275,7 +282,8 @@ class Context(_native.NativeHandle):
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_context_new, model.handle, n_ctx, n_batch, n_ubatch, n_threads,
                                        FLASH_ATTN[flash_attn], max_in_flight, int(host_staging),
-                                       int(rpc_transfers == "relay"), RPC_WIRE[rpc_wire], n_seq),
+                                       int(rpc_transfers == "relay"), RPC_WIRE[rpc_wire], n_seq,
+                                       int(kv_unified)),
             undo=lambda r: lib.pt_context_free(r[0]), disconnect=interrupted)
         _native.drain_log()
         if ptr == ffi.NULL:
@@ -376,7 +384,8 @@ class Context(_native.NativeHandle):
             if result.status == lib.LLAMA_TURBO_DEVICE_FAILED:
                 raise ContextDeadError(msg)
             if result.status == lib.LLAMA_TURBO_NO_KV_SLOT:
-                msg = f"no room in the KV cache ({self.n_ctx} cells, shared by the sequences): {msg}"
+                msg = (f"no room in the KV cache ({self.n_ctx} cells" +
+                       (", shared by the sequences" if self.kv_unified and self.n_seq > 1 else "") + f"): {msg}")
             raise PrefillError(msg)
 
     def _prefill_result(self, result, raw: list[tuple], n_tokens: int, decision: str, refused: str) -> PrefillResult:
@@ -513,7 +522,7 @@ class Context(_native.NativeHandle):
         for _ in range(n):
             tok = int(np.argmax(logits))
             out.append(tok)
-            if self.n_past >= self.n_ctx:  # checked before decoding: the tokens so far are kept, not raised away
+            if self.n_past >= self.n_ctx_seq:  # checked before decoding: the tokens so far are kept, not raised away
                 out.finish_reason = "context"
                 return out
             logits = self.decode(tok)
@@ -584,9 +593,10 @@ class Context(_native.NativeHandle):
         if isinstance(tokens, str):
             tokens = self.model.tokenize(tokens, add_special=n_past == 0)
         arr = self.model.check_tokens(tokens)   # already contiguous int32
-        if not fits(arr.size, self.n_ctx, n_past):
-            raise ValueError(f"{arr.size} tokens do not fit: the context holds {self.n_ctx} and {n_past} are used; "
-                             f"create the context with n_ctx >= {n_past + arr.size} or call reset()")
+        if not fits(arr.size, self.n_ctx_seq, n_past):
+            need = (n_past + arr.size) * (1 if self.kv_unified else self.n_seq)
+            raise ValueError(f"{arr.size} tokens do not fit: the context holds {self.n_ctx_seq} per sequence and "
+                             f"{n_past} are used; create the context with n_ctx >= {need} or call reset()")
         return arr
 
     def request_abort(self) -> None:

@@ -140,8 +140,10 @@ class Engine:
         model = Model(path, rpc_servers=self.endpoints or None, devices=s.devices,
                       tensor_split=s.tensor_split if s.tensor_split is not None else ("even" if s.demo else None))
         try:
+            # each slot attends over its own n_ctx cells only (llama-server's -c / -np split): another slot's long
+            # prompt or kept prompt cache does not lengthen its attention
             ctx = model.context(n_ctx=s.n_ctx * s.parallel, n_seq=s.parallel, n_batch=s.n_batch, n_ubatch=s.n_ubatch,
-                                n_threads=s.threads)
+                                n_threads=s.threads, kv_unified=False)
             generator = BatchedGenerator(ctx, n_ctx=s.n_ctx, max_gap_ms=s.max_gap_ms, owns_context=True)
             try:
                 self._calibrate(generator)
