@@ -107,8 +107,10 @@ def test_sequences_of_one_context_prefill_and_step_together(model, kv_unified):
         if not kv_unified:   # each sequence prefilled into cells of its own, as alone: all of them bit for bit
             assert all(np.array_equal(first, a[0]) for first, a in zip(firsts, alone))
         nexts = [int(np.argmax(f)) for f in firsts]
-        steps = ctx.decode_tokens(nexts, seqs=[0, 1, 2, 3])
-        assert steps.shape == (4, model.n_vocab)
+        order = [2, 0, 3, 1]                  # any order: the rows come back in the caller's
+        rows = ctx.decode_tokens([nexts[s] for s in order], seqs=order)
+        assert rows.shape == (4, model.n_vocab)
+        steps = {s: rows[k] for k, s in enumerate(order)}
         for s in range(4):
             assert close_by_rounding(firsts[s], alone[s][0]) and close_by_rounding(steps[s], alone[s][1]), s
             assert ctx.seq_len(s) == len(prompts[s]) + 1

@@ -467,17 +467,28 @@ int32_t pt_decode(pt_context * ctx, int32_t n_tokens, const int32_t * tokens, co
         return result->status = LLAMA_TURBO_FAILED;
     }
     return run_decode(ctx, "decode", result, [&]() -> int32_t {
-        std::vector<llama_seq_id>   seqs(seq_ids, seq_ids + n_tokens);
+        // the batch in order of sequence (stable): with a KV cache split per sequence, llama.cpp puts tokens of
+        // several sequences into one ubatch only where their ids increase by one from token to token, and would
+        // otherwise compute one step of several sequences as several ubatches
+        std::vector<int32_t> order(n_tokens);
+        for (int32_t i = 0; i < n_tokens; ++i) {
+            order[i] = i;
+        }
+        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return seq_ids[a] < seq_ids[b]; });
+        std::vector<llama_token>    toks(n_tokens);
+        std::vector<llama_seq_id>   seqs(n_tokens);
         std::vector<llama_seq_id *> seq_ptrs(n_tokens);
         std::vector<int32_t>        n_seq(n_tokens, 1);
-        std::vector<int8_t>         flags(n_tokens, 1);
-        for (int32_t i = 0; i < n_tokens; ++i) {
-            seq_ptrs[i] = &seqs[i];
-            flags[i]    = want_logits ? (int8_t) (want_logits[i] != 0) : 1;
+        std::vector<int8_t>         flags(n_tokens);
+        for (int32_t j = 0; j < n_tokens; ++j) {
+            toks[j]     = tokens[order[j]];
+            seqs[j]     = seq_ids[order[j]];
+            seq_ptrs[j] = &seqs[j];
+            flags[j]    = want_logits ? (int8_t) (want_logits[order[j]] != 0) : 1;
         }
         llama_batch batch = {};
         batch.n_tokens = n_tokens;
-        batch.token    = const_cast<int32_t *>(tokens);
+        batch.token    = toks.data();
         batch.n_seq_id = n_seq.data();
         batch.seq_id   = seq_ptrs.data();
         batch.logits   = flags.data(); // pos: NULL, each token continues its sequence
@@ -485,10 +496,18 @@ int32_t pt_decode(pt_context * ctx, int32_t n_tokens, const int32_t * tokens, co
         if (status != 0 || ctx->capturing || !logits) {
             return status < 0 ? (int32_t) LLAMA_TURBO_FAILED : status;
         }
+        // rows in the caller's order of its flagged tokens
         const int32_t n_vocab = llama_vocab_n_tokens(vocab_of(ctx->owner));
+        std::vector<int32_t> row_of(n_tokens, -1);
         for (int32_t i = 0, row = 0; i < n_tokens; ++i) {
-            if (flags[i]) {
-                std::memcpy(logits + (size_t) row++ * n_vocab, llama_get_logits_ith(ctx->ctx, i), sizeof(float) * n_vocab);
+            if (!want_logits || want_logits[i]) {
+                row_of[i] = row++;
+            }
+        }
+        for (int32_t j = 0; j < n_tokens; ++j) {
+            if (flags[j]) {
+                std::memcpy(logits + (size_t) row_of[order[j]] * n_vocab, llama_get_logits_ith(ctx->ctx, j),
+                            sizeof(float) * n_vocab);
             }
         }
         return (int32_t) LLAMA_TURBO_OK;
