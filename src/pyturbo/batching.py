@@ -623,6 +623,10 @@ class BatchedGenerator:
             with self._cond:
                 self._in_prefill = None
         run.prefill_chunks.append(res)
+        # one line per prefill (chunk): which path took it and why, as llama-server logs a slot's prompt processing
+        log.info("sequence %d: prefilled tokens %d-%d of %d in %.3f s (%.0f tok/s), %s: %s", run.seq, start,
+                 start + n, len(run.prompt_tokens), res.seconds, res.tokens_per_second, res.path,
+                 res.fallback_reason or res.decision)
         run.n_in_cache += n
         self._table.extend(run.seq, tokens)
         self.planner.observe_prefill(n, res.seconds, res.path, res.n_stages, start)
