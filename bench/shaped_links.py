@@ -27,7 +27,7 @@ import numpy as np
 
 import pyturbo
 from pyturbo import synth
-from pyturbo.context import RPC_WIRE_TOLERANCE, within_tolerance
+from pyturbo.results import RPC_WIRE_TOLERANCE, within_tolerance
 from pyturbo.model import INPUT_LAYERS
 from pyturbo.tools import links
 from pyturbo.tools.bench.report import median_spread

@@ -269,16 +269,16 @@ def test_gpu_streams_decision():
 
 def test_default_threads_follow_where_the_layers_are(monkeypatch):
     """Every usable core where the CPU holds layers; a few where it only looks up the token embeddings."""
-    from pyturbo import context
-    monkeypatch.setattr(context, "usable_cpu_cores", lambda: 64)
-    assert context.default_threads(["CPU"]) == 64
-    assert context.default_threads(["CPU", "CUDA0"]) == 64
-    assert context.default_threads(["CUDA0", "CUDA1"]) == context.EMBEDDINGS_ONLY_THREADS
-    assert context.default_threads(["RPC0[127.0.0.1:50052]", "RPC1[127.0.0.1:50053]"]) == context.EMBEDDINGS_ONLY_THREADS
-    monkeypatch.setattr(context, "usable_cpu_cores", lambda: 2)
-    assert context.default_threads(["CUDA0", "CUDA1"]) == 2
-    monkeypatch.setattr(context, "usable_cpu_cores", lambda: 1024)
-    assert context.default_threads(["CPU"]) == context.MAX_THREADS
+    from pyturbo import devices
+    monkeypatch.setattr(devices, "usable_cpu_cores", lambda: 64)
+    assert devices.default_threads(["CPU"]) == 64
+    assert devices.default_threads(["CPU", "CUDA0"]) == 64
+    assert devices.default_threads(["CUDA0", "CUDA1"]) == devices.EMBEDDINGS_ONLY_THREADS
+    assert devices.default_threads(["RPC0[127.0.0.1:50052]", "RPC1[127.0.0.1:50053]"]) == devices.EMBEDDINGS_ONLY_THREADS
+    monkeypatch.setattr(devices, "usable_cpu_cores", lambda: 2)
+    assert devices.default_threads(["CUDA0", "CUDA1"]) == 2
+    monkeypatch.setattr(devices, "usable_cpu_cores", lambda: 1024)
+    assert devices.default_threads(["CPU"]) == devices.MAX_THREADS
 
 
 # ---- the package as a user meets it ----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import pytest
 
 import pyturbo
 from conftest import prompt
-from pyturbo.batching import BatchedGenerator, ChunkPlanner, SequenceTable
+from pyturbo.batch_planning import ChunkPlanner, SequenceTable
+from pyturbo.batching import BatchedGenerator
 from test_sequences import close_by_rounding
 
 CTX = dict(n_batch=256, n_ubatch=32, n_threads=1)

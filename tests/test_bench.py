@@ -239,7 +239,7 @@ def test_rows_from_recorded_runs():
 
 def test_rows_with_a_first_ubatch_check_the_tolerance():
     """--first-ubatch: the pipelined modes run other kernel shapes than stock same-ub, so their logits are checked
-    against the stated tolerance (pyturbo.context.FIRST_UBATCH_TOLERANCE) instead of bit for bit."""
+    against the stated tolerance (pyturbo.results.FIRST_UBATCH_TOLERANCE) instead of bit for bit."""
     sets = {s.key: s for s in plan(1024, [128], sweep=True, ceiling=True, gpu=False, first_ubatch=32)}
     assert "default 2048/128 first 32" in sets and "stock 2048/128" in sets
     series = {}

@@ -158,9 +158,9 @@ with pyturbo.Model(path) as model:
 def test_first_ubatch_schedule_on_cuda():
     """first_ubatch (opt-in): pipelined against standard with the same schedule as for uniform ubatches
     (assert_close_to_standard); against uniform ubatches cuBLAS and the attention kernels see other shapes, so the
-    logits differ by rounding: within pyturbo.context.FIRST_UBATCH_TOLERANCE."""
+    logits differ by rounding: within pyturbo.results.FIRST_UBATCH_TOLERANCE."""
     out = run_layout("""
-from pyturbo.context import within_first_ubatch_tolerance
+from pyturbo.results import within_first_ubatch_tolerance
 with pyturbo.Model(path) as model:
     with model.context(n_ctx=1024, n_batch=256, n_ubatch=64, flash_attn=True) as ctx:
         uniform = ctx.prefill(toks, pipeline=False).logits

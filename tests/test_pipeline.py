@@ -11,7 +11,7 @@ import pytest
 import pyturbo
 from conftest import prompt
 from pyturbo import synth
-from pyturbo.context import within_first_ubatch_tolerance
+from pyturbo.results import within_first_ubatch_tolerance
 
 
 def standard_and_pipelined(model, tokens, **ctx_kw):
@@ -243,7 +243,7 @@ def test_stage_threads_serve_replay_after_replay(tiny_model, rpc3, monkeypatch, 
 
 
 def assert_within_first_ubatch_tolerance(logits: np.ndarray, uniform: np.ndarray) -> None:
-    """pyturbo.context.FIRST_UBATCH_TOLERANCE says why the bound. "mid-f16" below is wide enough for the CPU's
+    """pyturbo.results.FIRST_UBATCH_TOLERANCE says why the bound. "mid-f16" below is wide enough for the CPU's
     kernels to round differently with other shapes (the tiny models do not; bench/results/2026-11-26-gpu-host-time.md)."""
     assert within_first_ubatch_tolerance(logits, uniform), float(np.max(np.abs(logits - uniform)))
 
@@ -251,7 +251,7 @@ def assert_within_first_ubatch_tolerance(logits: np.ndarray, uniform: np.ndarray
 @pytest.mark.parametrize("shape", ["tiny", "tiny-f16", "mid-f16"])
 def test_first_ubatch_schedule(shape, rpc3, request):
     """A smaller first ubatch (opt-in): both paths run the same ubatches, so pipelined equals standard bit for bit;
-    against uniform ubatches the logits agree within pyturbo.context.FIRST_UBATCH_TOLERANCE."""
+    against uniform ubatches the logits agree within pyturbo.results.FIRST_UBATCH_TOLERANCE."""
     if shape == "mid-f16":
         path = synth.cached_model(synth.ModelShape(n_layer=4, n_embd=512, n_ff=1024, n_head=8, n_head_kv=2,
                                                    n_vocab=1000, dtype="f16"))

@@ -85,7 +85,7 @@ def test_a_worker_that_dies_during_direct_copies_ends_the_prefill_with_an_error(
 def test_a_compact_wire_rounds_within_its_tolerance(split_model, wire):
     """Opt-in: activations travel between workers in half the bytes, rounded once per boundary. The logits are not
     the exact ones (the rounding must show, or the option did nothing) but within RPC_WIRE_TOLERANCE of them."""
-    from pyturbo.context import RPC_WIRE_TOLERANCE, within_tolerance
+    from pyturbo.results import RPC_WIRE_TOLERANCE, within_tolerance
     tokens = prompt(400, seed=3)
     exact, _, _ = prefill(split_model, tokens, "force", "direct")
     with split_model.context(n_ctx=1024, n_batch=1024, n_ubatch=N_UBATCH, n_threads=1, rpc_wire=wire) as ctx:

@@ -7,7 +7,7 @@ import pytest
 
 import pyturbo
 from conftest import prompt
-from pyturbo.context import SEQUENCE_BATCH_TOLERANCE
+from pyturbo.results import SEQUENCE_BATCH_TOLERANCE
 from pyturbo.errors import PrefillError
 
 CTX = dict(n_ctx=512, n_batch=128, n_ubatch=32, n_threads=1)

@@ -11,10 +11,11 @@ from . import _native, devices
 _native.use_stream_policy(devices.decide_gpu_streams, devices.physical_gpu_count)
 
 from .devices import build_info  # noqa: E402
-from .context import Context, PrefillResult
+from .context import Context
 from .errors import ContextBusyError, ContextCreateError, ContextDeadError, ModelLoadError, PrefillError, PyturboError, WorkerError
 from .generation import Completion, Generation, Piece, TokenLogprob, TokenLogprobs
 from .model import Model
+from .results import PrefillResult
 from .sampling import Sampler, SamplerSettings
 from .timeline import Timeline, UbatchRecord
 

@@ -7,27 +7,18 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 from . import _calls, _memory, _native, policy, settings
-from .devices import usable_cpu_cores
+from .context_options import FLASH_ATTN, RPC_WIRE, check_context_options, is_int
+from .devices import default_threads
 from .errors import ContextBusyError, ContextCreateError, ContextDeadError, PrefillError
-from .timeline import Timeline, UbatchRecord
+from .results import Captured, GeneratedTokens, PrefillResult
+from .timeline import UbatchRecord
 
 log = logging.getLogger("pyturbo")
-
-FLASH_ATTN = {None: -1, "auto": -1, False: 0, True: 1}
-MAX_N_CTX = 2**31 - 1  # llama.cpp counts positions in int32
-MAX_THREADS = 512      # GGML_MAX_N_THREADS: ggml's thread pool has room for no more
-MAX_SEQUENCES = 256    # LLAMA_MAX_SEQ
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def fits(n_tokens: int, n_ctx: int, n_past: int = 0) -> bool:
     """The one rule for "too long": n_tokens more fit in a context of n_ctx positions that holds n_past. A prompt to
@@ -63,11 +54,6 @@ class PromptCache:
         self._tokens = None
 
 
-class GeneratedTokens(list):
-    """What `Context.generate()` returns: the token ids, and why it stopped ("length" or "context")."""
-    finish_reason: str = "length"
-
-
 @contextlib.contextmanager
 def _held(ctx: "Context", what: str, check: bool = True):
     """This thread holds the context for the block (see Context._claim), with Ctrl-C guarded (see
@@ -100,88 +86,6 @@ def _exclusive(check: bool = True):
     return wrap
 
 
-@dataclass
-class Captured:
-    """What Context.capture() queued: its decode_tokens() calls' token count, then the replay's `PrefillResult`."""
-    n_tokens: int = 0
-    result: "PrefillResult | None" = None
-
-
-# How the pipeline moves activations between RPC workers: "direct" (each worker sends its result to the next worker
-# itself, patches/0011; through this process only where the workers cannot reach each other, and the result says why)
-# or "relay" (always through this process, as llama.cpp does)
-RPC_TRANSFERS = ("direct", "relay")
-# The format of those direct copies (enum llama_turbo_wire): None sends the F32 activations as computed (bit-identical
-# results); "f16" / "bf16" send half the bytes, rounded on the way (within RPC_WIRE_TOLERANCE)
-RPC_WIRE = {None: 0, "f16": 1, "bf16": 2}
-
-
-@dataclass
-class PrefillResult:
-    n_tokens: int
-    seconds: float
-    logits: np.ndarray                 # float32 [n_vocab], of the last token
-    path: str                          # "pipelined" or "standard"
-    fallback_reason: str = ""          # why the standard path ran ("" when pipelined)
-    decision: str = ""                 # why that path was asked for (policy.decide)
-    n_ubatches: int = 0
-    n_stages: int = 0
-    n_in_flight: int = 0
-    slot_buffer_bytes: int = 0         # compute buffers of all in-flight slots, all devices (pipelined path)
-    timeline: Timeline = field(default_factory=Timeline)
-    # where the host's time went (pipelined path), seconds: "until_first_ubatch" (path decision, llama.cpp's batch
-    # and KV bookkeeping), "first_graph" (building and queueing the first ubatch's graph), "graphs" (all ubatches')
-    host_times: dict = field(default_factory=dict)
-    # how activations went between RPC workers (pipelined path): "server-to-server", or "through this process: why"
-    transfers: str = ""
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.n_tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
-# Where every layer is on a GPU or an RPC worker, this process's CPU only looks up the token embeddings, which ggml
-# runs as one task; more threads would only poll for work after each graph, taking cores from the threads that hand
-# the devices their work (bench/results/2026-11-26-gpu-host-time.md).
-EMBEDDINGS_ONLY_THREADS = 4
-
-
-def default_threads(layer_devices: list[str], host_weights: bool = False) -> int:
-    """Threads of the CPU backend when the caller gives none: every usable core where the CPU holds layers or some of
-    their weights (Model(host_tensors=)), else a few for the embedding lookup."""
-    cores = min(usable_cpu_cores(), MAX_THREADS)  # a bigger host than ggml's thread pool holds: what it takes
-    return cores if "CPU" in layer_devices or host_weights else min(EMBEDDINGS_ONLY_THREADS, cores)
-
-
-# first_ubatch moves every ubatch boundary, so the kernels see other shapes than with uniform ubatches and sum in another
-# order or take another tile path: the logits differ by rounding. The bound is twice the largest difference measured
-# (bench/results/2026-11-26-gpu-host-time.md); a wrong position, mask or KV slot moves them by a sizeable fraction
-# of their range.
-FIRST_UBATCH_TOLERANCE = 3e-2
-
-
-# rpc_wire="f16"/"bf16" rounds each activation once per stage boundary: measured 0.08% (F16) and 0.3% (BF16) of the
-# largest logit over 4 CPU workers (bench/results/2026-12-04-shaped-links.md); the bound leaves a factor of ten for
-# deeper models and more stages.
-RPC_WIRE_TOLERANCE = 3e-2
-# Sequences that share a context's KV cache, or take a decode step together in one call: the kernels see other shapes
-# (several rows in one matmul, a KV range that holds other sequences' masked cells), so a sequence's logits differ from
-# a context of its own by rounding. Measured on the CPU: 1.5e-4 of the largest logit (tests/test_sequences.py).
-SEQUENCE_BATCH_TOLERANCE = 3e-2
-
-
-def within_tolerance(logits: np.ndarray, exact: np.ndarray, tolerance: float) -> bool:
-    """Whether logits agree with exact ones as far as rounding can explain: within tolerance of the largest logit
-    (at least of 1), with the same top token."""
-    bound = tolerance * max(1.0, float(np.max(np.abs(exact))))
-    return float(np.max(np.abs(logits - exact))) <= bound and int(np.argmax(logits)) == int(np.argmax(exact))
-
-
-def within_first_ubatch_tolerance(logits: np.ndarray, uniform: np.ndarray) -> bool:
-    """Logits computed with a first_ubatch against uniform ubatches': within FIRST_UBATCH_TOLERANCE."""
-    return within_tolerance(logits, uniform, FIRST_UBATCH_TOLERANCE)
-
-
 class Context(_native.NativeHandle):
     """An inference context (KV cache, compute buffers) on a model; use as a context manager or call close().
 
@@ -193,15 +97,15 @@ class Context(_native.NativeHandle):
     (the host's set-up of the first ubatch and its embedding lookup on the CPU) scales with the first ubatch, and a
     pipeline waits for it once per prompt. Both paths then run the same ubatches, so the pipelined result equals the
     standard path's with the same first_ubatch as it does for uniform ones. Against uniform ubatches the kernels see
-    other shapes and the logits differ by rounding (bound: FIRST_UBATCH_TOLERANCE of the largest logit and the same
-    top token; tests/test_pipeline.py, tests/test_cuda.py).
+    other shapes and the logits differ by rounding (bound: results.FIRST_UBATCH_TOLERANCE of the largest logit and the
+    same top token; tests/test_pipeline.py, tests/test_cuda.py).
 
     rpc_transfers: how the pipeline moves activations between RPC workers. "direct" (default): each worker sends its
     result to the next worker itself, while it computes the next ubatch, so they do not cross this process's link
     (where a worker cannot reach the next one they are relayed, and PrefillResult.transfers says why); "relay":
     always through this process, as llama.cpp's own path does. The bytes are the same either way.
     rpc_wire (opt-in): "f16" or "bf16" sends those copies in half the bytes, for slow links between workers; the
-    activations are rounded on the way, so the logits differ from the exact path within RPC_WIRE_TOLERANCE.
+    activations are rounded on the way, so the logits differ from the exact path within results.RPC_WIRE_TOLERANCE.
 
     Before anything is allocated, the KV cache and compute buffers are checked against each device's free memory:
     MemoryError says what does not fit and what to lower. One call at a time: a call from a second thread while one
@@ -220,35 +124,9 @@ class Context(_native.NativeHandle):
                  n_seq: int = 1, kv_unified: bool = True):
         if model.closed:
             raise ValueError("the model is closed")
-        # bool is an int subclass: n_ctx=True would otherwise be a context of one token
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, not {value!r}")
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch)):
-            if value > MAX_N_CTX:
-                raise ValueError(f"{name} must be at most {MAX_N_CTX}, not {value}")
-        if n_ubatch > n_batch:
-            raise ValueError(f"n_ubatch ({n_ubatch}) must not exceed n_batch ({n_batch})")
-        if flash_attn not in FLASH_ATTN:
-            raise ValueError(f"flash_attn must be True, False or 'auto', not {flash_attn!r}")
-        if not _is_int(max_in_flight) or not 0 <= max_in_flight <= MAX_N_CTX:
-            raise ValueError(f"max_in_flight must be an int >= 0 (0: automatic), not {max_in_flight!r}")
-        if first_ubatch is not None and (not _is_int(first_ubatch) or not 0 < first_ubatch <= n_ubatch):
-            raise ValueError(f"first_ubatch must be None or an int from 1 to n_ubatch ({n_ubatch}), not {first_ubatch!r}")
-        if n_threads is not None and (not _is_int(n_threads) or not 0 <= n_threads <= MAX_THREADS):
-            raise ValueError(f"n_threads must be an int from 1 to {MAX_THREADS}, or None or 0 (automatic), "
-                             f"not {n_threads!r}")
-        if not _is_int(n_seq) or not 1 <= n_seq <= MAX_SEQUENCES:
-            raise ValueError(f"n_seq must be an int from 1 to {MAX_SEQUENCES}, not {n_seq!r}")
-        if not isinstance(kv_unified, bool):
-            raise ValueError(f"kv_unified must be True or False, not {kv_unified!r}")
-        if not kv_unified and n_ctx % n_seq:
-            raise ValueError(f"with kv_unified=False each of the {n_seq} sequences gets n_ctx / n_seq cells: make "
-                             f"n_ctx ({n_ctx}) a multiple of n_seq")
-        if rpc_transfers not in RPC_TRANSFERS:
-            raise ValueError(f"rpc_transfers must be one of {RPC_TRANSFERS}, not {rpc_transfers!r}")
-        if rpc_wire not in RPC_WIRE:
-            raise ValueError(f"rpc_wire must be one of {tuple(RPC_WIRE)}, not {rpc_wire!r}")
+        check_context_options(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
+                              flash_attn=flash_attn, max_in_flight=max_in_flight, first_ubatch=first_ubatch,
+                              n_seq=n_seq, kv_unified=kv_unified, rpc_transfers=rpc_transfers, rpc_wire=rpc_wire)
         self.first_ubatch = first_ubatch
         self.rpc_transfers, self.rpc_wire = rpc_transfers, rpc_wire
         n_threads = n_threads or default_threads(model.devices, model.host_tensors is not None)
@@ -389,20 +267,7 @@ class Context(_native.NativeHandle):
             raise PrefillError(msg)
 
     def _prefill_result(self, result, raw: list[tuple], n_tokens: int, decision: str, refused: str) -> PrefillResult:
-        ffi, lib = _native.ffi(), _native.lib()
-        seconds = (result.t_end_us - result.t_start_us) / 1e6
-        path = "pipelined" if result.path == lib.LLAMA_TURBO_PATH_PIPELINED else "standard"
-        timeline = Timeline.from_raw(raw, self.model.devices, result.t_start_us, seconds)
-        host_times = {} if not result.t_first_submit_us else {
-            "until_first_ubatch": (result.t_first_submit_us - result.t_start_us) / 1e6,
-            "first_graph": (result.t_first_queued_us - result.t_first_submit_us) / 1e6,
-            "graphs": result.host_submit_us / 1e6}
-        return PrefillResult(
-            n_tokens=n_tokens, seconds=seconds, logits=self.logits(), path=path,
-            fallback_reason=refused or ffi.string(result.fallback_reason).decode(), decision=decision,
-            n_ubatches=result.n_ubatches, n_stages=result.n_stages, n_in_flight=result.n_in_flight,
-            slot_buffer_bytes=result.slot_buffer_bytes, timeline=timeline, host_times=host_times,
-            transfers=ffi.string(result.transfers).decode())
+        return PrefillResult.from_native(result, raw, self.model.devices, n_tokens, self.logits(), decision, refused)
 
     @_exclusive()
     def decode_tokens(self, tokens: Sequence[int] | np.ndarray, seqs: Sequence[int] | None = None,
@@ -514,7 +379,7 @@ class Context(_native.NativeHandle):
         Returns the tokens (a list) with `finish_reason`: "length" when all n were generated, "context" when the
         KV cache filled up first. Then the list is shorter than n and its last token is not in the KV cache (there
         is no room for it); `complete()`/`stream()` report that case as "length", as the OpenAI API does."""
-        if not _is_int(n) or n < 0:
+        if not is_int(n) or n < 0:
             raise ValueError(f"n must be an int >= 0, not {n!r}")
         if logits is None:
             logits = self.logits()
@@ -584,7 +449,7 @@ class Context(_native.NativeHandle):
     # ---- plumbing -------------------------------------------------------------------------------------------------
 
     def _check_seq(self, seq) -> int:
-        if not _is_int(seq) or not 0 <= seq < self.n_seq:
+        if not is_int(seq) or not 0 <= seq < self.n_seq:
             raise ValueError(f"seq must be an int from 0 to {self.n_seq - 1} (the context's n_seq), not {seq!r}")
         return int(seq)
 

@@ -1,5 +1,6 @@
-"""Devices: what llama.cpp sees in this process, and the two policies that choose among them (pure functions, tested
-without a GPU): how many stream devices each GPU becomes, and which devices a model is split over by default."""
+"""Devices: what llama.cpp sees in this process, and the policies that choose among them (pure functions, tested
+without a GPU): how many stream devices each GPU becomes, which devices a model is split over by default, and how many
+CPU threads a context gets by default."""
 from __future__ import annotations
 
 import ctypes
@@ -15,6 +16,8 @@ AUTO_STREAMS_PER_GPU = 4
 
 # ggml_backend_dev_type
 CPU, GPU, IGPU, ACCEL = 0, 1, 2, 3
+
+MAX_THREADS = 512      # GGML_MAX_N_THREADS: ggml's thread pool has room for no more
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,16 @@ def physical_gpu_count() -> int:
     if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
         return 0
     return count.value
+
+
+# Where every layer is on a GPU or an RPC worker, this process's CPU only looks up the token embeddings, which ggml
+# runs as one task; more threads would only poll for work after each graph, taking cores from the threads that hand
+# the devices their work (bench/results/2026-11-26-gpu-host-time.md).
+EMBEDDINGS_ONLY_THREADS = 4
+
+
+def default_threads(layer_devices: list[str], host_weights: bool = False) -> int:
+    """Threads of the CPU backend when the caller gives none: every usable core where the CPU holds layers or some of
+    their weights (Model(host_tensors=)), else a few for the embedding lookup."""
+    cores = min(usable_cpu_cores(), MAX_THREADS)  # a bigger host than ggml's thread pool holds: what it takes
+    return cores if "CPU" in layer_devices or host_weights else min(EMBEDDINGS_ONLY_THREADS, cores)

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..batching import DEFAULT_MAX_GAP_MS
+from ..batch_planning import DEFAULT_MAX_GAP_MS
 from ..model import EXPERT_TENSORS, check_host_tensors, parse_endpoints
 
 # The library's pipeline modes (Context.prefill(pipeline=...)): "auto" pipelines where pyturbo measured it faster

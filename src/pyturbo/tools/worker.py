@@ -17,8 +17,7 @@ import threading
 import time
 
 from .. import _native
-from ..context import MAX_THREADS
-from ..devices import usable_cpu_cores
+from ..devices import MAX_THREADS, usable_cpu_cores
 from ..rpc_auth import RPC_TOKEN_ENV, resolve_rpc_token
 
 

@@ -15,7 +15,7 @@ from itertools import zip_longest
 import numpy as np
 
 from ... import policy
-from ...context import within_first_ubatch_tolerance
+from ...results import within_first_ubatch_tolerance
 
 STOCK_BATCH, STOCK_UBATCH = 2048, 512            # llama-server's defaults
 CPU_PIPELINE_UBATCH = 128                        # measured (bench/results/): pipelines best on CPU/RPC stages
@@ -246,7 +246,7 @@ class Row:
     n_ubatches: int                  # M
     n_stages: int                    # S
     outputs_equal: bool              # every run of every mode, bit for bit vs stock same-ub (with a first_ubatch:
-                                     # within pyturbo.context.FIRST_UBATCH_TOLERANCE)
+                                     # within pyturbo.results.FIRST_UBATCH_TOLERANCE)
     path: str
     fallback_reason: str = ""
     stock_best_run: str = ""         # the Series keys the speedup is computed from

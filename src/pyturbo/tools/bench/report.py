@@ -18,7 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ... import settings
-from ...context import FIRST_UBATCH_TOLERANCE
+from ...results import FIRST_UBATCH_TOLERANCE
 from ...devices import build_info, usable_cpu_cores
 from .measure import CPU_SWEEP_UBATCHES, GPU_SWEEP_UBATCHES, PIPELINE_MODES, STOCK_BATCH, STOCK_UBATCH, Row
 
