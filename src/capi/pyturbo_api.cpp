@@ -440,13 +440,11 @@ int32_t pt_prefill(pt_context * ctx, int32_t seq_id, const int32_t * tokens, int
                    int32_t first_ubatch, llama_turbo_record_callback on_record, void * user_data,
                    llama_turbo_result * result) {
     *result = {};
-    if (n_tokens <= 0 || pipeline < LLAMA_TURBO_PIPELINE_OFF || pipeline > LLAMA_TURBO_PIPELINE_ON ||
-        !seq_in_range(ctx, seq_id)) {
-        snprintf(result->error, sizeof(result->error), n_tokens <= 0 ? "no tokens" :
-                 !seq_in_range(ctx, seq_id) ? "no sequence %d in this context" : "unknown pipeline mode %d",
-                 !seq_in_range(ctx, seq_id) ? seq_id : pipeline);
+    if (pipeline < LLAMA_TURBO_PIPELINE_OFF || pipeline > LLAMA_TURBO_PIPELINE_ON) {
+        snprintf(result->error, sizeof(result->error), "unknown pipeline mode %d", pipeline);
         return result->status = LLAMA_TURBO_FAILED;
     }
+    // the token count and the sequence are checked by llama_turbo_prefill, for every caller
     return run_decode(ctx, "prefill", result, [&] {
         return llama_turbo_prefill(ctx->ctx, tokens, n_tokens, seq_id, first_ubatch, (llama_turbo_pipeline) pipeline,
                                    on_record, user_data, result);
