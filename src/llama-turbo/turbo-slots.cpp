@@ -1,7 +1,7 @@
 // Scheduler slots: one ggml scheduler per ubatch in flight.
 //
 // "Slot" here (and in slot_buffer_bytes) is a ubatch in flight's scheduler and buffers. The server's "slot" is
-// llama-server's: a context serving one request at a time (pyturbo.server.engine.Slot).
+// llama-server's: a sequence of the context serving one request at a time (pyturbo.batching).
 //
 // Why one scheduler per slot: every ubatch in flight needs its own compute buffers and input copies. A slot is reused
 // only when its previous ubatch is completely done, so buffers are never shared between ubatches in flight. The extra
