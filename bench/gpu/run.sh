@@ -32,6 +32,17 @@
 #              processes (bench/gpu/gpt_oss_host_experts.py). HOST_EXPERTS_PRESET (gpt-oss-20b), HOST_EXPERTS_LENGTHS
 #              (2048,8192,16384), HOST_EXPERTS_UBATCH (2048), BENCH_REPEAT (2), HOST_EXPERTS_ROUNDS (2),
 #              HOST_EXPERTS_BUDGET (360 s: no mode of a length starts after it). Writes $OUT/gpt-oss-host-experts.md
+#   h2d        this machine's host-to-device copy rate from pinned, registered and pageable memory, 1 MB..512 MB, expert
+#              slices, 4 GB streamed (bench/gpu/h2d_bandwidth.cu, built here with nvcc), and the GPU's PCIe link as
+#              nvidia-smi reports it. Writes $OUT/h2d.log
+#   host-experts-probe  gpt-oss-20b, experts in host memory: the buffer type llama.cpp put them in (its load lines),
+#              and every host-to-device copy of a 4096-token prefill at ubatch 2048 by the memory it reads (pinned or
+#              pageable; bench/gpu/h2d_count.cpp preloaded), stock on one device and the forced pipeline on 4 stream
+#              devices (bench/gpu/host_experts_probe.py). Writes $OUT/host-experts-probe.log
+#   gpt-oss-streams  gpt-oss-20b on one GPU: the forced pipeline over SWEEP_STREAMS (1,2,4,6,8; 1 = stock) stream
+#              devices at SWEEP_UBATCH (512,1024), SWEEP_TOKENS (8192) tokens, a process per stream count, interleaved
+#              (bench/gpu/gpt_oss_streams_sweep.py; SWEEP_DEADLINE: unix time after which no process starts). Writes
+#              $OUT/gpt-oss-streams.md and .json
 # Every bench step measures the default (auto, calibrated first), the forced pipeline and stock, interleaved.
 # BENCH_REPEAT: runs per setting (default 3, the median is shown). GPU_STOCK_BEST=1: stock's sweep of n_batch/n_ubatch.
 # GPU_BENCH_ARGS: more options for the GPU benches (e.g. "--first-ubatch 256").
@@ -166,6 +177,31 @@ for step in "$@"; do
               --rounds "${HOST_EXPERTS_ROUNDS:-2}" --budget "${HOST_EXPERTS_BUDGET:-360}" \
               --out "$OUT/gpt-oss-host-experts.md" 2> "$OUT/gpt-oss-host-experts.log" > /dev/null
           echo "rc $?"; cat "$OUT/gpt-oss-host-experts.md" 2>/dev/null; tail -8 "$OUT/gpt-oss-host-experts.log" ) ;;
+    h2d)
+        echo "== host-to-device copy rate"
+        ( nvidia-smi --query-gpu=name,pci.bus_id,pcie.link.gen.current,pcie.link.gen.max,pcie.link.width.current,pcie.link.width.max --format=csv
+          nvidia-smi -q | grep -i -A2 "confidential\|Link Width\|PCIe Generation\|Bus Id\|virtualization\|Host VGPU"
+          nvidia-smi conf-compute -f 2>&1 | head -3
+          uname -r; grep -i -o "iommu[^ ]*\|swiotlb[^ ]*\|mem_encrypt[^ ]*" /proc/cmdline
+          dmesg 2>/dev/null | grep -i "swiotlb\|iommu\|DMA\|Memory Encryption\|SEV\|TDX" | head -12
+          nvcc -O2 -arch=sm_90 -o /tmp/h2d bench/gpu/h2d_bandwidth.cu && /tmp/h2d "${H2D_STREAM_GB:-4}" ) 2>&1 | tee "$OUT/h2d.log" ;;
+    host-experts-probe)
+        echo "== GPT-OSS, experts in host memory: buffers and copies"
+        ( unset GGML_CUDA_DEVICES PYTURBO_PIPELINE
+          g++ -O2 -shared -fPIC -I"$(dirname "$(dirname "$(command -v nvcc)")")/include" -o /tmp/h2d_count.so bench/gpu/h2d_count.cpp -ldl
+          for layout in "1 off" "4 force"; do
+              set -- $layout
+              echo "-- PYTURBO_GPU_STREAMS=$1, pipeline $2"
+              CUDA_VISIBLE_DEVICES=0 PYTURBO_GPU_STREAMS=$1 LD_PRELOAD=/tmp/h2d_count.so \
+                  python3 bench/gpu/host_experts_probe.py --mode "$2" --tokens "${PROBE_TOKENS:-4096}" --ubatch 2048
+          done ) 2>&1 | tee "$OUT/host-experts-probe.log" ;;
+    gpt-oss-streams)
+        echo "== GPT-OSS, one GPU, stream devices x ubatch, forced pipeline vs stock"
+        ( unset GGML_CUDA_DEVICES PYTURBO_GPU_STREAMS PYTURBO_PIPELINE
+          CUDA_VISIBLE_DEVICES=0 python3 bench/gpu/gpt_oss_streams_sweep.py --tokens "${SWEEP_TOKENS:-8192}" \
+              --streams "${SWEEP_STREAMS:-1,2,4,6,8}" --ubatch "${SWEEP_UBATCH:-512,1024}" --repeat "${BENCH_REPEAT:-3}" \
+              --rounds "${SWEEP_ROUNDS:-2}" --deadline "${SWEEP_DEADLINE:-0}" --out "$OUT/gpt-oss-streams.md" ) 2>&1 \
+            | tee "$OUT/gpt-oss-streams.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done
