@@ -101,8 +101,9 @@ def test_plan_counts_host_weights_as_host_memory(gpt_oss_tiny, rpc3):
     per_layer = expert_bytes_per_layer(gpt_oss_tiny)
     needs, stages = {}, {}
     for pattern in (None, EXPERT_TENSORS, "no_such_weight"):
+        # the embeddings in one place for all three (without host weights "auto" would put them on the first worker)
         with pyturbo.Model(gpt_oss_tiny, rpc_servers=rpc3.endpoints, tensor_split="even",
-                           host_tensors=pattern) as model:
+                           host_tensors=pattern, input_layer="cpu") as model:
             needs[pattern] = model.memory_plan.needs(**{k: CTX[k] for k in ("n_ctx", "n_batch", "n_ubatch")},
                                                      flash_attn=-1)
             stages[pattern] = dict(zip(model.devices, model.layers_per_stage))

@@ -8,6 +8,7 @@ import pytest
 
 import pyturbo
 from pyturbo import workers
+from pyturbo.devices import GPU, Device, resolve_input_layer
 
 from conftest import prompt
 
@@ -139,6 +140,20 @@ def test_the_input_layer_on_the_first_worker_sends_token_ids_instead_of_embeddin
     n_ubatches = measured["cpu", "force"][1].n_ubatches
     saved = measured["cpu", "force"][2] - measured["first-device", "force"][2]
     assert saved >= 0.9 * activation * n_ubatches, (saved, activation * n_ubatches)
+
+
+def test_the_default_input_layer_is_the_first_worker_only_when_every_layer_is_on_workers(split_model, tiny_model):
+    """input_layer="auto": over RPC workers alone the embeddings live on the first worker (their bytes would cross
+    the network for every ubatch); with a local device in the layout, or weights in this process's memory, they stay
+    on the CPU, as llama.cpp places them."""
+    assert split_model.input_layer == "first-device"
+    with pyturbo.Model(tiny_model) as local:
+        assert local.input_layer == "cpu"
+    rpc, gpu = Device("RPC0", "127.0.0.1:1", GPU), Device("CUDA0", "a GPU", GPU)
+    assert resolve_input_layer("auto", ["CUDA0", "RPC0"], [rpc, gpu], host_weights=False) == "cpu"
+    assert resolve_input_layer("auto", ["RPC0"], [rpc, gpu], host_weights=False) == "first-device"
+    assert resolve_input_layer("auto", ["RPC0"], [rpc, gpu], host_weights=True) == "cpu"     # the CPU is a stage
+    assert resolve_input_layer("cpu", ["RPC0"], [rpc, gpu], host_weights=False) == "cpu"
 
 
 def test_a_bad_input_layer_is_refused(tiny_model):

@@ -74,6 +74,19 @@ def choose_devices(requested: list[str] | None, rpc_devices: list[str], availabl
     return list(requested)
 
 
+def resolve_input_layer(input_layer: str, devices: list[str], available: list[Device], host_weights: bool) -> str:
+    """Where the token embeddings live. "auto": on the first device when every stage is an RPC worker (no weights
+    kept in this process's memory, `host_weights`, which make its CPU a stage of every layer anyway), where a
+    ubatch's token ids then cross the network to it instead of its embeddings (n_embd x 4 bytes per token: 512 KiB
+    per 128-token ubatch at 1024 wide, a link's 84 ms at 50 Mbit/s, on the path of every ubatch); else on the CPU,
+    llama.cpp's choice (a lookup is cheap, and a local device's memory is better spent on layers)."""
+    if input_layer != "auto":
+        return input_layer
+    described = {d.name: d for d in available}
+    all_rpc = bool(devices) and not host_weights and all(described[name].is_rpc for name in devices)
+    return "first-device" if all_rpc else "cpu"
+
+
 def decide_gpu_streams(env: dict, cuda_build: bool, count_gpus) -> dict:
     """How many devices the CUDA backend will make of each GPU, and why (`count_gpus()` is asked only when needed).
     Only a single GPU is split: GGML_CUDA_DEVICES maps devices to GPUs round-robin, which would interleave the GPUs

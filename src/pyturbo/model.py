@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import _calls, _memory, _native, balance, policy
-from .devices import GPU, IGPU, Device, choose_devices, list_devices
+from .devices import GPU, IGPU, Device, choose_devices, list_devices, resolve_input_layer
 from .errors import ContextDeadError, ModelLoadError, WorkerError
 from .rpc_auth import resolve_rpc_token
 
@@ -27,7 +27,7 @@ DEFAULT_RPC_TIMEOUT = 300.0
 # Connecting and the handshake take milliseconds on a live worker: a silent one fails after this (or rpc_timeout, if
 # smaller)
 RPC_CONNECT_TIMEOUT = 10.0
-INPUT_LAYERS = ("cpu", "first-device")
+INPUT_LAYERS = ("auto", "cpu", "first-device")
 # The weights `experts_in_host_memory=True` keeps in host memory: every routed expert's matrices and biases (llama.cpp's
 # `--cpu-moe`, i.e. `--override-tensor '\.ffn_(up|down|gate)_exps=CPU'`, plus the fused gate_up form of the pin's
 # llama-arch.cpp). The router (ffn_gate_inp), shared experts (_shexp) and attention stay on the layer's device.
@@ -193,6 +193,7 @@ class Model(_native.NativeHandle):
     `input_layer`: where the token embeddings live: "cpu" (llama.cpp's choice: a lookup is cheap and the table stays
     off the devices) or "first-device", with the first layer (patches/0012): when that device is an RPC worker on
     another host, a ubatch's token ids cross the network instead of its embeddings (n_ubatch x n_embd x 4 bytes).
+    "auto" (default): "first-device" when every device is an RPC worker, else "cpu" (see `resolve_input_layer`).
     `host_tensors`: a regular expression; the weights whose names it matches stay in host memory and run on this
     process's CPU, the rest of their layer on its device (llama.cpp's `--override-tensor PATTERN=CPU`; a bad pattern
     is a ValueError). `experts_in_host_memory=True` is host_tensors=EXPERT_TENSORS, the routed experts of a
@@ -208,7 +209,7 @@ class Model(_native.NativeHandle):
                  main_gpu: int = 0, tensor_split: Sequence[float] | str | None = None, devices: Sequence[str] | None = None,
                  rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True,
                  rpc_timeout: float | None = DEFAULT_RPC_TIMEOUT, rpc_token: str | None = None,
-                 input_layer: str = "cpu", host_tensors: str | None = None, experts_in_host_memory: bool = False):
+                 input_layer: str = "auto", host_tensors: str | None = None, experts_in_host_memory: bool = False):
         self.contexts: weakref.WeakSet = weakref.WeakSet()   # open contexts, closed first by close()
         self._lock = threading.RLock()       # C calls on the model pointer, and freeing it
         self._holds: set[int] = set()        # contexts whose freeing waits for an abandoned call: free the model after
@@ -220,7 +221,6 @@ class Model(_native.NativeHandle):
         check_gguf(self.path)
         if input_layer not in INPUT_LAYERS:
             raise ValueError(f"input_layer must be one of {INPUT_LAYERS}, not {input_layer!r}")
-        self.input_layer = input_layer
         #: the pattern of weights kept in host memory (host_tensors, or EXPERT_TENSORS), or None
         self.host_tensors = check_host_tensors(host_tensors, experts_in_host_memory)
         if split_mode not in SPLIT_MODES:
@@ -246,6 +246,8 @@ class Model(_native.NativeHandle):
         self.rpc_servers = endpoints
         available = list_devices()
         devices = choose_devices(None if devices is None else list(devices), rpc_devices, available)
+        #: where the token embeddings live: "cpu" or "first-device" ("auto" resolved)
+        self.input_layer = resolve_input_layer(input_layer, devices, available, bool(self.host_tensors))
         #: how the layers were split over the devices, and why (tensor_split="auto" says what it measured)
         self.split_choice = "as given" if tensor_split is not None else "llama.cpp's default"
         if isinstance(tensor_split, str):
@@ -263,7 +265,7 @@ class Model(_native.NativeHandle):
         c_split = ffi.new("float[]", tensor_split) if tensor_split else ffi.NULL
         c_host = ffi.new("char[]", self.host_tensors.encode()) if self.host_tensors else ffi.NULL
         load_args = (n_gpu_layers, SPLIT_MODES[split_mode], main_gpu, c_split, len(tensor_split or []), c_dev_array,
-                     len(c_devices), int(input_layer == "first-device"), c_host)
+                     len(c_devices), int(self.input_layer == "first-device"), c_host)
         self._plan_memory(load_args, use_mmap)
         ptr, error = _calls.run_or_undo(
             lambda: _native.with_error(lib.pt_model_load, str(self.path).encode(), *load_args, int(use_mmap)),
