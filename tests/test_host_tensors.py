@@ -97,6 +97,29 @@ def test_experts_in_host_memory_is_the_expert_pattern(gpt_oss_tiny):
 
 # ---- memory plan ----------------------------------------------------------------------------------------------------
 
+def test_host_weights_are_not_mapped_where_a_gpu_would_pin_them():
+    """With the file mapped llama.cpp keeps host weights in the mapping (pageable) instead of the GPU's pinned host
+    memory: use_mmap=None maps the file unless host weights meet a local GPU; a given value is kept."""
+    from pyturbo.devices import CPU, GPU, Device
+    from pyturbo.model import resolve_use_mmap
+    cpu, gpu, rpc = Device("CPU", "", CPU), Device("CUDA0", "", GPU), Device("RPC0", "127.0.0.1:1", GPU)
+    assert resolve_use_mmap(None, EXPERT_TENSORS, [cpu, gpu]) is False
+    assert resolve_use_mmap(None, None, [cpu, gpu]) is True
+    assert resolve_use_mmap(None, EXPERT_TENSORS, [cpu, rpc]) is True
+    assert resolve_use_mmap(None, EXPERT_TENSORS, [cpu]) is True
+    assert resolve_use_mmap(True, EXPERT_TENSORS, [cpu, gpu]) is True
+    assert resolve_use_mmap(False, None, [cpu]) is False
+    with pytest.raises(ValueError, match="use_mmap"):
+        resolve_use_mmap(1, None, [cpu])
+
+
+def test_model_says_whether_it_mapped_the_file(gpt_oss_tiny):
+    with pyturbo.Model(gpt_oss_tiny, devices=["CPU"], experts_in_host_memory=True) as m:
+        assert m.use_mmap is True          # no GPU here: nothing to pin
+    with pyturbo.Model(gpt_oss_tiny, devices=["CPU"], use_mmap=False) as m:
+        assert m.use_mmap is False
+
+
 def test_plan_counts_host_weights_as_host_memory(gpt_oss_tiny, rpc3):
     per_layer = expert_bytes_per_layer(gpt_oss_tiny)
     needs, stages = {}, {}

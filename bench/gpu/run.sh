@@ -38,7 +38,8 @@
 #   host-experts-probe  gpt-oss-20b, experts in host memory: the buffer type llama.cpp put them in (its load lines),
 #              and every host-to-device copy of a 4096-token prefill at ubatch 2048 by the memory it reads (pinned or
 #              pageable; bench/gpu/h2d_count.cpp preloaded), stock on one device and the forced pipeline on 4 stream
-#              devices (bench/gpu/host_experts_probe.py). Writes $OUT/host-experts-probe.log
+#              devices (bench/gpu/host_experts_probe.py; PROBE_LAYOUTS, default "1:off 4:force": streams:pipeline).
+#              Writes $OUT/host-experts-probe.log
 #   gpt-oss-streams  gpt-oss-20b on one GPU: the forced pipeline over SWEEP_STREAMS (1,2,4,6,8; 1 = stock) stream
 #              devices at SWEEP_UBATCH (512,1024), SWEEP_TOKENS (8192) tokens, a process per stream count, interleaved
 #              (bench/gpu/gpt_oss_streams_sweep.py; SWEEP_DEADLINE: unix time after which no process starts). Writes
@@ -189,8 +190,8 @@ for step in "$@"; do
         echo "== GPT-OSS, experts in host memory: buffers and copies"
         ( unset GGML_CUDA_DEVICES PYTURBO_PIPELINE
           g++ -O2 -shared -fPIC -I"$(dirname "$(dirname "$(command -v nvcc)")")/include" -o /tmp/h2d_count.so bench/gpu/h2d_count.cpp -ldl
-          for layout in "1 off" "4 force"; do
-              set -- $layout
+          for layout in ${PROBE_LAYOUTS:-1:off 4:force}; do
+              set -- ${layout/:/ }
               echo "-- PYTURBO_GPU_STREAMS=$1, pipeline $2"
               CUDA_VISIBLE_DEVICES=0 PYTURBO_GPU_STREAMS=$1 LD_PRELOAD=/tmp/h2d_count.so \
                   python3 bench/gpu/host_experts_probe.py --mode "$2" --tokens "${PROBE_TOKENS:-4096}" --ubatch 2048

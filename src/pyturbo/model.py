@@ -160,6 +160,18 @@ def gguf_block_count(path: Path) -> int:
     raise ModelLoadError(f"{path} has no block_count in its metadata")
 
 
+def resolve_use_mmap(use_mmap: bool | None, host_tensors: str | None, available: Sequence[Device]) -> bool:
+    """Model's use_mmap: as given; None maps the file unless weights stay in host memory (host_tensors) and a local
+    GPU is there. llama.cpp then puts them in the GPU's pinned host memory (pt_model_params asks for it), but with the
+    file mapped it keeps them in the mapping instead (llama_model_loader: "avoid using a host buffer when using mmap"),
+    and the GPU copies them for every ubatch from pageable memory, several times slower."""
+    if use_mmap is not None:
+        if not isinstance(use_mmap, bool):
+            raise ValueError(f"use_mmap must be True, False or None, not {use_mmap!r}")
+        return use_mmap
+    return not (host_tensors and any(d.type in (GPU, IGPU) and not d.is_rpc for d in available))
+
+
 def check_gguf(path: Path) -> None:
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path} (check the path)")
@@ -198,6 +210,11 @@ class Model(_native.NativeHandle):
     process's CPU, the rest of their layer on its device (llama.cpp's `--override-tensor PATTERN=CPU`; a bad pattern
     is a ValueError). `experts_in_host_memory=True` is host_tensors=EXPERT_TENSORS, the routed experts of a
     mixture-of-experts model (llama.cpp's `--cpu-moe`): attention on the devices, the experts in RAM.
+    `use_mmap`: map the file instead of reading it (llama.cpp's default). None (default): mapped, except with
+    host_tensors on a machine with a GPU: there the host weights go into the GPU's pinned host memory, which llama.cpp
+    does only without the mapping (with it, they stay in the mapped file, pageable memory, and every ubatch copies them
+    to the GPU at the pageable rate: 6.5-8 GB/s against 55 GB/s pinned on an H200 host,
+    bench/results/2026-12-04-gpt-oss-host-copies.md). `self.use_mmap` says what was chosen.
     Before the weights are loaded, they are checked against each device's free memory (MemoryError if they cannot
     fit), and so is every context (see `Context`).
     """
@@ -207,7 +224,7 @@ class Model(_native.NativeHandle):
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int | str = "all", split_mode: str = "layer",
                  main_gpu: int = 0, tensor_split: Sequence[float] | str | None = None, devices: Sequence[str] | None = None,
-                 rpc_servers: str | Iterable[str] | None = None, use_mmap: bool = True,
+                 rpc_servers: str | Iterable[str] | None = None, use_mmap: bool | None = None,
                  rpc_timeout: float | None = DEFAULT_RPC_TIMEOUT, rpc_token: str | None = None,
                  input_layer: str = "auto", host_tensors: str | None = None, experts_in_host_memory: bool = False):
         self.contexts: weakref.WeakSet = weakref.WeakSet()   # open contexts, closed first by close()
@@ -246,6 +263,8 @@ class Model(_native.NativeHandle):
         self.rpc_servers = endpoints
         available = list_devices()
         devices = choose_devices(None if devices is None else list(devices), rpc_devices, available)
+        #: whether the file is memory-mapped (see use_mmap)
+        self.use_mmap = use_mmap = resolve_use_mmap(use_mmap, self.host_tensors, available)
         #: where the token embeddings live: "cpu" or "first-device" ("auto" resolved)
         self.input_layer = resolve_input_layer(input_layer, devices, available, bool(self.host_tensors))
         #: how the layers were split over the devices, and why (tensor_split="auto" says what it measured)
