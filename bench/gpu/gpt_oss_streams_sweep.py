@@ -7,7 +7,8 @@ GPU as one device, at ubatch 512 and 1024 (issue 24: where the time goes, and wh
 The stream layout is chosen when the library loads (PYTURBO_GPU_STREAMS), so each stream count runs in a process of
 its own: 1 is stock (pipeline off), the others the forced pipeline. The processes run in turn, in reversed order
 every other round (interleaved); each times --repeat prefills per ubatch after an untimed one, and the table shows
-medians over all rounds (min-max). The last token's logits of every forced setting are compared with stock's at the
+medians over all rounds (min-max), and "took" the path each setting ran (the forced pipeline falls back to the
+standard path where it cannot run, with the reason). The last token's logits of every forced setting are compared with stock's at the
 same ubatch (max abs difference; 0 = bit-identical).
 
 Where the time goes (from the forced pipeline's timeline, CUDA-event clocks, the last run of each process): each
@@ -57,7 +58,7 @@ def child(args) -> None:
                     seconds = time.perf_counter() - t0
                     logits = ctx.logits()
                     rec = {"layout": args.layout, "mode": mode, "ubatch": ub, "n": n, "tps": n / seconds,
-                           "seconds": seconds, "path": res.path, "devices": model.devices, "load_s": t_load,
+                           "seconds": seconds, "path": res.path, "why": res.fallback_reason, "devices": model.devices, "load_s": t_load,
                            "sha": hashlib.sha256(logits.tobytes()).hexdigest(), "head": logits[:4096].tolist()}
                     tl = res.timeline
                     if i == args.repeat - 1 and tl is not None and len(tl):
@@ -122,9 +123,9 @@ def main() -> int:
              "tok/s\n"]
     if skipped:
         lines.append(f"not run (deadline): {', '.join(skipped)}\n")
-    lines.append("| ubatch | streams | tok/s | vs stock | logits max diff vs stock | stage ms per ubatch (mean over "
-                 "stages) | stage sum ms | overlap | stock ms per ubatch |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| ubatch | streams | tok/s | vs stock | took | logits max diff vs stock | stage ms per ubatch (mean "
+                 "over stages) | stage sum ms | overlap | stock ms per ubatch |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for ub in args.ubatch:
         stock = [r for r in runs if r["ubatch"] == ub and r["layout"] == "1"]
         stock_tps = statistics.median([r["tps"] for r in stock]) if stock else float("nan")
@@ -132,9 +133,10 @@ def main() -> int:
         for layout in layouts:
             sel = [r for r in runs if r["ubatch"] == ub and r["layout"] == layout]
             if not sel:
-                lines.append(f"| {ub} | {layout} | - | | | | | | |")
+                lines.append(f"| {ub} | {layout} | - | | | | | | | |")
                 continue
             tps = [r["tps"] for r in sel]
+            took = "/".join(sorted({r["path"] + (f" ({r['why']})" if r.get("why") else "") for r in sel}))
             diff = "-"
             if stock and layout != "1":
                 a = np.array(stock[0]["head"])
@@ -150,7 +152,7 @@ def main() -> int:
             else:
                 tl_cells = "| |"
             lines.append(f"| {ub} | {layout} | {median_spread(tps)} | {statistics.median(tps) / stock_tps:.2f}x | "
-                         f"{diff} | {tl_cells} | {stock_ms:.1f} |")
+                         f"{took} | {diff} | {tl_cells} | {stock_ms:.1f} |")
     lines.append("")
     for ub in args.ubatch:
         for layout in layouts:
