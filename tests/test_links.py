@@ -167,6 +167,19 @@ def test_shaping_limits_and_counters_see_the_bytes(model):
             assert seconds >= FLOOR, f"worker to worker: {SIZE} bytes in {seconds:.2f} s"
 
 
+@needs_links
+def test_set_rate_reshapes_the_live_links():
+    """Links.set_rate: the same interfaces shaped at a rate, then not, then again (bench/shaped_links.py interleaves
+    rates in the same processes this way)."""
+    with links.Links(2, rate=None, model="per-worker", workers=False) as net:
+        assert transfer_from_coordinator(net, 0, "sink") < FLOOR, "unshaped, yet as slow as the shaped link"
+        net.set_rate(RATE)
+        assert transfer_from_coordinator(net, 0, "sink") >= FLOOR
+        net.set_rate(None)
+        assert transfer_from_coordinator(net, 0, "sink") < FLOOR
+        assert net.describe()["rate_mbit"] is None
+
+
 @pytest.fixture(scope="module")
 def loopback_logits(tiny_model, rpc3):
     """The reference: the same prefills over 3 workers on 127.0.0.1."""

@@ -392,13 +392,23 @@ class Links:
             _run([*ip_w, "link", "set", "eth0", "addrgenmode", "none"])
             _run([*ip_w, "addr", "add", f"{self.worker_addresses[i]}/{prefixlen}", "dev", "eth0"])
             _run([*ip_w, "link", "set", "eth0", "up"])
+        for ns, dev in self._shaped_egresses():
+            self._shape(ns, dev)
+
+    def _shaped_egresses(self) -> list[tuple[list[str], str]]:
+        """(namespace or [] for the root one, device) of every egress the link model shapes."""
         if self.shaping.model == "coordinator":
-            self._shape([], self.interface)
-            self._shape([sw], "c")
-        else:
-            for i, ns in enumerate(self.worker_ns):
-                self._shape([ns], "eth0")
-                self._shape([sw], f"w{i}")
+            return [([], self.interface), ([self.switch_ns], "c")]
+        return [e for i, ns in enumerate(self.worker_ns) for e in (([ns], "eth0"), ([self.switch_ns], f"w{i}"))]
+
+    def set_rate(self, rate: float | None) -> None:
+        """Shape the same links at another rate (None: unshaped), with the workers and their connections as they are:
+        runs at several rates can then interleave in the same processes, so that what drifts over time on a busy
+        machine (another process, the CPU's clock) weighs on each rate alike."""
+        self.shaping = Shaping(self.shaping.model, None if rate is None else float(rate), self.shaping.delay_ms)
+        for ns, dev in self._shaped_egresses():
+            _run(["tc", *(["-n", ns[0]] if ns else []), "qdisc", "del", "dev", dev, "root"], check=False)
+            self._shape(ns, dev)
 
     def _shape(self, ns: list[str], dev: str) -> None:
         """Egress of dev (in namespace ns[0], or the root one): htb at the rate, netem for the delay."""
