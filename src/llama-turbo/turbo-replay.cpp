@@ -281,6 +281,13 @@ int32_t llama_turbo::decode_pipelined(std::vector<turbo_batch> & batches) {
     n_submitted = 0;
     n_outputs_pending = 0;
     prev_split_backends.clear();
+    replay_sizes.clear();
+    const int32_t n_ubatch = (int32_t) lctx.cparams.n_ubatch;
+    for (const turbo_call & call : plan_calls(batches, true)) {
+        for (int32_t i = 0; i < call.n; i += n_ubatch) {
+            replay_sizes.push_back((uint32_t) std::min(n_ubatch, call.n - i));
+        }
+    }
 
     lctx.set_compute_threads(true);
     start_replay();

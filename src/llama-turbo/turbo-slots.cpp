@@ -57,6 +57,36 @@ std::string llama_turbo::prepare_slots(llama_turbo_result & r) {
     return "";
 }
 
+// A round trip to an RPC server waits for the work queued on its connection, so one made while ubatches are in
+// flight drains the pipeline before the next ubatch is submitted. ggml-rpc asks a server for the allocation size of
+// some ops (flash attention, matmuls) once per output shape, so a ubatch of a size not seen before (a prompt's shorter
+// last ubatch) asks when its graph is allocated: the last ubatch of a first 1500-token prompt (476 tokens) waited
+// ~0.7 s for it on 4 CPU workers. So as a replay's first ubatch is submitted, while nothing runs, the graphs of the
+// replay's other ubatch sizes are built and sized, not allocated, in a scheduler of their own: those questions are
+// asked now, at idle servers, and the answers are cached for the process. (graph_reserve also drops llama.cpp's own
+// previous graph, which its next standard decode rebuilds. The other such round trip, a new buffer's base address,
+// ggml-rpc asks at allocation: patches/0014.)
+void llama_turbo::presize_shapes(const llama_ubatch & first, const llama_memory_context_i * mctx) {
+    presized.insert(first.n_tokens); // its own graph asks now
+    for (uint32_t n : replay_sizes) {
+        if (!presized.insert(n).second) {
+            continue;
+        }
+        auto & cp = lctx.cparams;
+        if (!probe_sched) {
+            probe_sched.reset(ggml_backend_sched_new(lctx.backend_ptrs.data(), lctx.backend_buft.data(),
+                    (int) lctx.backend_ptrs.size(), lctx.graph_max_nodes(cp.n_ubatch), false, cp.op_offload));
+        }
+        std::vector<size_t> sizes(lctx.backend_ptrs.size());
+        sched_swap swap(lctx, probe_sched);
+        // one sequence, one output: the real ubatch's attention and matmul shapes (the sizes depend on its tokens)
+        if (!lctx.graph_reserve(n, 1, 1, mctx, /*split_only =*/ true, sizes.data())) {
+            LLAMA_LOG_WARN("%s: could not size the graph of a ubatch of %u tokens ahead\n", __func__, n);
+        }
+        trace.mark("graph presized", (int) n);
+    }
+}
+
 // after a replay, also a failed or aborted one (nothing runs any more): every slot is free for the next
 void llama_turbo::release_slots() {
     for (auto & s : slots) {
@@ -88,6 +118,9 @@ llm_graph_result * llama_turbo::submit(const llama_ubatch & ubatch, llm_graph_ty
         LLAMA_LOG_ERROR("%s: failed to apply memory context\n", __func__);
         ret = GGML_STATUS_FAILED;
         return nullptr;
+    }
+    if (k == 0) {
+        presize_shapes(ubatch, mctx); // nothing is in flight yet
     }
 
     // Graph reuse, as llama.cpp's own decode does it: where this ubatch's graph has the shape of the one the slot

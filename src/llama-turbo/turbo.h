@@ -203,6 +203,7 @@ struct llama_turbo : llama_ubatch_executor {
     // ---- turbo-slots.cpp: schedulers of the ubatches in flight -------------------------------------------------------
     int32_t n_in_flight() const;     // how many slots: the one place the default is decided
     std::string prepare_slots(llama_turbo_result & r);
+    void presize_shapes(const llama_ubatch & first, const llama_memory_context_i * mctx);
     void place_host_weight_ops(ggml_backend_sched_t sched, ggml_cgraph * gf) const;
     void release_slots();
 
@@ -263,6 +264,9 @@ struct llama_turbo : llama_ubatch_executor {
     std::string                     transfers;              // how tensors went between RPC servers (the result's)
     ggml_backend_buffer_type_t      pinned_buft = nullptr; // a GPU's pinned host memory, for staging (nullptr: none)
     std::vector<slot>               slots;
+    std::vector<uint32_t>           replay_sizes;  // the ubatch sizes of the replay running (presize_shapes)
+    std::set<uint32_t>              presized;      // ubatch sizes whose graphs were sized ahead once
+    ggml_backend_sched_ptr          probe_sched;   // a scheduler that only sizes graphs (no buffers)
     std::vector<ggml_backend_t>     prev_split_backends;
     int                             n_submitted = 0;
     int64_t t_first_submit_us = 0, t_first_queued_us = 0, host_submit_us = 0; // see llama_turbo_result
