@@ -300,3 +300,25 @@ def test_forget_prompt_caches_frees_the_free_sequences_cells(model):
         lengths = gen.call(lambda ctx: [ctx.seq_len(s) for s in range(2)])
         assert lengths[busy.seq] > 50 and lengths[1 - busy.seq] == 0
         busy.cancel()
+
+
+def test_chunks_prefilled_while_others_generate_are_not_recorded(model):
+    """auto judges the paths by prefills alone: a prompt chunked between another sequence's decode steps records
+    nothing for the decision and measures nothing (its chunks say why); the same kind of prompt alone records its
+    run."""
+    from pyturbo import policy
+    with policy.calibration_scope(policy.Calibration(None)) as cal, \
+            BatchedGenerator.open(model, n_seq=2, n_ctx=2048, max_gap_ms=50, **CTX) as gen:
+        stream = gen.submit(prompt(20, seed=60), max_tokens=4000, temperature=0)
+        pieces = iter(stream)
+        next(pieces), next(pieces)
+        chunked = gen.submit(prompt(600, seed=61), max_tokens=1, temperature=0)
+        chunked.result(300)
+        assert len(chunked.prefill_chunks) >= 2 and cal.samples == {}
+        assert all("shared with other work" in c.decision for c in chunked.prefill_chunks)
+        stream.cancel()
+        stream.result(60)
+        alone = gen.submit(prompt(600, seed=62), max_tokens=1, temperature=0)
+        alone.result(300)
+    assert len(alone.prefill_chunks) == 1 and "shared" not in alone.prefill_chunks[0].decision
+    assert sum(len(runs) for paths in cal.samples.values() for runs in paths.values()) == 1

@@ -108,6 +108,7 @@ def test_measurements_handed_out_are_a_snapshot():
 
 # ---- the decision heals itself: recorded timings fed to the pure decision, no real prefill, no clock ----------------
 
+import threading  # noqa: E402
 import time  # noqa: E402
 
 from pyturbo import policy  # noqa: E402
@@ -266,3 +267,83 @@ def test_a_recheck_needs_two_earlier_runs_to_judge_by():
     runs["pipelined"].insert(0, (1450.0, 0.5))   # a second earlier run: now it is
     on, why = decide("auto", RPC4, measured=runs)
     assert not on and "re-checking: pipelined's last run (1100 tok/s)" in why
+
+
+# ---- where the evidence is clear, the decision costs no user a slow prefill ----------------------------------------
+
+def test_a_slower_run_still_clearly_ahead_is_not_rechecked():
+    """The chosen path's last run departs slower (a cold start, a blip): where it still beats the other path by
+    CLEAR_MARGIN, the other path cannot have won (it would have had to become faster under the same change), so it
+    is not measured again; where the lead is gone, it is (as before)."""
+    pipelined = [(1450.0, 1.0), (1500.0, 2.0), (1420.0, 3.0), (1100.0, 4.0)]   # 1100: over 25% below the others
+    on, why = decide("auto", RPC4, measured={"pipelined": pipelined, "standard": [(800.0, 1.5), (810.0, 2.5)]})
+    assert on and "not re-checked" in why and "re-checking" not in why
+    on, why = decide("auto", RPC4, measured={"pipelined": pipelined, "standard": [(900.0, 1.5), (910.0, 2.5)]})
+    assert not on and "re-checking: pipelined's last run (1100 tok/s)" in why
+
+
+def test_a_faster_departing_run_is_still_rechecked():
+    """A run that departs faster (a load went away) may have sped up the other path too: that one is measured."""
+    runs = {"pipelined": [(1000.0, 1.0), (1010.0, 2.0), (990.0, 3.0), (1400.0, 4.0)],
+            "standard": [(700.0, 1.5), (710.0, 2.5)]}
+    on, why = decide("auto", RPC4, measured=runs)
+    assert not on and "re-checking: pipelined's last run (1400 tok/s)" in why
+
+
+def test_a_blip_of_a_clearly_faster_pipeline_costs_no_stock_run():
+    clear = {"pipelined": 2000.0, "standard": 1000.0}
+    cal = Calibration(None)
+    simulate(lambda i: clear, range(20), cal)
+    blip = lambda i: {"pipelined": 1400.0, "standard": 1000.0} if i == 20 else clear  # noqa: E731
+    why: list[str] = []
+    taken = simulate(blip, range(20, 30), cal, why=why)
+    assert set(taken) == {"pipelined"} and "not re-checked" in why[1]
+
+
+# ---- prefills that share the devices with other work (a server's decode steps between chunks) ---------------------
+
+def test_runs_while_the_devices_are_shared_are_not_recorded():
+    cal = Calibration(None)
+    other_thread: list[dict] = []
+    with policy.shared_devices():
+        assert policy.devices_shared()
+        cal.record("k", "pipelined", 100.0)
+        # another thread (another context's prefill) is not inside: its run is recorded
+        t = threading.Thread(target=lambda: (cal.record("k", "standard", 90.0), other_thread.append(cal.measured("k"))))
+        t.start()
+        t.join()
+    assert other_thread == [{"standard": [90.0]}]
+    assert not policy.devices_shared()
+    cal.record("k", "pipelined", 110.0)
+    assert cal.measured("k") == {"pipelined": [110.0], "standard": [90.0]}
+
+
+def test_while_the_devices_are_shared_auto_measures_nothing():
+    """No calibrating, re-checking or exploring (those runs would not be recorded): the path the runs alone favour,
+    the pipeline where a path has none."""
+    for measured in ({}, {"pipelined": [100.0, 101.0]}, {"standard": [100.0, 101.0]}):
+        on, why = decide("auto", RPC4, measured=measured, measuring=False)
+        assert on and "not measured alone yet" in why
+    assert decide("auto", RPC4, measured={"pipelined": [100.0, 101.0]})[0] is False   # measuring: stock's turn
+    recheck = {"pipelined": [(1450.0, 0.5), (1500.0, 1.0), (1100.0, 3.0)], "standard": [(1000.0, 2.0), (1010.0, 2.5)]}
+    assert decide("auto", RPC4, measured=recheck)[0] is False
+    on, why = decide("auto", RPC4, measured=recheck, measuring=False)
+    assert on and "measured alone: pipelined 1450 vs standard 1005" in why
+    close = {"pipelined": [(1100.0, float(t)) for t in range(1, EXPLORE_EVERY + 3)], "standard": [(1000.0, 0.0)] * 2}
+    assert "exploring" in decide("auto", RPC4, measured=close)[1]
+    assert decide("auto", RPC4, measured=close, measuring=False)[0] is True
+    with policy.shared_devices():   # measuring=None: the thread's state
+        assert decide("auto", RPC4, measured=recheck)[0] is True
+    assert decide("off", RPC4, measuring=False)[0] is False and decide("force", RPC4, measuring=False)[0] is True
+
+
+def test_a_load_under_shared_devices_leaves_the_decision_alone():
+    """Prefills under load while the devices are shared (chunks between decode steps) neither change what auto
+    measured alone nor make it measure stock: after them, the pipeline at once."""
+    cal = Calibration(None)
+    simulate(lambda i: IDLE, range(20), cal)
+    before = cal.runs("k", T0 + 20 * 5.0)
+    with policy.shared_devices():
+        under_load = simulate(lambda i: LOADED, range(20, 40), cal)
+    assert set(under_load) == {"pipelined"} and cal.runs("k", T0 + 40 * 5.0) == before
+    assert set(simulate(lambda i: IDLE, range(40, 60), cal)) == {"pipelined"}

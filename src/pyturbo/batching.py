@@ -15,7 +15,9 @@ their step, so none of them waits for a whole long prefill. A chunk is as long a
 generating sequence's time between two tokens) at the prefill speed measured on this context (`ChunkPlanner`), but
 never shorter than (stages + 1) ubatches, which keeps the pipeline efficient (so a gap can exceed a bound below that
 chunk's time), and always a multiple of n_ubatch, so the ubatches are those of a whole-prompt prefill. With no
-other sequence generating, a prompt prefills in one go (the fastest time to first token).
+other sequence generating, a prompt prefills in one go (the fastest time to first token). A chunk prefilled while
+others generate is not a measurement of its path alone: pipeline="auto" decides it from runs alone and does not
+record it (policy.shared_devices).
 
 What is bit-identical and what is not (greedy, tests/test_batching.py):
 - a prompt prefilled in chunks with nothing in between equals the whole prompt prefilled at once, bit for bit
@@ -34,6 +36,7 @@ prefill beside another sequence's 6000 cells took about 1.4x as long); forget_pr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -44,6 +47,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import policy
 from .batch_planning import DEFAULT_MAX_GAP_MS, ChunkPlanner, SequenceTable
 from .errors import ContextDeadError, PrefillError, WorkerError
 from .generation import (Answer, Completion, Piece, check_generation_options, check_prompt, penalty_history,
@@ -477,14 +481,18 @@ class BatchedGenerator:
         if run is None:
             return
         start = run.n_in_cache
-        n = self.planner.chunk_tokens(len(run.prompt_tokens) - start, any(r.generating for r in self._active), start)
+        shared = any(r.generating for r in self._active)
+        n = self.planner.chunk_tokens(len(run.prompt_tokens) - start, shared, start)
         tokens = run.prompt_tokens[start:start + n]
         with self._cond:
             if run.cancelled or self._closing:
                 return
             self._in_prefill = run
         try:
-            res = self.ctx.prefill(tokens, pipeline=run.pipeline, seq=run.seq)
+            # between chunks the others take their steps: this chunk does not measure a path alone, so auto neither
+            # records it nor measures with it (policy.shared_devices)
+            with policy.shared_devices() if shared else contextlib.nullcontext():
+                res = self.ctx.prefill(tokens, pipeline=run.pipeline, seq=run.seq)
         except KeyboardInterrupt:  # aborted (cancel or close): the cache is as before the chunk
             if run.cancelled or self._closing:
                 return

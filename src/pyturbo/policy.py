@@ -6,8 +6,10 @@ setting (model, layout, batch sizes, prompt-length bucket, and whether it was a 
 path, with the time it ran, and once both paths have been measured the faster one is taken (`Calibration`, persisted
 per machine). What was measured is not trusted forever (`current`): runs older than a day are forgotten, and where
 runs depart from what their path measured before (a load came or went), what came before is forgotten and the other
-path is measured again; where the paths are close, the slower one is re-run now and then. `decide()` is a pure
-function of what the caller asked, the layout, those measurements and the time, so it is tested without devices
+path is measured again; where the paths are close, the slower one is re-run now and then. Prefills that share the
+devices with other work (a server's decode steps between the chunks of a prompt, `shared_devices`) are neither
+recorded nor used to measure: they decide from what was measured alone. `decide()` is a pure function of what the
+caller asked, the layout, those measurements, the time and whether it may measure, so it is tested without devices
 (tests/test_policy.py, with recorded timings).
 """
 from __future__ import annotations
@@ -60,17 +62,45 @@ class Layout:
 
 
 def decide(mode: str, layout: Layout, override: str | None = None, measured: dict | None = None,
-           now: float | None = None) -> tuple[bool, str]:
+           now: float | None = None, measuring: bool | None = None) -> tuple[bool, str]:
     """(ask the executor for the pipeline?, why). mode is normalize_mode()'s, override env_override()'s, measured
     the Calibration's runs for this setting ({path: [(tok/s, time.time() of the run), ...]}; bare tok/s numbers are
-    runs of unknown time), now the time.time() to judge their age by (None: no run is too old)."""
+    runs of unknown time), now the time.time() to judge their age by (None: no run is too old), measuring whether
+    this run may serve to measure a path (None: unless this thread is inside shared_devices())."""
     if mode == "auto" and override is not None:
         return override == "force", f"PYTURBO_PIPELINE={override}"
     if mode == "off":
         return False, "pipeline not requested"
     if mode == "force":
         return True, "pipeline forced"
-    return decide_from_measurements(layout, measured or {}, now)
+    if measuring is None:
+        measuring = not devices_shared()
+    return decide_from_measurements(layout, measured or {}, now, measuring)
+
+
+# ---- prefills that share the devices with other work ---------------------------------------------------------------
+
+_sharing = threading.local()
+
+
+@contextlib.contextmanager
+def shared_devices():
+    """Within (this thread only): prefills run while other work takes turns on the devices, such as a server's
+    decode steps between the chunks of a prompt. What they measure is not what the path does alone (smaller prefills,
+    caches the other work left cold, a load), and auto judges the paths by runs alone: their throughput is not
+    recorded (Calibration.record ignores it), and auto takes the path that the runs alone favour without measuring
+    (no calibrating, exploring or re-checking, whose runs would go unrecorded)."""
+    depth = getattr(_sharing, "depth", 0)
+    _sharing.depth = depth + 1
+    try:
+        yield
+    finally:
+        _sharing.depth = depth
+
+
+def devices_shared() -> bool:
+    """Whether this thread is inside shared_devices()."""
+    return getattr(_sharing, "depth", 0) > 0
 
 
 # ---- the decision from measured runs -------------------------------------------------------------------------------
@@ -140,14 +170,19 @@ def _estimate(runs: list[Sample]) -> float:
     return statistics.median(tps for tps, _ in runs[-ESTIMATE_RUNS:])
 
 
-def decide_from_measurements(layout: Layout, measured: dict, now: float | None = None) -> tuple[bool, str]:
+def decide_from_measurements(layout: Layout, measured: dict, now: float | None = None,
+                             measuring: bool = True) -> tuple[bool, str]:
     """auto's choice from one setting's runs (see current()): the faster path by the medians of the newest runs,
     once each path has SAMPLES_PER_PATH runs, or one each where one path is CLEAR_MARGIN faster; before that the path
     with fewer runs (the pipeline first; where stock llama.cpp cannot overlap the stages that is the expected
     winner, but stock is measured as well: a slow CPU stage can make the pipeline the slower path). Once decided, the
     other path runs instead where it must be measured again: a run of one path departed from its earlier ones
-    (re-checking) or, where the paths are close, after EXPLORE_EVERY runs of the faster (exploring)."""
+    (re-checking; not where the chosen path's run departs slower and still beats the other by CLEAR_MARGIN) or, where
+    the paths are close, after EXPLORE_EVERY runs of the faster (exploring). measuring=False (the devices are shared,
+    the run is not recorded): the path the runs favour, nothing measured."""
     runs = current(measured, now)
+    if not measuring:
+        return _without_measuring(runs)
     p, s = runs["pipelined"], runs["standard"]
     margin = max(_estimate(p), _estimate(s)) / min(_estimate(p), _estimate(s)) - 1 if p and s else 0.0
     if not p or not s or (min(len(p), len(s)) < SAMPLES_PER_PATH and margin < CLEAR_MARGIN):
@@ -161,20 +196,39 @@ def decide_from_measurements(layout: Layout, measured: dict, now: float | None =
     pipeline = mp >= ms
     why = (f"calibrated: pipelined {mp:.0f} vs standard {ms:.0f} tok/s (medians of the newest "
            f"{min(len(p), ESTIMATE_RUNS)} and {min(len(s), ESTIMATE_RUNS)} runs)")
-    for path, other in (("pipelined", "standard"), ("standard", "pipelined")):
+    chosen, other = ("pipelined", "standard") if pipeline else ("standard", "pipelined")
+    for path, rival in ((chosen, other), (other, chosen)):
         # one run at most here (two would have been a change, current()); judged against two earlier runs at least,
         # as one earlier run is as noisy as the departing one
         tail = departing_tail(runs[path], before=SAMPLES_PER_PATH)
-        if tail and runs[other][-1][1] < tail[0][1]:
-            return other == "pipelined", (f"{why}; re-checking: {path}'s last run ({tail[0][0]:.0f} tok/s) departs "
-                                          f"from its earlier ones by more than {DRIFT:.0%}, so {other} is measured "
-                                          "again")
-    chosen, other = ("pipelined", "standard") if pipeline else ("standard", "pipelined")
+        if not tail or runs[rival][-1][1] >= tail[0][1]:
+            continue
+        tps = tail[0][0]
+        slower = tps < statistics.median(t for t, _ in runs[path][:-1])
+        if path == chosen and slower and tps >= (1 + CLEAR_MARGIN) * _estimate(runs[rival]):
+            # slower, yet still clearly ahead: the rival would have to have become faster under the change that made
+            # this path slower to win, so measuring it would only cost a user a slow prefill
+            why += (f"; {path}'s last run ({tps:.0f} tok/s) departs slower from its earlier ones but still beats "
+                    f"{rival} by more than {CLEAR_MARGIN:.0%}: not re-checked")
+            continue
+        return rival == "pipelined", (f"{why}; re-checking: {path}'s last run ({tps:.0f} tok/s) departs from its "
+                                      f"earlier ones by more than {DRIFT:.0%}, so {rival} is measured again")
     since = sum(1 for _, t in runs[chosen] if t > runs[other][-1][1])
     if margin < CLEAR_MARGIN and since >= EXPLORE_EVERY:
         return other == "pipelined", (f"{why}; exploring: {other} is measured again after {since} runs of {chosen} "
                                       f"(they are within {CLEAR_MARGIN:.0%})")
     return pipeline, why
+
+
+def _without_measuring(runs: dict[str, list[Sample]]) -> tuple[bool, str]:
+    """The path the runs favour, for a prefill that measures nothing: the faster estimate where both paths have
+    runs, else the pipeline (the calibrating rule's first path)."""
+    p, s = runs["pipelined"], runs["standard"]
+    shared = "the devices are shared with other work, so nothing is measured now"
+    if not p or not s:
+        return True, f"{shared}; not measured alone yet (pipelined {len(p)}, standard {len(s)} runs): the pipeline"
+    mp, ms = _estimate(p), _estimate(s)
+    return mp >= ms, f"{shared}; measured alone: pipelined {mp:.0f} vs standard {ms:.0f} tok/s"
 
 
 # ---- calibration: the runs per setting, kept in a file ------------------------------------------------------------
@@ -392,8 +446,8 @@ class Calibration:
     def record(self, key: str, path: str, tokens_per_second: float, now: float | None = None) -> None:
         """Add a run (now: its time.time(), unless given). Written at once while its path is still being calibrated
         or when it made earlier runs of the setting void (a later process must see that); otherwise at most every
-        SAVE_INTERVAL_S (and at exit)."""
-        if path not in PATHS or not (math.isfinite(tokens_per_second) and tokens_per_second > 0):
+        SAVE_INTERVAL_S (and at exit). Ignored inside shared_devices(): that run did not measure the path alone."""
+        if path not in PATHS or not (math.isfinite(tokens_per_second) and tokens_per_second > 0) or devices_shared():
             return   # nothing a decision could use
         with self._lock:
             self._load()
