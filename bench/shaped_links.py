@@ -44,7 +44,7 @@ def measure_link_model(args, model_kind, rates, tokens) -> dict:
     plus "_exact" (the standard path's logits, unshaped) and a few facts of the model. One topology, one set of
     workers and contexts: each repeat runs every rate (unshaped first or last, alternately; Links.set_rate) and every
     mode (alternating order), so what drifts over time on a busy machine weighs on every cell alike."""
-    modes = [m for m in MODES if m[0] in args.modes]
+    modes = args.modes
     levels = [None, *rates]
     out = {rate: {label: {"tps": [], "bytes": [], "logits": None, "transfers": ""} for label, *_ in modes}
            for rate in levels}
@@ -125,10 +125,10 @@ def main(argv=None) -> int:
     kinds = args.models.split(",")
     tokens = np.random.default_rng(0).integers(0, 500, args.tokens).astype(np.int32)
 
-    args.modes = args.modes.split(",")
-    if not args.modes or not set(args.modes) <= {m[0] for m in MODES}:
+    names = args.modes.split(",")
+    if not names or not set(names) <= {m[0] for m in MODES}:
         ap.error(f"--modes: a comma-separated subset of {[m[0] for m in MODES]}")
-    modes = [m for m in MODES if m[0] in args.modes]
+    args.modes = modes = [m for m in MODES if m[0] in names]      # (label, pipeline, rpc_transfers, rpc_wire)
     measured = {kind: measure_link_model(args, kind, rates, tokens) for kind in kinds}
 
     facts = measured[kinds[0]]

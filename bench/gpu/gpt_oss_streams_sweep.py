@@ -73,10 +73,6 @@ def child(args) -> None:
                     print(json.dumps(rec), flush=True)
 
 
-def median_spread(v: list[float]) -> str:
-    return f"{statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})" if v else "-"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt-oss-20b")
@@ -96,6 +92,7 @@ def main() -> int:
         return 0
 
     from pyturbo import synth
+    from pyturbo.tools.bench.report import median_spread
     t0 = time.time()
     synth.cached_model(args.preset, progress=True)
     print(f"model ready in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)

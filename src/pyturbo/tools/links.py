@@ -106,6 +106,11 @@ def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def _tc(ns: list[str]) -> list[str]:
+    """tc, in namespace ns[0] (or the root one for [])."""
+    return ["tc", *(["-n", ns[0]] if ns else [])]
+
+
 @contextlib.contextmanager
 def _global_lock():
     """Held while names and subnets are chosen and leftovers removed (several harnesses, even in other processes)."""
@@ -407,12 +412,12 @@ class Links:
         machine (another process, the CPU's clock) weighs on each rate alike."""
         self.shaping = Shaping(self.shaping.model, None if rate is None else float(rate), self.shaping.delay_ms)
         for ns, dev in self._shaped_egresses():
-            _run(["tc", *(["-n", ns[0]] if ns else []), "qdisc", "del", "dev", dev, "root"], check=False)
+            _run([*_tc(ns), "qdisc", "del", "dev", dev, "root"], check=False)
             self._shape(ns, dev)
 
     def _shape(self, ns: list[str], dev: str) -> None:
         """Egress of dev (in namespace ns[0], or the root one): htb at the rate, netem for the delay."""
-        tc = ["tc", *(["-n", ns[0]] if ns else []), "qdisc", "add", "dev", dev]
+        tc = [*_tc(ns), "qdisc", "add", "dev", dev]
         rate, delay = self.shaping.rate, self.shaping.delay_ms
         netem = ["netem", "delay", f"{delay:g}ms", "limit", "10000"]
         if rate is None:
@@ -421,8 +426,8 @@ class Links:
             return
         bits = f"{round(rate * 1e6)}bit"
         _run([*tc, "root", "handle", "1:", "htb", "default", "1"])
-        _run(["tc", *(["-n", ns[0]] if ns else []), "class", "add", "dev", dev, "parent", "1:", "classid", "1:1",
-              "htb", "rate", bits, "ceil", bits])
+        _run([*_tc(ns), "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", bits,
+              "ceil", bits])
         if delay:
             _netem([*tc, "parent", "1:1", "handle", "10:", *netem])
 
